@@ -1,0 +1,164 @@
+"""The feature contract: what one cached clip holds, and the settings that produced it.
+
+Stage one writes ``ClipFeatures`` (one ``.npz`` per clip), stage two reads them, and
+prediction builds the same object in memory from a single file with the settings
+stored in the checkpoint. Either modality may be absent: that is data, not an error.
+
+Arrays (all optional, absent when the modality is missing):
+
+=================  ===============  ======================================================
+key                shape / dtype    meaning
+=================  ===============  ======================================================
+video_features     [T_v, D] f32     face-encoder feature of each sampled frame (0 if no face)
+face_mask          [T_v] bool       True where a face was found in that frame
+frame_times        [T_v] f64        presentation time of each sampled frame, seconds
+boxes              [T_v, 4] f32     face box x1, y1, x2, y2 in source-frame pixels (NaN: none)
+scores             [T_v] f32        detector probability of the kept face (0: none)
+landmarks          [T_v, 5, 2] f32  eyes, nose, mouth corners in source pixels (NaN: none)
+crops              [T_v, S, S, 3]   aligned RGB face crops, uint8 (only with keep_crops)
+mel                [n_mels, T_a]    log-mel spectrogram, f32 (natural log of power + 1e-6)
+=================  ===============  ======================================================
+
+Loading never unpickles: metadata is JSON stored as a uint8 array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avemo.io import atomic_path
+
+CACHE_FORMAT_VERSION = 1
+ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "landmarks", "crops", "mel")
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything that changes the numbers in a cache. Its hash names a cache's identity."""
+
+    # audio: log-mel as in most speech-emotion work: 25 ms windows, 10 ms hop
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 64
+    f_min: float = 20.0
+    f_max: float | None = None
+    trim_silence: bool = True
+    trim_top_db: float = 40.0
+    # video: sample `frames` frames uniformly over the clip, or `fps` frames a second
+    frames: int | None = 16
+    fps: float | None = None
+    max_frames: int = 4096          # hard cap when sampling by fps (an hour at 1 fps fits)
+    detect_max_side: int = 640      # frames are shrunk to this before detection (speed, memory)
+    min_face_prob: float = 0.90
+    min_face_size: int = 20         # in detection-resolution pixels
+    face_size: int = 112            # side of the aligned crop (five-point template scaled)
+    keep_crops: bool = False
+    # face encoder identity: a cache made with another encoder is another cache
+    encoder: str = "default"
+    encoder_sha256: str = ""
+    feature_dim: int = 0
+
+    def __post_init__(self):
+        if (self.frames is None) == (self.fps is None):
+            raise ValueError("set exactly one of frames (per clip) or fps (frames per second)")
+        if self.frames is not None and self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExtractionSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown extraction settings {sorted(unknown)} (written by a newer avemo?)")
+        return cls(**d)
+
+    def digest(self) -> str:
+        """Short stable hash of the settings (keep_crops excluded: it adds data, changes none)."""
+        d = self.to_dict()
+        d.pop("keep_crops")
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class ClipFeatures:
+    """One clip's features (see the module docstring for the arrays) plus its metadata."""
+
+    clip: str                                   # id: path relative to the input folder
+    settings: dict[str, Any]
+    duration: float = 0.0                       # seconds, longest stream
+    audio_seconds: float = 0.0                  # after trimming silence
+    label: str | None = None
+    speaker: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def has_video(self) -> bool:
+        m = self.arrays.get("face_mask")
+        return m is not None and bool(np.any(m))
+
+    @property
+    def has_audio(self) -> bool:
+        mel = self.arrays.get("mel")
+        return mel is not None and mel.shape[-1] > 0
+
+    @property
+    def face_coverage(self) -> float:
+        m = self.arrays.get("face_mask")
+        return float(np.mean(m)) if m is not None and len(m) else 0.0
+
+    @property
+    def frames_sampled(self) -> int:
+        m = self.arrays.get("face_mask")
+        return 0 if m is None else int(len(m))
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format_version": CACHE_FORMAT_VERSION,
+            "clip": self.clip, "settings": self.settings, "duration": self.duration,
+            "audio_seconds": self.audio_seconds, "label": self.label, "speaker": self.speaker,
+            "warnings": list(self.warnings),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically to ``path`` (an ``.npz``)."""
+        unknown = set(self.arrays) - set(ARRAY_KEYS)
+        if unknown:
+            raise ValueError(f"unknown feature arrays {sorted(unknown)}")
+        meta = np.frombuffer(json.dumps(self.meta()).encode("utf-8"), dtype=np.uint8)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:  # a file object stops numpy appending ".npz" to the temp name
+                np.savez(f, meta=meta, **self.arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, with_crops: bool = False) -> "ClipFeatures":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+            if meta.get("format_version") != CACHE_FORMAT_VERSION:
+                raise ValueError(f"{path}: cache format {meta.get('format_version')} is not "
+                                 f"{CACHE_FORMAT_VERSION}; re-extract with this avemo version")
+            arrays = {k: z[k] for k in ARRAY_KEYS if k in z.files and (with_crops or k != "crops")}
+        return cls(clip=meta["clip"], settings=meta["settings"], duration=meta["duration"],
+                   audio_seconds=meta["audio_seconds"], label=meta["label"], speaker=meta["speaker"],
+                   warnings=meta.get("warnings", []), arrays=arrays)
+
+
+def feature_filename(clip: str) -> str:
+    """A flat, collision-free file name for a clip id (ids are relative paths, maybe non-ASCII)."""
+    stem = Path(clip).name
+    safe = "".join(c if (c.isalnum() and c.isascii()) or c in "-_." else "_" for c in stem)[:80]
+    return f"{safe}.{hashlib.sha1(clip.encode('utf-8')).hexdigest()[:10]}.npz"

@@ -1,0 +1,1 @@
+"""Stage one: a folder of clips becomes a cache of features (see avemo-extract)."""

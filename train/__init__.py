@@ -1,0 +1,1 @@
+"""Stage two and the face encoder: fit models from cached features or face images."""
