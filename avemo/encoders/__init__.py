@@ -1,0 +1,229 @@
+"""Face-expression encoders: build by name, export a self-describing file, load it back.
+
+An encoder file holds the weights together with everything needed to use them (the
+architecture and its settings, class names, the input contract: side length, grey or
+colour, normalisation) plus its test metrics and how it was trained. ``load_encoder``
+rebuilds the network from the file alone and never executes code from it
+(``avemo.checkpoint`` loads with ``weights_only=True``).
+
+``FaceEncoder`` is the one place where face crops of any size and colour become the
+network's input tensor; training (``train.face``) uses the same ``to_model_pixels`` and
+``normalize``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+ENCODER_FORMAT = "avemo-face-encoder"
+ENCODER_FORMAT_VERSION = 1
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+_BARE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _efficientface(num_classes: int, **cfg) -> nn.Module:
+    from avemo.encoders.efficientface import EfficientFace
+    return EfficientFace(num_classes, **cfg)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "efficientface": _efficientface,
+}
+
+
+def build_encoder(arch: str, num_classes: int, **arch_cfg) -> nn.Module:
+    """A fresh network by name; it has ``.feature_dim``, ``.num_classes``, ``.forward_features(x) -> [B, D]``
+    and ``.forward(x) -> [B, num_classes]`` logits."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown encoder architecture '{arch}' (choose from {', '.join(ARCHITECTURES)})")
+    if num_classes < 2:
+        raise ValueError(f"an expression encoder needs at least 2 classes, got {num_classes}")
+    try:
+        return ARCHITECTURES[arch](num_classes, **arch_cfg)
+    except TypeError as e:
+        raise ValueError(f"bad settings for '{arch}': {e}") from None
+
+
+# ---- the input contract: the single conversion from face crops to network input ----
+
+def to_model_pixels(crops, size: int, grayscale: bool) -> torch.Tensor:
+    """Face crops -> uint8 [N, C, size, size] (C = 1 if grayscale else 3).
+
+    ``crops``: uint8 RGB [N, H, W, 3] (numpy or torch), grey [N, H, W] / [N, H, W, 1],
+    or a sequence of such single images with different sizes.
+    """
+    if isinstance(crops, (list, tuple)):
+        if not crops:
+            raise ValueError("no face crops given")
+        return torch.cat([to_model_pixels(_as_tensor(c)[None], size, grayscale) for c in crops])
+    x = _as_tensor(crops)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"face crops must be [N, H, W, 3] RGB or [N, H, W] grey, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("no face crops given")
+    if x.dtype != torch.uint8:
+        raise ValueError(f"face crops must be uint8 pixels (0-255), got {x.dtype}")
+    x = x.permute(0, 3, 1, 2).float()                            # [N, C_in, H, W]
+    if grayscale and x.shape[1] == 3:
+        # ITU-R BT.601 luma, the same weights OpenCV/PIL use for RGB -> L
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif not grayscale and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8)              # [N, C, size, size]
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (or 0-255 float) [N, C, S, S] -> float32 (x / 255 - mean) / std, per channel."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels.float() / 255.0 - m) / s
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    raise TypeError(f"face crops must be a numpy array or torch tensor, got {type(x).__name__}")
+
+
+# ---- files ----
+
+def export_encoder(path: str | os.PathLike, model: nn.Module, arch: str, arch_cfg: dict[str, Any],
+                   classes: Sequence[str], input_size: int, grayscale: bool,
+                   mean: Sequence[float], std: Sequence[float],
+                   metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None) -> None:
+    """Write a self-describing encoder file atomically (weights as CPU float32 tensors)."""
+    channels = 1 if grayscale else 3
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std need {channels} value(s) for {'grey' if grayscale else 'RGB'} input, "
+                         f"got {len(mean)}/{len(std)}")
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names for a {model.num_classes}-class network")
+    payload = {
+        "arch": arch,
+        "arch_cfg": _plain(arch_cfg),
+        "classes": [str(c) for c in classes],
+        "input_size": int(input_size),
+        "grayscale": bool(grayscale),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "feature_dim": int(model.feature_dim),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "metrics": _plain(metrics or {}),
+        "training": _plain(training or {}),
+    }
+    save_checkpoint(path, payload, ENCODER_FORMAT, ENCODER_FORMAT_VERSION)
+
+
+def available_encoders() -> list[str]:
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+
+
+def resolve_encoder_path(name_or_path: str | os.PathLike) -> Path:
+    """A bare name ("default") means ``avemo/encoders/weights/NAME.pt``; anything else is a path."""
+    text = os.fspath(name_or_path)
+    if _BARE_NAME.match(text) and not text.endswith(".pt") and os.sep not in text:
+        return WEIGHTS_DIR / f"{text}.pt"
+    return Path(text).expanduser()
+
+
+class FaceEncoder:
+    """An encoder in eval mode with its input contract; embeds or classifies face crops."""
+
+    def __init__(self, model: nn.Module, name: str, sha256: str, classes: list[str], input_size: int,
+                 grayscale: bool, mean: Sequence[float], std: Sequence[float], metrics: dict | None = None,
+                 training: dict | None = None, arch: str = "", arch_cfg: dict | None = None,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.name, self.sha256 = name, sha256
+        self.arch, self.arch_cfg = arch, dict(arch_cfg or {})
+        self.feature_dim = int(model.feature_dim)
+        self.classes = list(classes)
+        self.input_size, self.grayscale = int(input_size), bool(grayscale)
+        self.mean, self.std = list(mean), list(std)
+        self.metrics, self.training = dict(metrics or {}), dict(training or {})
+
+    def __repr__(self) -> str:
+        return (f"FaceEncoder({self.name!r}, arch={self.arch!r}, feature_dim={self.feature_dim}, "
+                f"input={self.input_size}px {'grey' if self.grayscale else 'RGB'}, classes={self.classes})")
+
+    def preprocess(self, crops) -> torch.Tensor:
+        """uint8 RGB crops [N, H, W, 3] of any size -> normalised float32 [N, C, S, S] on the CPU."""
+        return normalize(to_model_pixels(crops, self.input_size, self.grayscale), self.mean, self.std)
+
+    @torch.inference_mode()
+    def embed(self, crops, batch_size: int = 256) -> torch.Tensor:
+        """[N, feature_dim] float32 CPU tensor: the pooled feature before the classifier."""
+        return self._run(crops, batch_size, self.model.forward_features)
+
+    @torch.inference_mode()
+    def classify(self, crops, batch_size: int = 256) -> torch.Tensor:
+        """[N, len(classes)] softmax probabilities (CPU)."""
+        return self._run(crops, batch_size, lambda x: self.model(x).float().softmax(-1))
+
+    def _run(self, crops, batch_size: int, fn) -> torch.Tensor:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        x = self.preprocess(crops)
+        out = [fn(x[i:i + batch_size].to(self.device)).float().cpu() for i in range(0, len(x), batch_size)]
+        return torch.cat(out)
+
+
+def load_encoder(name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu") -> FaceEncoder:
+    """Load an encoder by name (shipped in ``avemo/encoders/weights``) or by file path."""
+    path = resolve_encoder_path(name_or_path)
+    if not path.is_file():
+        names = available_encoders()
+        hint = f"; shipped encoders: {', '.join(names)}" if names else "; no encoders are shipped in this install"
+        raise CheckpointError(f"face encoder '{os.fspath(name_or_path)}' not found (looked for {path}){hint}")
+    data = load_checkpoint(path, ENCODER_FORMAT, (ENCODER_FORMAT_VERSION,))
+    missing = [k for k in ("arch", "arch_cfg", "classes", "input_size", "grayscale", "mean", "std", "state_dict")
+               if k not in data]
+    if missing:
+        raise CheckpointError(f"{path}: encoder file lacks {', '.join(missing)}")
+    try:
+        model = build_encoder(data["arch"], len(data["classes"]), **data["arch_cfg"])
+        model.load_state_dict(data["state_dict"])
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the architecture they name: {str(e).splitlines()[0]}") from None
+    return FaceEncoder(model, name=path.stem, sha256=file_sha256(path), classes=data["classes"],
+                       input_size=data["input_size"], grayscale=data["grayscale"], mean=data["mean"],
+                       std=data["std"], metrics=data.get("metrics"), training=data.get("training"),
+                       arch=data["arch"], arch_cfg=data["arch_cfg"], device=device)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain(obj):
+    """Tuples -> lists, numpy scalars -> Python numbers: the values weights_only loading accepts."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
