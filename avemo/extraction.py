@@ -1,0 +1,239 @@
+"""One media file -> ``ClipFeatures``: the single extraction code path (folder runs and prediction).
+
+``ClipExtractor`` loads the face detector and encoder once, then turns files (or time
+windows of a long file) into face-feature sequences and a log-mel spectrogram. Faces are
+detected, aligned and embedded batch by batch while frames stream past, so memory stays
+bounded however long the input is; the primary face is chosen after the last frame,
+from every face seen.
+
+A missing modality is data: its reason goes into ``ClipFeatures.warnings`` as
+``"video: ..."`` or ``"audio: ..."``. Only a file with nothing usable raises ``ClipError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_silence
+from avemo.encoders import load_encoder
+from avemo.faces import Detections, FaceDetector, align_face, track_primary_face
+from avemo.features import ClipFeatures, ExtractionSettings
+from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
+                         sample_times, scan_duration, video_stream)
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg"})
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
+STAGES = ("decode", "detect", "align", "embed", "audio")
+
+
+class ClipError(Exception):
+    """A file from which nothing usable can be extracted; ``str(e)`` is the reason in words."""
+
+
+def expects_video(path) -> bool:
+    """Audio files (by extension) are complete without video; anything else should have both."""
+    return Path(path).suffix.lower() not in AUDIO_EXTENSIONS
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ClipExtractor:
+    """Loads MTCNN and the face encoder once; ``extract()`` turns one file into ``ClipFeatures``.
+
+    ``settings.encoder`` names the encoder (shipped name or file path); the loaded file's
+    hash and feature size are filled into ``self.settings``. If ``settings`` already
+    carries a hash (read back from a cache or a model checkpoint) the encoder must match it.
+    """
+
+    def __init__(self, settings: ExtractionSettings | None = None, device: str | None = None,
+                 batch_frames: int = 16):
+        settings = settings or ExtractionSettings()
+        self.device = device or default_device()
+        self.encoder = load_encoder(settings.encoder, self.device)
+        if settings.encoder_sha256 and settings.encoder_sha256 != self.encoder.sha256:
+            raise ValueError(
+                f"face encoder '{settings.encoder}' is not the one these settings were made with "
+                f"(sha256 {self.encoder.sha256[:12]}... vs {settings.encoder_sha256[:12]}...)")
+        self.settings = dataclasses.replace(settings, encoder_sha256=self.encoder.sha256,
+                                            feature_dim=self.encoder.feature_dim)
+        self.detector = FaceDetector(self.device, settings.min_face_size, settings.min_face_prob)
+        self.batch_frames = batch_frames
+        self.seconds: dict[str, float] = defaultdict(float)   # time spent per stage, all clips
+
+    @contextmanager
+    def _timed(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t
+
+    def extract(self, path, clip_id: str | None = None, start: float | None = None,
+                end: float | None = None, label: str | None = None,
+                speaker: str | None = None) -> ClipFeatures:
+        """Features of ``path`` (or of its [start, end) seconds). Raises ``ClipError``."""
+        path = Path(path)
+        if start is not None and end is not None and not end > start:
+            raise ValueError(f"empty time window: start {start} >= end {end}")
+        if not path.is_file():
+            raise ClipError("file not found" if not path.exists() else "not a regular file")
+        if path.stat().st_size == 0:
+            raise ClipError("empty file (0 bytes)")
+        try:
+            with open_media(path) as c:
+                vs, aus = video_stream(c), audio_stream(c)
+                duration = media_duration(c)
+        except MediaError as e:
+            raise ClipError(str(e)) from None
+        if vs is None and aus is None:
+            raise ClipError("no audio or video stream in the file")
+
+        warnings: list[str] = []
+        arrays: dict[str, np.ndarray] = {}
+        if vs is not None:
+            arrays.update(self._video_arrays(path, start, end, duration, warnings))
+        elif expects_video(path):
+            warnings.append("video: no video stream (audio-only file)")
+        audio_seconds = 0.0
+        if aus is not None:
+            mel, audio_seconds = self._audio_mel(path, start, end, warnings)
+            if mel is not None:
+                arrays["mel"] = mel
+        else:
+            warnings.append("audio: no audio stream")
+
+        feats = ClipFeatures(clip=clip_id or path.name, settings=self.settings.to_dict(),
+                             duration=float(duration or 0.0), audio_seconds=audio_seconds,
+                             label=label, speaker=speaker, warnings=warnings, arrays=arrays)
+        if not feats.has_video and not feats.has_audio:
+            raise ClipError("; ".join(warnings) or "nothing could be extracted")
+        return feats
+
+    # ---- video ----
+
+    def _video_arrays(self, path: Path, start, end, duration, warnings: list[str]) -> dict[str, np.ndarray]:
+        s = self.settings
+        info = VideoFrames()
+        with open_media(path) as c:
+            stream = video_stream(c)
+            v_dur = media_duration(c, stream) or duration or scan_duration(path, "video")
+            if v_dur is None and end is None:
+                warnings.append("video: the file gives no duration and has no timestamps")
+                return {}
+            t0, t1 = start or 0.0, end if end is not None else v_dur
+            times = sample_times(t0, t1, s.frames, s.fps, s.max_frames)
+            if s.fps is not None and len(times) == s.max_frames and (t1 - t0) * s.fps > s.max_frames:
+                warnings.append(f"video: {s.fps} fps over {t1 - t0:.0f} s exceeds max_frames; "
+                                f"sampled {s.max_frames} frames evenly instead")
+            frame_times, dets, feats, crops = [], [], [], []
+            batch: list[tuple[float, np.ndarray]] = []
+            frames_iter = iter_frames_at(c, stream, times, s.detect_max_side, info)
+            while True:
+                with self._timed("decode"):
+                    item = next(frames_iter, None)
+                if item is not None:
+                    batch.append(item)
+                if batch and (item is None or len(batch) == self.batch_frames
+                              or batch[-1][1].shape != batch[0][1].shape):
+                    tail = [batch.pop()] if batch[-1][1].shape != batch[0][1].shape else []
+                    self._faces_of_batch(batch, frame_times, dets, feats, crops)
+                    batch = tail
+                if item is None:
+                    break
+        if info.bad_packets:
+            warnings.append(f"video: {info.bad_packets} undecodable packet(s) skipped")
+        warnings.extend(f"video: {w}" for w in info.warnings)
+        if not frame_times:
+            warnings.append("video: no frame could be decoded")
+            return {}
+        if info.end_time is not None and times[-1] > info.end_time + 0.5 and len(frame_times) < len(times):
+            warnings.append(f"video: frames end at {info.end_time:.2f} s of {t1:.2f} s (truncated file?)")
+        elif s.frames is not None and len(frame_times) < len(times):
+            warnings.append(f"video: only {len(frame_times)} distinct frame(s) in the clip ({len(times)} asked)")
+        return self._primary_face_arrays(frame_times, dets, feats, crops, info.scale, warnings)
+
+    def _faces_of_batch(self, batch, frame_times, dets, feats, crops) -> None:
+        """Detect, align and embed every face in a batch of frames (the primary is chosen later)."""
+        s = self.settings
+        frames = np.stack([f for _, f in batch])                       # [B, H, W, 3]
+        with self._timed("detect"):
+            found = self.detector.detect(frames)
+        with self._timed("align"):
+            aligned = [np.stack([align_face(frames[i], lm, s.face_size) for lm in d.landmarks])
+                       if len(d.probs) else None for i, d in enumerate(found)]
+        with self._timed("embed"):
+            flat = [a for a in aligned if a is not None]
+            emb = self.encoder.embed(np.concatenate(flat)).numpy() if flat else None   # [faces, D]
+        k = 0
+        for (t, _), d, a in zip(batch, found, aligned):
+            frame_times.append(t)
+            dets.append(d)
+            n = 0 if a is None else len(a)
+            feats.append(emb[k:k + n] if n else None)
+            crops.append(a if s.keep_crops else None)
+            k += n
+
+    def _primary_face_arrays(self, frame_times, dets: list[Detections], feats, crops, scale: float,
+                             warnings: list[str]) -> dict[str, np.ndarray]:
+        s = self.settings
+        t = len(frame_times)
+        chosen = track_primary_face(dets)
+        out = {
+            "video_features": np.zeros((t, s.feature_dim), np.float32),
+            "face_mask": chosen >= 0,
+            "frame_times": np.asarray(frame_times, np.float64),
+            "boxes": np.full((t, 4), np.nan, np.float32),
+            "scores": np.zeros(t, np.float32),
+            "landmarks": np.full((t, 5, 2), np.nan, np.float32),
+        }
+        if s.keep_crops:
+            out["crops"] = np.zeros((t, s.face_size, s.face_size, 3), np.uint8)
+        for i, j in enumerate(chosen):
+            if j < 0:
+                continue
+            out["video_features"][i] = feats[i][j]
+            out["boxes"][i] = dets[i].boxes[j] / scale      # detection pixels -> source pixels
+            out["scores"][i] = dets[i].probs[j]
+            out["landmarks"][i] = dets[i].landmarks[j] / scale
+            if s.keep_crops:
+                out["crops"][i] = crops[i][j]
+        if not out["face_mask"].any():
+            warnings.append(f"video: no face found in any of {t} sampled frame(s)")
+        elif max(len(d.probs) for d in dets) > 1:
+            warnings.append("video: several faces seen; kept the one tracked through the most frames")
+        return out
+
+    # ---- audio ----
+
+    def _audio_mel(self, path: Path, start, end, warnings: list[str]) -> tuple[np.ndarray | None, float]:
+        s = self.settings
+        with self._timed("audio"):
+            notes: list[str] = []
+            with open_media(path) as c:
+                wav = decode_audio(c, audio_stream(c), s.sample_rate, start, end, notes)
+            warnings.extend(f"audio: {n}" for n in notes)
+            if len(wav) == 0:
+                warnings.append("audio: no audio could be decoded")
+                return None, 0.0
+            if is_silent(wav):
+                warnings.append("audio: the audio track is silent")
+                return None, 0.0
+            if s.trim_silence:
+                trimmed = trim_silence(wav, s.trim_top_db)
+                # a clip that is all one short sound keeps its untrimmed audio rather than none
+                if len(trimmed) >= s.n_fft:
+                    wav = trimmed
+            if len(wav) < s.n_fft:
+                warnings.append(f"audio: shorter than one spectrogram window "
+                                f"({1000 * len(wav) / s.sample_rate:.1f} ms < {1000 * s.n_fft / s.sample_rate:.0f} ms)")
+                return None, 0.0
+            mel = log_mel(wav, s.sample_rate, s.n_fft, s.hop_length, s.n_mels, s.f_min, s.f_max)
+            return mel, len(wav) / s.sample_rate

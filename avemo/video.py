@@ -1,0 +1,188 @@
+"""Streaming video decode with PyAV: frames sampled uniformly in time, upright, bounded in size.
+
+Only the sampled frames are ever converted to pixels, one at a time, so memory does not
+grow with the length of the file. Streams are chosen by type (some containers carry data
+streams with no codec before the video), and rotation metadata is applied so frames come
+out the way a player shows them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import av
+import numpy as np
+
+# A gap between sampled frames longer than this is crossed by seeking instead of decoding.
+SEEK_GAP_S = 10.0
+
+
+class MediaError(Exception):
+    """A file that cannot be read as media; the message is the reason, in words."""
+
+
+@dataclass
+class VideoFrames:
+    """What a decode pass found besides the frames themselves (filled while iterating)."""
+
+    width: int = 0                  # displayed (rotated) source size, pixels
+    height: int = 0
+    rotation: int = 0               # degrees counter-clockwise applied to display
+    scale: float = 1.0              # returned frame size / source size
+    bad_packets: int = 0
+    end_time: float | None = None   # last decoded frame time, seconds
+    warnings: list[str] = field(default_factory=list)
+
+
+def open_media(path) -> av.container.InputContainer:
+    """Open ``path`` with PyAV or raise ``MediaError`` saying why it is not media."""
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except av.error.FileNotFoundError:
+        raise MediaError("file not found") from None
+    except av.error.InvalidDataError:
+        raise MediaError("not a readable media file (unknown format, or the header is corrupt)") from None
+    except (av.error.FFmpegError, UnicodeDecodeError, OSError) as e:
+        raise MediaError(f"cannot open as media: {e}") from None
+
+
+def video_stream(container) -> av.video.stream.VideoStream | None:
+    """The first real video stream (cover art in audio files is not video), or None."""
+    for s in container.streams.video:
+        if s.disposition & av.stream.Disposition.attached_pic:
+            continue
+        if s.codec_context is None or s.codec_context.name is None:
+            continue
+        return s
+    return None
+
+
+def stream_start(stream) -> float:
+    if stream.start_time is not None and stream.time_base is not None:
+        return float(stream.start_time * stream.time_base)
+    return 0.0
+
+
+def media_duration(container, stream=None) -> float | None:
+    """Seconds covered by ``stream`` (or the container), from headers; None if unknown."""
+    if stream is not None and stream.duration is not None and stream.time_base is not None:
+        d = float(stream.duration * stream.time_base)
+        if d > 0:
+            return d
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
+def scan_duration(path, kind: str) -> float | None:
+    """Duration from packet timestamps (demux only, no decoding) when headers give none."""
+    with open_media(path) as c:
+        s = video_stream(c) if kind == "video" else (c.streams.audio[0] if c.streams.audio else None)
+        if s is None:
+            return None
+        t0, last = stream_start(s), None
+        try:
+            for p in c.demux(s):
+                if p.pts is not None and p.time_base is not None:
+                    end = float((p.pts + (p.duration or 0)) * p.time_base)
+                    last = end if last is None else max(last, end)
+        except av.error.FFmpegError:
+            pass
+        return None if last is None else max(last - t0, 0.0)
+
+
+def sample_times(start: float, end: float, frames: int | None = None, fps: float | None = None,
+                 max_frames: int = 4096) -> np.ndarray:
+    """Target times in [start, end): ``frames`` evenly spaced, or ``fps`` a second (capped).
+
+    Each target is the middle of its slot, so a clip cut into N slots is sampled once per
+    slot and never at the very first or last instant (often black or a fade).
+    """
+    span = max(end - start, 0.0)
+    if frames is None:
+        frames = max(1, int(math.floor(span * fps)))
+        frames = min(frames, max_frames)
+    return start + (np.arange(frames) + 0.5) * (span / frames)
+
+
+def iter_frames_at(container, stream, times: np.ndarray, max_side: int,
+                   info: VideoFrames) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield ``(time, rgb uint8 [H, W, 3])`` for the frame on screen at each target time.
+
+    Frames are shrunk (never enlarged) so the longer side is at most ``max_side``, then
+    rotated upright. A frame on screen at several target times is yielded once: a video
+    with fewer frames than targets gives fewer frames, never duplicates. ``info`` is
+    filled in as decoding goes (bad packets are counted and skipped, not fatal).
+    """
+    times = np.asarray(times, dtype=np.float64)
+    if len(times) == 0:
+        return
+    stream.thread_type = "AUTO"
+    t0 = stream_start(stream)
+    k, prev, last = 0, None, None   # next target; last decoded frame; last yielded frame
+    if times[0] > SEEK_GAP_S:
+        _seek(container, stream, t0 + times[0])
+    for frame in _decode(container, stream, info):
+        t = _frame_time(frame, t0)
+        info.end_time = t
+        while k < len(times) and t > times[k]:
+            # on screen at times[k]: the previous frame (or this one, if none came before)
+            shown = prev if prev is not None else frame
+            if shown is not last:
+                last = shown
+                yield _frame_time(shown, t0), _to_rgb(shown, max_side, info)
+            k += 1
+        if k >= len(times):
+            return
+        prev = frame
+        if times[k] - t > SEEK_GAP_S:
+            _seek(container, stream, t0 + times[k])
+            prev = None
+    if prev is not None and k < len(times) and prev is not last:
+        # the last frame stays on screen to the end of the clip
+        yield _frame_time(prev, t0), _to_rgb(prev, max_side, info)
+
+
+def _decode(container, stream, info: VideoFrames):
+    try:
+        packets = container.demux(stream)
+        for packet in packets:
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                info.bad_packets += 1
+                continue
+            yield from frames
+    except av.error.FFmpegError as e:
+        info.warnings.append(f"video stopped early: {_short(e)}")
+
+
+def _seek(container, stream, t: float) -> None:
+    try:
+        container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError:
+        pass  # unseekable input: keep decoding forward
+
+
+def _frame_time(frame, t0: float) -> float:
+    return (float(frame.time) if frame.time is not None else 0.0) - t0
+
+
+def _to_rgb(frame, max_side: int, info: VideoFrames) -> np.ndarray:
+    rot = int(round((frame.rotation or 0) / 90.0)) % 4
+    w, h = frame.width, frame.height
+    disp_w, disp_h = (h, w) if rot % 2 else (w, h)
+    scale = min(1.0, max_side / max(w, h))
+    info.width, info.height, info.rotation, info.scale = disp_w, disp_h, rot * 90, scale
+    # swscale resizes while converting; making a huge frame full-size RGB first would not fit.
+    out_w, out_h = max(2, round(w * scale)), max(2, round(h * scale))
+    rgb = frame.reformat(width=out_w, height=out_h, format="rgb24").to_ndarray()
+    if rot:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=rot))
+    return rgb
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
