@@ -1,0 +1,83 @@
+"""The audio stream: a fully convolutional encoder over the log-mel spectrogram, pooled by attention.
+
+Deep Fusion feeds the spectrogram to an FCN so that any length works; its output grid of
+L = F' * T' cells a_i in R^C is pooled by the scaled-softmax attention (eq. 1-3).
+Padded time steps are zeroed after every layer and excluded from the normalisation
+statistics, so a clip's output does not depend on how much padding its batch needed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from avemo.model.attention import ScaledSoftmaxAttention
+
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics come from valid (unpadded) positions only."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x [B, C, F, T], mask [B, T] bool
+        if not self.training:
+            return super().forward(x)
+        m = mask[:, None, None, :].to(x.dtype).expand(x.shape[0], 1, x.shape[2], x.shape[3])
+        n = m.sum().clamp_min(1.0)
+        mean = (x * m).sum(dim=(0, 2, 3)) / n
+        var = (((x - mean[None, :, None, None]) ** 2) * m).sum(dim=(0, 2, 3)) / n
+        with torch.no_grad():
+            unbiased = var * n / (n - 1).clamp_min(1.0)
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked += 1
+        y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv -> masked BN -> ReLU -> 2x2 max-pool, re-zeroing padded time steps."""
+
+    def __init__(self, c_in: int, c_out: int, pool: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn = MaskedBatchNorm2d(c_out)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.relu(self.bn(self.conv(x), mask))
+        x = x * mask[:, None, None, :].to(x.dtype)
+        if self.pool:
+            # ceil_mode: a window straddling the end of a clip sees real values and zeros, and
+            # max(relu output, 0) is the real value, so padding cannot leak in
+            x = F.max_pool2d(x, 2, ceil_mode=True)
+            mask = mask[:, ::2]
+        return x, mask
+
+
+class FCNAudioStream(nn.Module):
+    """Log-mel [B, n_mels, T] -> FCN grid [B, C, F', T'] -> attention over the F'*T' cells -> [B, C]."""
+
+    def __init__(self, n_mels: int, channels: tuple[int, ...] = (16, 32, 64, 64),
+                 attention_hidden: int = 64, lam: float = 1.0):
+        super().__init__()
+        if not channels:
+            raise ValueError("the audio FCN needs at least one conv block")
+        blocks, c_in = [], 1
+        for c in channels:
+            blocks.append(ConvBlock(c_in, c, pool=True))
+            c_in = c
+        self.blocks = nn.ModuleList(blocks)
+        self.attention = ScaledSoftmaxAttention(c_in, attention_hidden, lam)
+        self.out_dim = c_in
+        self.n_mels = n_mels
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # mel [B, n_mels, T] (normalised, zero where padded), mask [B, T] bool
+        x = mel.unsqueeze(1)                                     # [B, 1, n_mels, T]
+        for block in self.blocks:
+            x, mask = block(x, mask)                             # [B, C, F', T'], [B, T']
+        b, c, f, t = x.shape
+        cells = x.flatten(2).transpose(1, 2)                     # [B, F'*T', C], cell index = f * T' + t
+        cell_mask = mask[:, None, :].expand(b, f, t).reshape(b, f * t)
+        pooled, alpha = self.attention(cells, cell_mask)         # [B, C], [B, F'*T']
+        return pooled, alpha.view(b, f, t)

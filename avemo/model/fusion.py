@@ -1,0 +1,49 @@
+"""Fusion of the audio vector a and video vector v, chosen by name (``FUSIONS``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class FactorizedBilinearPooling(nn.Module):
+    """z = SumPool(U~^T a o V~^T v, k) (Deep Fusion eq. 12), then dropout, signed sqrt, L2 norm (MFB).
+
+    U~ is [m, k*o] and V~ is [n, k*o]: output i is the low-rank bilinear form
+    z_i = a^T W_i v with W_i = U_i V_i^T, U_i and V_i the i-th group of k columns.
+    """
+
+    def __init__(self, audio_dim: int, video_dim: int, k: int = 4, o: int = 256, dropout: float = 0.1):
+        super().__init__()
+        if k < 1 or o < 1:
+            raise ValueError(f"fbp needs k >= 1 and o >= 1, got k={k}, o={o}")
+        self.U = nn.Linear(audio_dim, k * o, bias=False)
+        self.V = nn.Linear(video_dim, k * o, bias=False)
+        self.k, self.o = k, o
+        self.drop = nn.Dropout(dropout)
+        self.out_dim = o
+
+    def bilinear(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # a [B, m], v [B, n] -> z [B, o]; column j of U~ belongs to output j // k
+        joint = self.U(a) * self.V(v)                              # [B, k*o]
+        return joint.view(-1, self.o, self.k).sum(-1)              # SumPool(., k), [B, o]
+
+    def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        z = self.drop(self.bilinear(a, v))
+        z = torch.sign(z) * torch.sqrt(z.abs() + 1e-8)             # signed square root (power norm)
+        return F.normalize(z, dim=-1)
+
+
+class ConcatFusion(nn.Module):
+    """[a ; v]: the linear baseline (the classifier on top sees a and v only additively)."""
+
+    def __init__(self, audio_dim: int, video_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.out_dim = audio_dim + video_dim
+
+    def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.cat([a, v], dim=-1))
+
+
+FUSIONS = ("fbp", "concat")

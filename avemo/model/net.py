@@ -1,0 +1,215 @@
+"""The fused model: audio stream + video stream + fusion + classifier, rebuilt from its config.
+
+Like whisper's ``ModelDimensions``, ``ModelConfig`` is a plain dataclass stored inside the
+checkpoint, so ``load_model`` rebuilds the exact network from the file alone; streams and
+fusions are chosen by name (as timm builds models by name).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avemo.model.audio import FCNAudioStream
+from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling
+from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttentionStream,
+                               SpatioTemporalStream)
+
+MODEL_KIND = "avemo-model"
+MODEL_VERSION = 1
+MODALITIES = ("audio", "video", "av")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_classes: int
+    modalities: str = "av"                 # audio | video | av
+    n_mels: int = 64
+    video_dim: int = 0                     # face-feature size D (0 when video is unused)
+    audio_channels: tuple[int, ...] = (16, 32, 64, 64)
+    audio_attention_hidden: int = 64
+    audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
+    video_stream: str = "attention"        # attention | fan | stt
+    video_hidden: int = 128
+    video_attention_hidden: int = 64
+    video_lambda: float = 1.0
+    fan_relation: bool = True
+    stt_layers: int = 2
+    stt_heads: int = 4
+    stt_max_frames: int = 256
+    fusion: str = "fbp"                    # fbp | concat
+    fbp_k: int = 4
+    fbp_o: int = 256
+    dropout: float = 0.3
+    modality_dropout: float = 0.0          # training only: chance a two-modality clip loses one
+
+    def __post_init__(self):
+        object.__setattr__(self, "audio_channels", tuple(int(c) for c in self.audio_channels))
+        if self.n_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {self.n_classes}")
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"modalities must be one of {', '.join(MODALITIES)}, got '{self.modalities}'")
+        if self.video_stream not in VIDEO_STREAMS:
+            raise ValueError(f"unknown video stream '{self.video_stream}'; choose one of {', '.join(VIDEO_STREAMS)}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion '{self.fusion}'; choose one of {', '.join(FUSIONS)}")
+        if self.uses_video and self.video_dim < 1:
+            raise ValueError("a model that uses video needs video_dim >= 1 (the cache's face-feature size)")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+
+    @property
+    def uses_audio(self) -> bool:
+        return self.modalities in ("audio", "av")
+
+    @property
+    def uses_video(self) -> bool:
+        return self.modalities in ("video", "av")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["audio_channels"] = list(self.audio_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)} (written by a newer avemo?)")
+        return cls(**d)
+
+
+def build_video_stream(cfg: ModelConfig) -> nn.Module:
+    """A video stream by name (``cfg.video_stream``)."""
+    if cfg.video_stream == "attention":
+        return AttentionVideoStream(cfg.video_dim, cfg.video_hidden, cfg.video_attention_hidden,
+                                    cfg.video_lambda, cfg.dropout)
+    if cfg.video_stream == "fan":
+        return FrameAttentionStream(cfg.video_dim, cfg.video_hidden, cfg.fan_relation, cfg.dropout)
+    return SpatioTemporalStream(cfg.video_dim, cfg.video_hidden, cfg.stt_layers, cfg.stt_heads,
+                                cfg.stt_max_frames, cfg.dropout)
+
+
+class AVEmoNet(nn.Module):
+    """Clip features -> emotion logits, plus the attention weights of each stream.
+
+    Inputs are raw cached features (see ``avemo.batching``); the normalisation statistics of
+    the training split live in buffers, so they travel inside the checkpoint. A clip missing
+    a modality gets that stream's learned stand-in vector; in training, ``modality_dropout``
+    swaps the stand-in in on purpose so that the fused head learns to cope.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dims = []
+        if cfg.uses_audio:
+            self.audio = FCNAudioStream(cfg.n_mels, cfg.audio_channels, cfg.audio_attention_hidden, cfg.audio_lambda)
+            self.audio_standin = nn.Parameter(torch.zeros(self.audio.out_dim))
+            self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
+            self.register_buffer("mel_std", torch.ones(cfg.n_mels))
+            dims.append(self.audio.out_dim)
+        if cfg.uses_video:
+            self.video = build_video_stream(cfg)
+            self.video_standin = nn.Parameter(torch.zeros(self.video.out_dim))
+            self.register_buffer("video_mean", torch.zeros(cfg.video_dim))
+            self.register_buffer("video_std", torch.ones(cfg.video_dim))
+            dims.append(self.video.out_dim)
+        if cfg.modalities == "av":
+            if cfg.fusion == "fbp":
+                self.fusion = FactorizedBilinearPooling(dims[0], dims[1], cfg.fbp_k, cfg.fbp_o, cfg.dropout)
+            else:
+                self.fusion = ConcatFusion(dims[0], dims[1], cfg.dropout)
+            head_dim = self.fusion.out_dim
+        else:
+            self.fusion = None
+            head_dim = dims[0]
+        self.head_drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(head_dim, cfg.n_classes)
+
+    def set_normalisation(self, stats: dict[str, Any]) -> None:
+        """Per-bin / per-dimension mean and std from the training split (``train`` computes them)."""
+        for name in ("mel_mean", "mel_std", "video_mean", "video_std"):
+            if hasattr(self, name) and stats.get(name) is not None:
+                value = torch.as_tensor(stats[name], dtype=torch.float32)
+                buf = getattr(self, name)
+                if value.shape != buf.shape:
+                    raise ValueError(f"normalisation '{name}' has shape {tuple(value.shape)}, "
+                                     f"the model expects {tuple(buf.shape)}")
+                buf.copy_(value)
+
+    def normalisation(self) -> dict[str, list[float]]:
+        return {n: getattr(self, n).tolist() for n in ("mel_mean", "mel_std", "video_mean", "video_std")
+                if hasattr(self, n)}
+
+    def _with_standin(self, x: torch.Tensor, present: torch.Tensor, standin: torch.Tensor) -> torch.Tensor:
+        # the stand-in always enters the graph (zero gradient when unused), which DDP requires
+        return torch.where(present[:, None], x, standin.to(x.dtype).expand_as(x))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        parts = []
+        if self.cfg.uses_audio:
+            mask = batch["mel_mask"]                                                  # [B, T_a]
+            mel = (batch["mel"] - self.mel_mean[:, None]) / self.mel_std[:, None]     # [B, n_mels, T_a]
+            mel = mel * mask[:, None, :].to(mel.dtype)
+            a, out["audio_attention"] = self.audio(mel, mask)                          # [B, C], [B, F', T']
+            has_audio = mask.any(1)
+            parts.append((a, has_audio, self.audio_standin))
+        if self.cfg.uses_video:
+            mask = batch["video_mask"]                                                # [B, T_v]
+            v = (batch["video"] - self.video_mean) / self.video_std                   # [B, T_v, D]
+            v = v * mask[:, :, None].to(v.dtype)
+            v, out["video_attention"] = self.video(v, mask)                            # [B, H], [B, T_v]
+            parts.append((v, mask.any(1), self.video_standin))
+        if self.training and self.cfg.modality_dropout > 0 and len(parts) == 2:
+            both = parts[0][1] & parts[1][1]
+            drop = both & (torch.rand(both.shape, device=both.device) < self.cfg.modality_dropout)
+            drop_audio = drop & (torch.rand(both.shape, device=both.device) < 0.5)
+            parts[0] = (parts[0][0], parts[0][1] & ~drop_audio, parts[0][2])
+            parts[1] = (parts[1][0], parts[1][1] & ~(drop & ~drop_audio), parts[1][2])
+        vecs = [self._with_standin(x, present, standin) for x, present, standin in parts]
+        h = self.fusion(*vecs) if self.fusion is not None else vecs[0]
+        out["logits"] = self.classifier(self.head_drop(h))                            # [B, n_classes]
+        return out
+
+
+def build_model(cfg: ModelConfig | dict[str, Any]) -> AVEmoNet:
+    """Factory: a model from its config (or the config's dict, as stored in a checkpoint)."""
+    if isinstance(cfg, dict):
+        cfg = ModelConfig.from_dict(cfg)
+    return AVEmoNet(cfg)
+
+
+def save_model(path: str | os.PathLike, model: AVEmoNet, classes: list[str], extraction_settings: dict[str, Any],
+               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write a self-describing checkpoint (atomic; loads without executing code)."""
+    if len(classes) != model.cfg.n_classes:
+        raise ValueError(f"{len(classes)} class names for a {model.cfg.n_classes}-class model")
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": model.cfg.to_dict(),
+        "classes": list(classes),
+        "extraction_settings": dict(extraction_settings),
+        "normalisation": model.normalisation(),
+        "metrics": metrics or {},
+    }
+    payload.update(extra or {})
+    save_checkpoint(path, payload, MODEL_KIND, MODEL_VERSION)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[AVEmoNet, dict[str, Any]]:
+    """Rebuild the model from a checkpoint alone; returns (model in eval mode, the checkpoint dict)."""
+    ckpt = load_checkpoint(path, MODEL_KIND, (MODEL_VERSION,), map_location=map_location)
+    try:
+        model = build_model(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the model in this checkpoint cannot be rebuilt: {e}") from None
+    return model.eval(), ckpt

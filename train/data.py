@@ -1,0 +1,132 @@
+"""Reading a feature cache (``CACHE/manifest.csv`` + one ``.npz`` per clip) for training."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from avemo.features import ClipFeatures, ExtractionSettings
+
+log = logging.getLogger("avemo.train")
+USABLE_STATUS = ("ok", "partial")
+
+
+class CacheError(ValueError):
+    """A cache (or labels file) that cannot be trained on, with the reason in words."""
+
+
+@dataclass
+class TrainingData:
+    clips: list[ClipFeatures]
+    labels: np.ndarray            # [N] int class index
+    classes: list[str]
+    speakers: list[str | None]
+    split_column: list[str] | None  # train/val/test per clip when the labels carry one
+    settings: dict
+    n_mels: int
+    video_dim: int
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def has_audio(self) -> np.ndarray:
+        return np.array([c.has_audio for c in self.clips], bool)
+
+    @property
+    def has_video(self) -> np.ndarray:
+        return np.array([c.has_video for c in self.clips], bool)
+
+
+def _read_labels(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise CacheError(f"{path}: no such labels file")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "clip" not in df.columns or "label" not in df.columns:
+        raise CacheError(f"{path}: a labels file needs columns 'clip' and 'label' "
+                         f"(optional: 'speaker', 'split'); found {list(df.columns)}")
+    if df["clip"].duplicated().any():
+        raise CacheError(f"{path}: clip '{df['clip'][df['clip'].duplicated()].iloc[0]}' is listed twice")
+    return df.set_index("clip")
+
+
+def load_training_data(cache: str | Path, labels: str | Path | None = None) -> TrainingData:
+    """Every usable, labelled clip of ``cache``; labels/speakers/split from the manifest or ``labels`` CSV."""
+    cache = Path(cache)
+    manifest_path = cache / "manifest.csv"
+    if not manifest_path.is_file():
+        raise CacheError(f"{cache}: no manifest.csv here; is this a cache written by avemo-extract?")
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    for col in ("clip", "status", "feature_file"):
+        if col not in manifest.columns:
+            raise CacheError(f"{manifest_path}: column '{col}' is missing (found {list(manifest.columns)})")
+    usable = manifest[manifest["status"].isin(USABLE_STATUS) & (manifest["feature_file"] != "")]
+    if usable.empty:
+        raise CacheError(f"{cache}: the cache is empty: no clip with status ok/partial among "
+                         f"{len(manifest)} manifest rows")
+    if len(usable) < len(manifest):
+        log.info("skipping %d failed clips of %d", len(manifest) - len(usable), len(manifest))
+    table = _read_labels(Path(labels)) if labels is not None else None
+
+    clips, names, speakers, splits = [], [], [], []
+    settings = None
+    unlabelled = 0
+    for row in usable.itertuples(index=False):
+        path = Path(row.feature_file)
+        path = path if path.is_absolute() else cache / path
+        if not path.is_file():
+            raise CacheError(f"{path}: feature file listed in the manifest for '{row.clip}' is missing; "
+                             "re-run avemo-extract on this cache to repair it")
+        clip = ClipFeatures.load(path)
+        label, speaker, split = clip.label, clip.speaker, None
+        mrow = row._asdict()
+        label = mrow.get("label") or label
+        speaker = mrow.get("speaker") or speaker
+        if table is not None:
+            if row.clip not in table.index:
+                unlabelled += 1
+                continue
+            t = table.loc[row.clip]
+            label = t["label"] or None
+            speaker = (t["speaker"] if "speaker" in table.columns and t["speaker"] else speaker)
+            split = (t["split"] if "split" in table.columns and t["split"] else None)
+        if not label:
+            unlabelled += 1
+            continue
+        if settings is None:
+            settings = clip.settings
+        elif ExtractionSettings.from_dict(clip.settings).digest() != ExtractionSettings.from_dict(settings).digest():
+            raise CacheError(f"{row.clip}: extracted with different settings from the rest of the cache; "
+                             "a cache must come from one avemo-extract configuration")
+        clips.append(clip)
+        names.append(str(label))
+        speakers.append(str(speaker) if speaker else None)
+        splits.append(split)
+    if not clips:
+        raise CacheError(f"{cache}: no labels: none of the {len(usable)} usable clips has a label "
+                         "(label them at extraction, e.g. --label-from, or pass --labels CSV)")
+    if unlabelled:
+        log.warning("%d usable clips have no label and are left out", unlabelled)
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise CacheError(f"{cache}: only one class ('{classes[0]}') among {len(clips)} labelled clips; "
+                         "a classifier needs at least two")
+    split_column = None
+    if any(s is not None for s in splits):
+        bad = sorted({s for s in splits if s not in ("train", "val", "test")}, key=str)
+        if bad:
+            raise CacheError(f"split column values must be train, val or test (every clip); found {bad}")
+        split_column = splits
+    n_mels = int(settings.get("n_mels", 0))
+    video_dims = {c.arrays["video_features"].shape[1] for c in clips
+                  if "video_features" in c.arrays and c.arrays["video_features"].size}
+    if len(video_dims) > 1:
+        raise CacheError(f"{cache}: clips have different face-feature sizes {sorted(video_dims)}")
+    video_dim = video_dims.pop() if video_dims else int(settings.get("feature_dim", 0) or 0)
+    index = {c: i for i, c in enumerate(classes)}
+    return TrainingData(clips=clips, labels=np.array([index[n] for n in names], np.int64), classes=classes,
+                        speakers=speakers, split_column=split_column, settings=settings, n_mels=n_mels,
+                        video_dim=video_dim)

@@ -1,0 +1,399 @@
+"""Fitting the fused model on a cached dataset: one process, CUDA, or torchrun + DDP, same code.
+
+Randomness is re-seeded from (seed, epoch, rank) at the start of every epoch, so a run
+resumed from ``last.pt`` (written at epoch ends) continues exactly as if never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from avemo.batching import collate, to_device, trim_batch
+from avemo.checkpoint import CheckpointError
+from avemo.features import ExtractionSettings
+from avemo.io import atomic_path, write_json_atomic
+from avemo.model import ModelConfig, build_loss, build_model, load_model, save_model
+from train.augment import AugmentConfig, BatchAugment
+from train.data import TrainingData
+from train.metrics import classification_metrics, write_confusion
+from train.splits import Split
+
+log = logging.getLogger("avemo.train")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-3
+    patience: int = 15                 # epochs without a better val UAR before stopping (0: never stop)
+    seed: int = 0
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    compact_beta: float = 0.5
+    balance: bool = False              # class-balanced loss weights
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    features_on_device: str = "auto"   # auto | yes | no
+    amp: bool = True                   # autocast (bf16) on CUDA
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue, with the reason in words."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_runtime() -> Runtime:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then DDP (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Runtime(device, rank, world)
+    return Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _broadcast(rt: Runtime, obj):
+    if rt.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- features
+
+class FeatureStore:
+    """Batches of a fixed set of clips.
+
+    ``on_device``: the whole set is padded once and kept on the training device, so a
+    batch is an index + trim (no loader, no host-to-device copy). Otherwise each batch is
+    collated from the clips on the host and copied over, as a data loader would.
+    """
+
+    def __init__(self, data: TrainingData, indices: list[int], video_dim: int, device: torch.device,
+                 on_device: bool):
+        self.clips = [data.clips[i] for i in indices]
+        self.labels = torch.as_tensor(data.labels[indices], dtype=torch.long)
+        self.n_mels, self.video_dim, self.device = data.n_mels, video_dim, device
+        self.on_device = on_device
+        self.tensors = to_device(collate(self.clips, self.n_mels, video_dim), device) if on_device else None
+        self.labels = self.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.tensors is not None:
+            idx = idx.to(self.device)
+            return trim_batch({k: v[idx] for k, v in self.tensors.items()})
+        b = collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim)
+        return to_device(b, self.device, non_blocking=True)
+
+
+def padded_bytes(data: TrainingData, indices: list[int], video_dim: int) -> int:
+    t_a = max((data.clips[i].arrays["mel"].shape[1] for i in indices if data.clips[i].has_audio), default=1)
+    t_v = max((len(data.clips[i].arrays.get("face_mask", ())) for i in indices), default=1)
+    return len(indices) * (data.n_mels * t_a * 4 + t_a + max(t_v, 1) * (video_dim * 4 + 1))
+
+
+def decide_on_device(mode: str, need: int, device: torch.device) -> bool:
+    if mode == "yes":
+        return True
+    if mode == "no":
+        return False
+    if device.type != "cuda":
+        return True  # host memory is the device: padding once beats collating every batch
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.4 * free
+
+
+def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int) -> dict[str, np.ndarray]:
+    """Per mel bin and per face-feature dimension mean / std over the training clips' valid frames."""
+    stats = {}
+    mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
+    if mels:
+        cat = np.concatenate(mels, axis=1).astype(np.float64)
+        stats["mel_mean"], stats["mel_std"] = cat.mean(1), np.maximum(cat.std(1), 1e-3)
+    if video_dim:
+        frames = [data.clips[i].arrays["video_features"][np.asarray(data.clips[i].arrays["face_mask"], bool)]
+                  for i in indices if data.clips[i].has_video]
+        if frames:
+            cat = np.concatenate(frames, axis=0).astype(np.float64)
+            stats["video_mean"], stats["video_std"] = cat.mean(0), np.maximum(cat.std(0), 1e-3)
+    return stats
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_store(model: torch.nn.Module, store: FeatureStore, batch_size: int, amp: bool) -> np.ndarray:
+    model.eval()
+    preds = []
+    for start in range(0, len(store), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(store)))
+        with _autocast(store.device, amp):
+            logits = model(store.batch(idx))["logits"]
+        preds.append(logits.argmax(1).cpu())
+    return torch.cat(preds).numpy()
+
+
+def evaluate(model, store: FeatureStore, classes: list[str], batch_size: int, amp: bool) -> dict:
+    pred = predict_store(model, store, batch_size, amp)
+    return classification_metrics(store.labels.cpu().numpy(), pred, classes)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _reseed(seed: int, epoch: int, rank: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % (2 ** 63))
+
+
+def _global_batches(n: int, batch_size: int, world: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The epoch's shuffled batches (the same on every rank); a batch too small to share is dropped."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    batches = list(perm.split(batch_size))
+    return [b for b in batches if len(b) >= world and (len(b) > 1 or n == 1)]
+
+
+def _class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(w, dtype=torch.float32)
+
+
+def _check_modalities(cfg: ModelConfig, data: TrainingData, train_idx: list[int]) -> None:
+    if cfg.uses_audio and not data.has_audio[train_idx].any():
+        raise TrainError("--modalities includes audio but no training clip has audio")
+    if cfg.uses_video and not data.has_video[train_idx].any():
+        raise TrainError("--modalities includes video but no training clip has a face "
+                         "(was the cache extracted from audio-only files?)")
+
+
+def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainConfig, out: str | Path,
+        resume: bool = False, rt: Runtime | None = None) -> dict[str, Any]:
+    """Train on ``split.train``, early-stop on ``split.val`` UAR, report on test (or val) with best.pt.
+
+    Writes ``out``/best.pt, last.pt, metrics.csv, split.json, report.json, confusion.csv/.png.
+    """
+    rt = rt or start_runtime()
+    out = Path(out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if (out / "report.json").is_file() and not resume:
+        raise TrainError(f"{out} already holds a finished run; choose another --out (or --resume to keep it)")
+    if last_path.is_file() and not resume:
+        raise TrainError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    state = None
+    if resume and last_path.is_file():
+        state = _load_resume(last_path, data)
+        split = Split.from_dict(state["split"])
+        model_cfg = state["config"]
+        log.info("resuming %s after epoch %d", out, state["resume"]["epoch"])
+    elif resume:
+        log.info("nothing to resume in %s: starting fresh", out)
+    if (out / "report.json").is_file() and state is not None and state["resume"].get("finished"):
+        log.info("%s is finished; nothing to do", out)
+        return _read_json(out / "report.json")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg)
+    mcfg = model.cfg
+    _check_modalities(mcfg, data, split.train)
+    video_dim = mcfg.video_dim if mcfg.uses_video else 0
+    if state is None:
+        model.set_normalisation(normalisation_stats(data, split.train, video_dim))
+    else:
+        model.load_state_dict(state["model"])
+    model.to(rt.device)
+
+    def store(indices):
+        on_dev = decide_on_device(cfg.features_on_device, padded_bytes(data, indices, video_dim), rt.device)
+        return FeatureStore(data, indices, video_dim, rt.device, on_dev)
+
+    train_store = store(split.train)
+    val_store = store(split.val) if split.val else None
+    weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
+    criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    history: list[dict] = []
+    start_epoch, best_uar, since_best = 0, -1.0, 0
+    if state is not None:
+        r = state["resume"]
+        optimizer.load_state_dict(r["optimizer"])
+        scheduler.load_state_dict(r["scheduler"])
+        history, start_epoch, best_uar, since_best = r["history"], r["epoch"], r["best_uar"], r["since_best"]
+    train_model = model
+    if rt.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    augment = BatchAugment(cfg.augment)
+    extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict()}
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "split.json", split.to_dict())
+        log.info("train %d clips (%s), val %d, test %d; device %s x%d, features %s", len(split.train),
+                 ", ".join(split.speakers.get("train", [])) or "all", len(split.val), len(split.test),
+                 rt.device, rt.world, "held on the device" if train_store.on_device else "collated per batch")
+
+    stopped = bool(split.val and cfg.patience and since_best >= cfg.patience)
+    for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
+        _reseed(cfg.seed, epoch, rt.rank)
+        train_model.train()
+        t0 = time.perf_counter()
+        batches = _global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, epoch)
+        total, seen = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                   disable=not (rt.main and cfg.progress) or None)
+        for gb in bar:
+            idx = gb.tensor_split(rt.world)[rt.rank]
+            batch = augment(train_store.batch(idx), getattr(model, "mel_mean", None))
+            with _autocast(rt.device, cfg.amp):
+                logits = train_model(batch)["logits"]
+                loss = criterion(logits.float(), train_store.labels[idx.to(rt.device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        scheduler.step()
+        row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0, "clips_per_s": seen * rt.world / max(time.perf_counter() - t0, 1e-9)}
+        improved = True
+        if rt.main and val_store is not None:
+            m = evaluate(model, val_store, data.classes, cfg.batch_size * 2, cfg.amp)
+            row.update(val_uar=m["uar"], val_war=m["accuracy"], val_f1=m["macro_f1"])
+            improved = m["uar"] > best_uar
+        improved = _broadcast(rt, improved)
+        if improved:
+            best_uar, since_best = row.get("val_uar", best_uar), 0
+        else:
+            since_best += 1
+        history.append(row)
+        stop = bool(val_store is not None and cfg.patience and since_best >= cfg.patience)
+        if rt.main:
+            log.info("epoch %d/%d loss %.4f%s %.1fs%s", epoch + 1, cfg.epochs, row["train_loss"],
+                     f" val UAR {row['val_uar']:.3f} WAR {row['val_war']:.3f}" if "val_uar" in row else "",
+                     row["seconds"], " *" if improved and val_store is not None else "")
+            metrics = {k: v for k, v in row.items() if k.startswith("val_")} | {"epoch": epoch + 1}
+            if improved:
+                save_model(best_path, model, data.classes, data.settings, metrics, extra_common)
+            save_model(last_path, model, data.classes, data.settings, metrics, extra_common | {"resume": {
+                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "best_uar": best_uar, "since_best": since_best, "finished": False}})
+            _write_history(out / "metrics.csv", history)
+        if stop:
+            if rt.main:
+                log.info("early stop: no better val UAR for %d epochs", cfg.patience)
+            break
+    report = None
+    if rt.main:
+        report = _final_report(data, split, out, cfg, rt, len(history))
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        ckpt["resume"]["finished"] = True
+        with atomic_path(last_path) as tmp:
+            torch.save(ckpt, tmp)
+    if rt.world > 1:
+        dist.barrier()
+    return report
+
+
+def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig, rt: Runtime, epochs: int) -> dict:
+    model, ckpt = load_model(out / "best.pt", map_location=rt.device)
+    part = "test" if split.test else "val" if split.val else "train"
+    indices = getattr(split, part)
+    video_dim = model.cfg.video_dim if model.cfg.uses_video else 0
+    store = FeatureStore(data, indices, video_dim, rt.device, on_device=False)
+    m = evaluate(model, store, data.classes, cfg.batch_size * 2, cfg.amp)
+    report = {
+        "evaluated_on": part,
+        "held_out": part != "train",
+        "speakers": split.speakers.get(part, []),
+        "split_method": split.method,
+        "best_epoch": ckpt["metrics"].get("epoch"),
+        "epochs_run": epochs,
+        "classes": data.classes,
+        **m,
+    }
+    if part == "train":
+        report["note"] = "no held-out part (--no-split): these are training-set figures, not an accuracy estimate"
+    write_json_atomic(out / "report.json", report)
+    title = f"{out.name}: {part} ({m['n']} clips) UAR {m['uar']:.3f} WAR {m['accuracy']:.3f}"
+    write_confusion(out, m["confusion"], data.classes, title)
+    ckpt["metrics"] = dict(ckpt["metrics"]) | {f"{part}_{k}": v for k, v in m.items() if k != "confusion"}
+    save_model(out / "best.pt", model.cpu(), data.classes, data.settings, ckpt["metrics"],
+               {"split": ckpt["split"], "train_config": ckpt["train_config"]})
+    log.info("%s %s: UAR %.3f WAR %.3f macro-F1 %.3f (%d clips)", out, part, m["uar"], m["accuracy"],
+             m["macro_f1"], m["n"])
+    return report
+
+
+def _load_resume(path: Path, data: TrainingData) -> dict:
+    try:
+        _, ckpt = load_model(path)
+    except CheckpointError as e:
+        raise TrainError(f"cannot resume: {e}") from None
+    if "resume" not in ckpt:
+        raise TrainError(f"{path}: not a resumable checkpoint (no optimizer state)")
+    theirs = ExtractionSettings.from_dict(ckpt["extraction_settings"]).digest()
+    ours = ExtractionSettings.from_dict(data.settings).digest()
+    if theirs != ours:
+        diff = sorted(k for k in data.settings if data.settings.get(k) != ckpt["extraction_settings"].get(k))
+        raise TrainError(f"cannot resume {path}: the cache was extracted with different settings "
+                         f"({', '.join(diff)}) than the run it continues; use the original cache or a new --out")
+    if ckpt["classes"] != data.classes:
+        raise TrainError(f"cannot resume {path}: its classes {ckpt['classes']} differ from the cache's {data.classes}")
+    return ckpt
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text(encoding="utf-8"))
