@@ -1,0 +1,116 @@
+"""The cache folder: settings identity, one row file per clip, the merged manifest.csv.
+
+Layout::
+
+    CACHE/settings.json        the ExtractionSettings every clip here was made with
+    CACHE/features/*.npz       one ClipFeatures per clip (avemo.features.feature_filename)
+    CACHE/rows/*.json          one manifest row per source file, written after its .npz
+    CACHE/manifest.csv         all rows, rebuilt from rows/ at the end of every run
+
+Every file is written atomically, the row only after the features it points to, so a
+run killed at any instant leaves finished clips complete and unfinished ones absent.
+Shards of one job (``--shard I/N``) write disjoint row files into the same folder, and
+whichever finishes last writes the full manifest (``merge_manifest`` rebuilds it any time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from avemo.features import ExtractionSettings, feature_filename
+from avemo.io import atomic_path, write_json_atomic
+
+COLUMNS = ["clip", "status", "reason", "label", "speaker", "feature_file", "duration", "frames_sampled",
+           "face_coverage", "audio_seconds", "has_video", "has_audio", "crops", "settings_hash"]
+STATUSES = ("ok", "partial", "failed")
+# Temporary files from a killed writer; in a sharded job another shard may be mid-write,
+# so only leftovers older than this are removed there.
+STALE_TMP_S = 3600
+
+
+class SettingsMismatch(ValueError):
+    """The cache was made with other extraction settings; mixing them would corrupt it."""
+
+
+class Cache:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.features_dir = self.root / "features"
+        self.rows_dir = self.root / "rows"
+        self.manifest_path = self.root / "manifest.csv"
+        self.settings_path = self.root / "settings.json"
+
+    def claim(self, settings: ExtractionSettings) -> None:
+        """Record ``settings`` for a new cache, or refuse if the cache holds other settings."""
+        if self.root.exists() and not self.root.is_dir():
+            raise SettingsMismatch(f"--out {self.root} exists and is not a folder")
+        if self.settings_path.is_file():
+            old = json.loads(self.settings_path.read_text(encoding="utf-8"))
+            if old.get("digest") != settings.digest():
+                new = settings.to_dict()
+                diff = [f"{k}: {old['settings'].get(k)!r} in the cache, {new[k]!r} now"
+                        for k in new if k != "keep_crops" and old["settings"].get(k) != new[k]]
+                raise SettingsMismatch(
+                    f"{self.root} was extracted with different settings ({'; '.join(diff) or 'unknown fields'}). "
+                    "One cache holds one set of settings: use another --out folder, or the same settings.")
+            return
+        self.features_dir.mkdir(parents=True, exist_ok=True)
+        self.rows_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.settings_path, {"digest": settings.digest(), "settings": settings.to_dict()})
+
+    def remove_stale_temporaries(self, all_of_them: bool) -> int:
+        now, n = time.time(), 0
+        for d in (self.features_dir, self.rows_dir, self.root):
+            for p in d.glob(".*.tmp"):
+                if all_of_them or now - p.stat().st_mtime > STALE_TMP_S:
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
+    def feature_file(self, clip: str) -> str:
+        return f"features/{feature_filename(clip)}"
+
+    def row_path(self, clip: str) -> Path:
+        return self.rows_dir / (Path(feature_filename(clip)).stem + ".json")
+
+    def read_row(self, clip: str) -> dict | None:
+        p = self.row_path(clip)
+        try:
+            row = json.loads(p.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return row if row.get("clip") == clip else None
+
+    def write_row(self, row: dict) -> None:
+        write_json_atomic(self.row_path(row["clip"]), {k: row.get(k) for k in COLUMNS})
+
+    def is_done(self, clip: str, digest: str, need_crops: bool, retry_failed: bool) -> dict | None:
+        """The finished row for ``clip`` with these settings, or None if it must be (re)done."""
+        row = self.read_row(clip)
+        if row is None or row.get("settings_hash") != digest:
+            return None
+        if row["status"] == "failed":
+            return None if retry_failed else row
+        if not (self.root / row["feature_file"]).is_file():
+            return None
+        if need_crops and row.get("has_video") and not row.get("crops"):
+            return None
+        return row
+
+    def write_manifest(self, clips: list[str]) -> pd.DataFrame:
+        """manifest.csv with the finished row of every clip in ``clips`` (sorted); returns it."""
+        rows = [r for r in (self.read_row(c) for c in sorted(clips)) if r is not None]
+        df = pd.DataFrame(rows, columns=COLUMNS)
+        with atomic_path(self.manifest_path) as tmp:
+            df.to_csv(tmp, index=False)
+        return df
+
+
+def read_manifest(cache: str | os.PathLike) -> pd.DataFrame:
+    """The manifest of a cache folder (clip, label, speaker and reason read as text; empty -> NaN)."""
+    text = {c: str for c in ("clip", "status", "reason", "label", "speaker", "feature_file", "settings_hash")}
+    return pd.read_csv(Path(cache) / "manifest.csv", dtype=text)

@@ -1,0 +1,64 @@
+"""``avemo-extract``: a thin command line over ``extract.extract_folder``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from extract.cache import SettingsMismatch
+from extract.labels import SCHEMES
+from extract.run import UsageError, extract_folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="avemo-extract",
+        description="Turn a folder of clips (video or audio) into a cache of face-feature sequences "
+                    "and log-mel spectrograms, one .npz per clip plus manifest.csv. Re-running resumes.")
+    p.add_argument("video_dir", metavar="VIDEO_DIR", help="folder searched recursively for clips")
+    p.add_argument("--out", required=True, metavar="CACHE", help="cache folder (created; resumed if it exists)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--frames", type=int, metavar="N", help="frames sampled evenly over each clip (default 16)")
+    when.add_argument("--fps", type=float, metavar="F", help="frames sampled per second instead")
+    lab = p.add_mutually_exclusive_group()
+    lab.add_argument("--label-from", choices=SCHEMES,
+                     help="labels (and speakers) from the parent folder name or a dataset's file names")
+    lab.add_argument("--labels", metavar="CSV", help="CSV with columns clip,label[,speaker]")
+    p.add_argument("--face-encoder", default="default", metavar="NAME|PATH",
+                   help="shipped encoder name or encoder file (default: default)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel extraction processes (default 1)")
+    p.add_argument("--shard", metavar="I/N", help="do only shard I of N (1-based), e.g. $SLURM_ARRAY_TASK_ID/8")
+    p.add_argument("--keep-crops", action="store_true", help="also store the aligned face crops (uint8)")
+    p.add_argument("--retry-failed", action="store_true", help="extract clips that failed last time again")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 ok, 1 every clip failed, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = extract_folder(
+            args.video_dir, args.out, frames=args.frames, fps=args.fps, label_from=args.label_from,
+            labels=args.labels, face_encoder=args.face_encoder, device=args.device, workers=args.workers,
+            shard=args.shard, keep_crops=args.keep_crops, retry_failed=args.retry_failed,
+            progress=not args.quiet)
+    except (UsageError, SettingsMismatch, ValueError) as e:
+        print(f"avemo-extract: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("avemo-extract: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if not manifest["status"].isin(["ok", "partial"]).any():
+        print("avemo-extract: error: no clip could be extracted (see the reasons above and in manifest.csv)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
