@@ -150,6 +150,12 @@ class ClipExtractor:
                     break
         if info.bad_packets:
             warnings.append(f"video: {info.bad_packets} undecodable packet(s) skipped")
+        if info.corrupt_frames:
+            warnings.append(f"video: {info.corrupt_frames} damaged frame(s) decoded")
+        if info.gaps:
+            at, length = max(info.gaps, key=lambda g: g[1])
+            warnings.append(f"video: {len(info.gaps)} gap(s) with no frames, longest {length:.2f} s "
+                            f"after {at:.2f} s (damaged file?)")
         warnings.extend(f"video: {w}" for w in info.warnings)
         if not frame_times:
             warnings.append("video: no frame could be decoded")

@@ -31,6 +31,8 @@ class VideoFrames:
     rotation: int = 0               # degrees counter-clockwise applied to display
     scale: float = 1.0              # returned frame size / source size
     bad_packets: int = 0
+    corrupt_frames: int = 0         # decoded, but flagged by the decoder as damaged
+    gaps: list[tuple[float, float]] = field(default_factory=list)   # (start, length) with no frames
     end_time: float | None = None   # last decoded frame time, seconds
     warnings: list[str] = field(default_factory=list)
 
@@ -121,10 +123,15 @@ def iter_frames_at(container, stream, times: np.ndarray, max_side: int,
     stream.thread_type = "AUTO"
     t0 = stream_start(stream)
     k, prev, last = 0, None, None   # next target; last decoded frame; last yielded frame
+    rate = stream.average_rate or stream.guessed_rate
+    max_gap = max(0.5, 5.0 / float(rate)) if rate else 0.5   # missing frames, not a slow frame rate
     if times[0] > SEEK_GAP_S:
         _seek(container, stream, t0 + times[0])
     for frame in _decode(container, stream, info):
         t = _frame_time(frame, t0)
+        info.corrupt_frames += bool(frame.is_corrupt)
+        if prev is not None and t - _frame_time(prev, t0) > max_gap:
+            info.gaps.append((_frame_time(prev, t0), t - _frame_time(prev, t0)))
         info.end_time = t
         while k < len(times) and t > times[k]:
             # on screen at times[k]: the previous frame (or this one, if none came before)

@@ -147,7 +147,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
                    device: str | None = None, workers: int = 1, shard: str | tuple[int, int] | None = None,
                    keep_crops: bool = False, retry_failed: bool = False,
                    settings: ExtractionSettings | None = None, progress: bool = True,
-                   log=sys.stderr) -> pd.DataFrame:
+                   log=None) -> pd.DataFrame:
     """Extract every clip under ``video_dir`` into the cache ``out``; returns the manifest.
 
     Finished clips with the same settings are skipped, so an interrupted run is resumed by
@@ -156,6 +156,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
     Raises ``UsageError`` for bad arguments and ``SettingsMismatch`` when ``out`` holds a
     cache made with other settings.
     """
+    log = log or sys.stderr
     root = Path(video_dir)
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder" if root.exists() else f"{root}: no such folder")

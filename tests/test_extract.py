@@ -1,0 +1,243 @@
+"""avemo-extract on the bundled CREMA-D clips: cache contents, resume, refusal, shards, kill + resume."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from avemo.extraction import ClipError, ClipExtractor
+from avemo.faces import Detections, similarity_transform, track_primary_face
+from avemo.features import ClipFeatures, ExtractionSettings
+from avemo.video import sample_times
+from extract import SettingsMismatch, UsageError, extract_folder, read_manifest
+from extract.cli import main
+from extract.labels import Labeller, LabelError
+from extract.run import in_shard, parse_shard
+from mediagen import random_encoder
+
+REPO = Path(__file__).resolve().parent.parent
+CREMAD = REPO / "examples" / "cremad"
+PICK = ["1001_DFA_ANG_XX.flv", "1001_DFA_HAP_XX.flv", "1001_DFA_SAD_XX.flv",
+        "1002_DFA_NEU_XX.mp3", "1002_DFA_FEA_XX.mp3"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(2)
+    d = tmp_path_factory.mktemp("extract")
+    clips = d / "clips"
+    clips.mkdir()
+    for name in PICK:
+        shutil.copy(CREMAD / name, clips / name)
+    enc = random_encoder(d / "enc.pt")
+    kw = dict(frames=4, label_from="cremad", face_encoder=str(enc), device="cpu", progress=False)
+    manifest = extract_folder(clips, d / "cache", **kw)
+    return d, clips, kw, manifest
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    ma, mb = read_manifest(a), read_manifest(b)
+    pd.testing.assert_frame_equal(ma, mb)
+    for f in ma["feature_file"].dropna():
+        ca, cb = ClipFeatures.load(a / f), ClipFeatures.load(b / f)
+        assert ca.meta() == cb.meta() and set(ca.arrays) == set(cb.arrays)
+        for k in ca.arrays:
+            np.testing.assert_allclose(ca.arrays[k], cb.arrays[k], rtol=1e-4, atol=1e-5, err_msg=f"{f} {k}")
+    assert not list(b.rglob("*.tmp"))
+
+
+def test_cache_holds_one_row_and_file_per_clip(setup):
+    d, _, _, manifest = setup
+    assert list(manifest["clip"]) == sorted(PICK)
+    assert (manifest["status"] == "ok").all()
+    m = manifest.set_index("clip")
+    assert m.loc["1001_DFA_HAP_XX.flv", "label"] == "happy" and m.loc["1001_DFA_HAP_XX.flv", "speaker"] == "1001"
+    assert m.loc["1002_DFA_FEA_XX.mp3", "label"] == "fear" and m.loc["1002_DFA_FEA_XX.mp3", "speaker"] == "1002"
+    for col in ("clip", "status", "reason", "label", "speaker", "feature_file", "duration", "frames_sampled",
+                "face_coverage", "audio_seconds", "settings_hash"):
+        assert col in manifest.columns
+    # the CSV on disk reads back the same (speakers stay text, not numbers)
+    disk = read_manifest(d / "cache")
+    assert list(disk["speaker"]) == list(manifest["speaker"])
+    video = ClipFeatures.load(d / "cache" / m.loc["1001_DFA_ANG_XX.flv", "feature_file"])
+    s = ExtractionSettings.from_dict(video.settings)
+    assert s.frames == 4 and len(s.encoder_sha256) == 64 and s.feature_dim > 0
+    assert m.loc["1001_DFA_ANG_XX.flv", "settings_hash"] == s.digest()
+    a = video.arrays
+    assert a["video_features"].shape == (4, s.feature_dim) and a["face_mask"].all()
+    assert np.all(np.diff(a["frame_times"]) > 0) and 0 <= a["frame_times"][0] and a["frame_times"][-1] < video.duration
+    assert a["boxes"].shape == (4, 4) and (a["scores"] > 0.9).all() and a["landmarks"].shape == (4, 5, 2)
+    assert a["mel"].shape[0] == s.n_mels and a["mel"].shape[1] > 150    # ~2 s at a 10 ms hop
+    audio = ClipFeatures.load(d / "cache" / m.loc["1002_DFA_NEU_XX.mp3", "feature_file"])
+    assert audio.has_audio and not audio.has_video and "video_features" not in audio.arrays
+
+
+def test_rerun_skips_finished_clips(setup, capsys):
+    d, clips, kw, manifest = setup
+    npz = sorted((d / "cache" / "features").glob("*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in npz]
+    again = extract_folder(clips, d / "cache", **kw)
+    pd.testing.assert_frame_equal(again, manifest)
+    assert [p.stat().st_mtime_ns for p in npz] == stamps
+    assert "5 already done, 0 to extract" in capsys.readouterr().err
+
+
+def test_other_settings_are_refused_not_mixed(setup):
+    d, clips, kw, _ = setup
+    with pytest.raises(SettingsMismatch, match=r"frames: 4 in the cache, 6 now"):
+        extract_folder(clips, d / "cache", **{**kw, "frames": 6})
+    assert main([str(clips), "--out", str(d / "cache"), "--frames", "6", "--face-encoder", kw["face_encoder"],
+                 "--quiet"]) == 2
+
+
+def test_keep_crops_later_adds_crops_to_video_clips(setup, tmp_path):
+    d, clips, kw, manifest = setup
+    shutil.copytree(d / "cache", tmp_path / "cache")
+    m = extract_folder(clips, tmp_path / "cache", **{**kw, "keep_crops": True}).set_index("clip")
+    c = ClipFeatures.load(tmp_path / "cache" / m.loc["1001_DFA_SAD_XX.flv", "feature_file"], with_crops=True)
+    assert c.arrays["crops"].shape == (4, 112, 112, 3) and c.arrays["crops"].dtype == np.uint8
+    assert c.arrays["crops"].mean() > 20            # real pixels, not an empty array
+    assert m["crops"].sum() == 3
+
+
+def test_shards_fill_one_cache_like_a_single_run(setup, tmp_path):
+    d, clips, kw, _ = setup
+    first = extract_folder(clips, tmp_path / "cache", shard="1/2", **kw)
+    n_first = len(first)
+    last = extract_folder(clips, tmp_path / "cache", shard="2/2", **kw)
+    assert 0 < n_first < 5 and len(last) == 5
+    _same_cache(d / "cache", tmp_path / "cache")
+
+
+def test_shard_split_is_a_partition():
+    clips = [f"dir/{i}.mp4" for i in range(200)]
+    parts = [[c for c in clips if in_shard(c, (i, 4))] for i in range(1, 5)]
+    assert sorted(sum(parts, [])) == sorted(clips) and all(20 < len(p) < 80 for p in parts)
+    for bad in ("0/4", "5/4", "x", "1/0"):
+        with pytest.raises(UsageError):
+            parse_shard(bad)
+
+
+def test_killed_run_resumes_to_the_same_cache(setup, tmp_path):
+    d, clips, kw, _ = setup
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "extract.cli", str(clips), "--out", str(out), "--frames", "4",
+           "--label-from", "cremad", "--face-encoder", kw["face_encoder"], "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "rows").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "rows").glob("*.json")))
+    assert 2 <= done < 5, f"the kill did not land half way ({done} of 5 done)"
+    assert not (out / "manifest.csv").exists()
+    extract_folder(clips, out, **kw)
+    _same_cache(d / "cache", out)
+
+
+def test_cli_exit_codes(setup, tmp_path, capsys):
+    _, _, kw, _ = setup
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("hello")
+    (junk / "fake.mp4").write_text("hello")
+    assert main([str(junk), "--out", str(tmp_path / "c1"), "--face-encoder", kw["face_encoder"], "--quiet"]) == 1
+    assert "no clip could be extracted" in capsys.readouterr().err
+    assert main([str(junk), "--out", str(tmp_path / "c2"), "--face-encoder", str(tmp_path / "nope.pt")]) == 2
+    assert "face encoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(junk), "--out", str(tmp_path / "c3"), "--frames", "4", "--fps", "2"])
+
+
+def test_cache_inside_the_input_folder_is_not_walked(setup, tmp_path):
+    _, _, kw, _ = setup
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(CREMAD / "1002_DFA_SAD_XX.mp3", clips / "a.mp3")
+    extract_folder(clips, clips / "cache", **kw)
+    m = extract_folder(clips, clips / "cache", **kw)
+    assert list(m["clip"]) == ["a.mp3"]
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_cache(setup, tmp_path):
+    d, clips, kw, _ = setup
+    extract_folder(clips, tmp_path / "cache", workers=2, **kw)
+    _same_cache(d / "cache", tmp_path / "cache")
+
+
+def test_time_window_of_a_clip(setup):
+    d, _, kw, _ = setup
+    ex = ClipExtractor(ExtractionSettings(frames=4, encoder=kw["face_encoder"]), "cpu")
+    c = ex.extract(CREMAD / "1001_DFA_ANG_XX.flv", start=0.5, end=1.5)
+    t = c.arrays["frame_times"]
+    assert len(t) == 4 and 0.45 <= t.min() and t.max() < 1.5
+    assert c.arrays["mel"].shape[1] <= 102
+    with pytest.raises(ClipError, match="empty file"):
+        (d / "zero.mp4").write_bytes(b"")
+        ex.extract(d / "zero.mp4")
+    with pytest.raises(ValueError, match="sha256"):
+        ClipExtractor(ExtractionSettings(encoder=kw["face_encoder"], encoder_sha256="0" * 64), "cpu")
+
+
+# ---- pieces ----
+
+def test_labels_from_file_names_folders_and_csv(tmp_path):
+    assert Labeller("cremad")("x/1001_DFA_ANG_XX.flv") == ("angry", "1001", None)
+    assert Labeller("ravdess")("Actor_12/02-01-06-01-02-01-12.mp4") == ("fear", "12", None)
+    assert Labeller("emodb")("03a01Fa.wav") == ("happy", "03", None)
+    assert Labeller("folder")("sad/clip 1.mp4") == ("sad", None, None)
+    label, speaker, note = Labeller("cremad")("holiday.mp4")
+    assert label is None and "CREMA-D" in note
+    csv = tmp_path / "labels.csv"
+    csv.write_text("clip,label,speaker\na/b.mp4,happy,s1\nc.wav,sad,\n")
+    lab = Labeller(csv=csv)
+    assert lab("a/b.mp4") == ("happy", "s1", None) and lab("c.wav") == ("sad", None, None)
+    assert lab("other.mp4")[2] == "not listed in the labels CSV"
+    (tmp_path / "bad.csv").write_text("file,emotion\nx,y\n")
+    with pytest.raises(LabelError, match="needs columns 'clip' and 'label'"):
+        Labeller(csv=tmp_path / "bad.csv")
+    with pytest.raises(LabelError, match="unknown label scheme"):
+        Labeller("affectnet")
+
+
+def test_sampling_is_uniform_in_time():
+    t = sample_times(0.0, 2.0, frames=4)
+    np.testing.assert_allclose(t, [0.25, 0.75, 1.25, 1.75])
+    assert len(sample_times(0.0, 10.0, fps=2.5)) == 25
+    assert len(sample_times(0.0, 3600.0, fps=30, max_frames=4096)) == 4096
+
+
+def _det(*boxes):
+    b = np.array(boxes, np.float32).reshape(-1, 4)
+    return Detections(b, np.full(len(b), 0.99, np.float32), np.zeros((len(b), 5, 2), np.float32))
+
+
+def test_tracker_follows_one_person_through_a_bigger_visitor():
+    a = [10, 10, 60, 60]               # present throughout, moving slowly
+    b = [200, 10, 300, 110]            # larger, only in two frames
+    dets = [_det(a), _det(b, a), _det(b, [14, 12, 64, 62]), _det([18, 12, 68, 62]), _det()]
+    chosen = track_primary_face(dets)
+    assert list(chosen) == [0, 1, 1, 0, -1]
+
+
+def test_similarity_transform_recovers_a_known_one():
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 100, (5, 2))
+    ang, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
+    r = scale * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    m = similarity_transform(src, src @ r.T + shift)
+    np.testing.assert_allclose(m, np.hstack([r, shift[:, None]]), atol=1e-9)

@@ -1,0 +1,191 @@
+"""Every kind of bad input the issue lists gets a manifest row with a specific reason, no crash.
+
+One folder holds all of them; one extraction run over it (module fixture) is checked row by row.
+"""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avemo.features import ClipFeatures
+from extract import extract_folder
+from mediagen import astronaut, random_encoder, tone, two_faces, write_audio, write_video
+
+CREMAD = Path(__file__).resolve().parent.parent / "examples" / "cremad"
+
+
+def _truncate(src: Path, dst: Path, keep: float) -> None:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.set_num_threads(2)
+    d = tmp_path_factory.mktemp("bad")
+    clips = d / "clips"
+    clips.mkdir()
+    face = astronaut(128)
+    ten = [face] * 10
+    (clips / "empty.mp4").write_bytes(b"")
+    (clips / "text.mp4").write_text("this is not a video\n" * 50)
+    (clips / "notes.txt").write_text("a file that is not media\n")
+    good_mp4 = write_video(d / "good.mp4", ten, audio=tone(1.0, 16000))
+    good_mkv = write_video(d / "good.mkv", [face] * 20, audio=tone(2.0, 16000))
+    _truncate(good_mp4, clips / "truncated.mp4", 0.5)        # index (moov) is at the end: gone
+    _truncate(good_mkv, clips / "truncated.mkv", 0.5)        # streamable: the first half plays
+    rng = np.random.default_rng(0)
+    data = bytearray(good_mkv.read_bytes())
+    i = len(data) // 3
+    data[i:i + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (clips / "corrupt_middle.mkv").write_bytes(bytes(data))
+    data = bytearray(good_mkv.read_bytes())
+    data[:512] = rng.integers(0, 256, 512, dtype=np.uint8).tobytes()
+    (clips / "corrupt_header.mkv").write_bytes(bytes(data))
+    write_video(clips / "no_audio.mp4", ten)
+    write_audio(clips / "audio_only.mp4", tone(1.0, 16000), 16000)
+    noise = [rng.integers(0, 256, (128, 160, 3), dtype=np.uint8) for _ in range(10)]
+    write_video(clips / "no_face.mp4", noise, audio=tone(1.0, 16000))
+    write_video(clips / "two_faces.mp4", two_faces(8), audio=tone(1.0, 16000))
+    write_video(clips / "one_frame.mp4", [face], audio=tone(0.5, 16000))
+    write_audio(clips / "short.wav", tone(0.01, 16000), 16000)
+    write_video(clips / "short_audio.mkv", ten, audio=tone(0.01, 16000), audio_codec="pcm_s16le")
+    write_audio(clips / "silent.wav", np.zeros((1, 16000), np.float32), 16000)
+    write_video(clips / "silent_audio.mkv", ten, audio=np.zeros((1, 16000), np.float32))
+    write_audio(clips / "stereo_8k.wav", tone(1.0, 8000, channels=2), 8000)
+    write_audio(clips / "stereo_48k.flac", tone(1.0, 48000, channels=2), 48000)
+    # portrait 128 x 256 as displayed (face in the lower half), stored landscape + rotation flag
+    portrait = np.full((256, 128, 3), 60, np.uint8)
+    portrait[128:] = face
+    write_video(clips / "rotated.mp4", [np.ascontiguousarray(np.rot90(portrait, -1))] * 4, rotation=90)
+    big = np.full((2160, 3840, 3), 120, np.uint8)
+    big[600:1624, 1400:2424] = astronaut(1024)
+    write_video(clips / "large_4k.mp4", [big] * 2, fps=2)
+    (clips / "sub dir ü").mkdir()
+    shutil.copy(CREMAD / "1001_DFA_HAP_XX.flv", clips / "sub dir ü" / "vidéo avec espaces.flv")
+    enc = random_encoder(d / "enc.pt")
+    out = d / "cache"
+    manifest = extract_folder(clips, out, frames=4, face_encoder=str(enc), device="cpu", progress=False)
+    return manifest.set_index("clip"), out
+
+
+def row(run, clip):
+    manifest, _ = run
+    assert clip in manifest.index, f"{clip} has no manifest row"
+    return manifest.loc[clip]
+
+
+def features(run, clip) -> ClipFeatures:
+    manifest, out = run
+    return ClipFeatures.load(out / manifest.loc[clip, "feature_file"], with_crops=True)
+
+
+def test_every_file_found_has_exactly_one_row(run):
+    manifest, out = run
+    files = [p for p in (out.parent / "clips").rglob("*") if p.is_file()]
+    assert len(manifest) == len(files) and manifest.index.is_unique
+    assert set(manifest["status"]) <= {"ok", "partial", "failed"}
+    failed = manifest[manifest.status == "failed"]
+    assert failed["reason"].notna().all() and failed["feature_file"].isna().all()
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("clip, reason", [
+    ("empty.mp4", "empty file (0 bytes)"),
+    ("text.mp4", "not a readable media file"),
+    ("truncated.mp4", "not a readable media file"),
+    ("corrupt_header.mkv", "not a readable media file"),
+    ("notes.txt", "not a media file (extension '.txt'"),
+    ("short.wav", "audio: shorter than one spectrogram window"),
+    ("silent.wav", "audio: the audio track is silent"),
+])
+def test_unusable_files_fail_with_a_specific_reason(run, clip, reason):
+    r = row(run, clip)
+    assert r.status == "failed"
+    assert reason in r.reason
+
+
+@pytest.mark.parametrize("clip, reason, has_video, has_audio", [
+    ("no_audio.mp4", "audio: no audio stream", True, False),
+    ("audio_only.mp4", "video: no video stream (audio-only file)", False, True),
+    ("no_face.mp4", "video: no face found in any of 4 sampled frame(s)", False, True),
+    ("short_audio.mkv", "audio: shorter than one spectrogram window", True, False),
+    ("silent_audio.mkv", "audio: the audio track is silent", True, False),
+])
+def test_a_missing_modality_is_partial_with_the_reason(run, clip, reason, has_video, has_audio):
+    r = row(run, clip)
+    assert r.status == "partial" and reason in r.reason
+    assert (bool(r.has_video), bool(r.has_audio)) == (has_video, has_audio)
+    c = features(run, clip)
+    assert c.has_video == has_video and c.has_audio == has_audio
+
+
+def test_no_face_keeps_the_frames_masked_so_time_stays_aligned(run):
+    c = features(run, "no_face.mp4")
+    assert c.frames_sampled == 4 and not c.arrays["face_mask"].any()
+    assert np.all(np.diff(c.arrays["frame_times"]) > 0)
+    assert np.isnan(c.arrays["boxes"]).all() and (c.arrays["video_features"] == 0).all()
+
+
+def test_truncated_streamable_file_keeps_what_plays_and_says_so(run):
+    r = row(run, "truncated.mkv")
+    assert r.status in ("ok", "partial") and "truncated file?" in r.reason
+    c = features(run, "truncated.mkv")
+    assert c.arrays["frame_times"].max() < 1.1      # only the first half exists
+
+
+def test_damaged_middle_is_reported(run):
+    r = row(run, "corrupt_middle.mkv")
+    assert r.status in ("ok", "partial")
+    assert "damaged" in r.reason
+
+
+def test_several_faces_keep_one_person_not_the_largest_per_frame(run):
+    r = row(run, "two_faces.mp4")
+    assert r.status == "ok" and "several faces" in r.reason
+    c = features(run, "two_faces.mp4")
+    boxes = c.arrays["boxes"][c.arrays["face_mask"]]
+    assert len(boxes) == 4
+    centres = (boxes[:, 0] + boxes[:, 2]) / 2
+    assert (centres < 320).all(), "switched to the other (larger, later) person"
+
+
+def test_one_frame_video_gives_one_frame_not_copies(run):
+    r = row(run, "one_frame.mp4")
+    assert r.status == "ok" and r.frames_sampled == 1
+    assert "only 1 distinct frame" in r.reason
+
+
+@pytest.mark.parametrize("clip", ["stereo_8k.wav", "stereo_48k.flac"])
+def test_stereo_at_any_rate_becomes_16k_mono_mel(run, clip):
+    r = row(run, clip)
+    assert r.status == "ok" and r.audio_seconds == pytest.approx(1.0, abs=0.03)
+    mel = features(run, clip).arrays["mel"]
+    assert mel.shape[0] == 64 and abs(mel.shape[1] - 101) <= 3       # 10 ms hop at 16 kHz
+    assert np.isfinite(mel).all()
+
+
+def test_rotation_metadata_is_applied(run):
+    r = row(run, "rotated.mp4")
+    assert r.face_coverage == 1.0
+    boxes = features(run, "rotated.mp4").arrays["boxes"]
+    # upright portrait: 128 wide, 256 tall, face in the lower half
+    assert (boxes[:, 2] <= 130).all() and (boxes[:, 1] > 128).all()
+
+
+def test_very_large_frames_are_found_in_source_pixels(run):
+    r = row(run, "large_4k.mp4")
+    assert r.face_coverage == 1.0
+    b = features(run, "large_4k.mp4").arrays["boxes"][0]
+    # the face spans ~170 px of the 1024 px photo placed at x = 1400 of the 3840 px frame
+    assert 1650 < b[0] < 1950 and b[2] - b[0] > 100
+
+
+def test_spaces_and_non_ascii_paths(run):
+    clip = "sub dir ü/vidéo avec espaces.flv"
+    r = row(run, clip)
+    assert r.status == "ok" and r.face_coverage == 1.0
+    assert r.feature_file.isascii()
+    assert features(run, clip).clip == clip
