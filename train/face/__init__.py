@@ -1,0 +1,1 @@
+"""avemo-train-face: train and evaluate face-expression encoders on class-folder image datasets."""
