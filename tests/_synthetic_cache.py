@@ -28,13 +28,13 @@ def make_cache(root: Path, classes=("ang", "hap", "sad"), speakers=("s1", "s2", 
                     t_a = int(rng.integers(24, 48))
                     mel = rng.normal(-4.0, 1.0, (N_MELS, t_a)).astype(np.float32)
                     band = slice(ci * 4, ci * 4 + 4)
-                    mel[band] += 3.0
+                    mel[band] += 1.5
                     arrays["mel"] = mel
                 k += 1
                 if video and not (audio_only_every and k % audio_only_every == 0):
                     t_v = int(rng.integers(4, 9))
-                    feats = rng.normal(0, 1, (t_v, VIDEO_DIM)).astype(np.float32)
-                    feats[:, ci] += 2.5
+                    feats = rng.normal(0, 0.5, (t_v, VIDEO_DIM)).astype(np.float32)
+                    feats[:, ci] += 2.0
                     mask = np.ones(t_v, bool)
                     mask[int(rng.integers(0, t_v))] = False
                     feats[~mask] = 0.0

@@ -175,21 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(out: Path, main: bool) -> None:
+    """Readable lines on stderr and, on the main process, in RUN/train.log (appended across resumes)."""
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+    for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(out / "train.log", encoding="utf-8")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+        handlers.append(logging.FileHandler(out / "train.log", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
 
 
 def cli(argv: list[str] | None = None) -> int:

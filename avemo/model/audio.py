@@ -17,21 +17,24 @@ from avemo.model.attention import ScaledSoftmaxAttention
 class MaskedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics come from valid (unpadded) positions only."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x [B, C, F, T], mask [B, T] bool
-        if not self.training:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # x [B, C, F, T], mask [B, T] bool, or None when nothing in the batch is padded
+        if not self.training or mask is None:
             return super().forward(x)
-        m = mask[:, None, None, :].to(x.dtype).expand(x.shape[0], 1, x.shape[2], x.shape[3])
-        n = m.sum().clamp_min(1.0)
-        mean = (x * m).sum(dim=(0, 2, 3)) / n
-        var = (((x - mean[None, :, None, None]) ** 2) * m).sum(dim=(0, 2, 3)) / n
+        m = mask[:, None, None, :].to(x.dtype)                            # [B, 1, 1, T]
+        n = (m.sum() * x.shape[2]).clamp_min(1.0)
+        xm = x * m
+        mean = xm.sum(dim=(0, 2, 3)) / n
+        var = ((xm * x).sum(dim=(0, 2, 3)) / n - mean * mean).clamp_min(0.0)
         with torch.no_grad():
             unbiased = var * n / (n - 1).clamp_min(1.0)
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked += 1
-        y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        # y = (x - mean) / sqrt(var + eps) * w + b, folded into one multiply-add over x
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
 
 
 class ConvBlock(nn.Module):
@@ -43,9 +46,10 @@ class ConvBlock(nn.Module):
         self.bn = MaskedBatchNorm2d(c_out)
         self.pool = pool
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.relu(self.bn(self.conv(x), mask))
-        x = x * mask[:, None, None, :].to(x.dtype)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.relu(self.bn(self.conv(x), mask if padded else None))
+        if padded:
+            x = x * mask[:, None, None, :].to(x.dtype)
         if self.pool:
             # ceil_mode: a window straddling the end of a clip sees real values and zeros, and
             # max(relu output, 0) is the real value, so padding cannot leak in
@@ -74,8 +78,9 @@ class FCNAudioStream(nn.Module):
     def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # mel [B, n_mels, T] (normalised, zero where padded), mask [B, T] bool
         x = mel.unsqueeze(1)                                     # [B, 1, n_mels, T]
+        padded = not bool(mask.all())                            # equal lengths: skip the masking work
         for block in self.blocks:
-            x, mask = block(x, mask)                             # [B, C, F', T'], [B, T']
+            x, mask = block(x, mask, padded)                             # [B, C, F', T'], [B, T']
         b, c, f, t = x.shape
         cells = x.flatten(2).transpose(1, 2)                     # [B, F'*T', C], cell index = f * T' + t
         cell_mask = mask[:, None, :].expand(b, f, t).reshape(b, f * t)

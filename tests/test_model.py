@@ -1,0 +1,217 @@
+"""The fused model's parts: the paper identities, masking, padding invariance, checkpoints."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avemo.batching import collate, trim_batch
+from avemo.checkpoint import CheckpointError, save_checkpoint
+from avemo.features import ClipFeatures
+from avemo.model import (FUSIONS, MODEL_KIND, MODEL_VERSION, VIDEO_STREAMS, CompactSoftmaxCE,
+                         FactorizedBilinearPooling, FCNAudioStream, ModelConfig, ScaledSoftmaxAttention,
+                         build_model, build_video_stream, load_model, masked_softmax, save_model)
+
+torch.set_num_threads(1)
+
+
+def lengths_mask(lengths, t):
+    return torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_fbp_equals_explicit_low_rank_bilinear_form():
+    torch.manual_seed(0)
+    m, n, k, o = 7, 5, 3, 4
+    fbp = FactorizedBilinearPooling(m, n, k=k, o=o, dropout=0.0)
+    a, v = torch.randn(6, m, dtype=torch.float64), torch.randn(6, n, dtype=torch.float64)
+    fbp = fbp.double()
+    z = fbp.bilinear(a, v)
+    U, V = fbp.U.weight.T, fbp.V.weight.T                    # U~ [m, k*o], V~ [n, k*o]
+    for i in range(o):
+        W_i = U[:, i * k:(i + 1) * k] @ V[:, i * k:(i + 1) * k].T   # [m, n], rank <= k
+        expected = torch.einsum("bm,mn,bn->b", a, W_i, v)          # z_i = a^T W_i v
+        torch.testing.assert_close(z[:, i], expected)
+    out = fbp.eval()(a, v)
+    signed_sqrt = torch.sign(z) * torch.sqrt(z.abs() + 1e-8)
+    torch.testing.assert_close(out, F.normalize(signed_sqrt, dim=-1))
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(6, dtype=torch.float64))
+
+
+def test_lambda_zero_gives_the_mean_of_valid_steps():
+    torch.manual_seed(0)
+    att = ScaledSoftmaxAttention(6, 5, lam=0.0)
+    x = torch.randn(3, 9, 6)
+    mask = lengths_mask([9, 4, 1], 9)
+    pooled, alpha = att(x, mask)
+    for b, n in enumerate([9, 4, 1]):
+        torch.testing.assert_close(pooled[b], x[b, :n].mean(0))
+        torch.testing.assert_close(alpha[b, :n], torch.full((n,), 1.0 / n))
+    # lambda = 1 is genuinely attention (not the mean) once the scorer has weights
+    peaked, _ = ScaledSoftmaxAttention(6, 5, lam=1.0)(x, mask)
+    assert not torch.allclose(peaked[0], x[0].mean(0))
+    with pytest.raises(ValueError, match="lambda"):
+        ScaledSoftmaxAttention(6, 5, lam=1.5)
+
+
+def test_masked_softmax_zero_weight_and_finite_gradient_on_empty_rows():
+    scores = torch.randn(2, 5, requires_grad=True)
+    mask = torch.tensor([[True, False, True, False, False], [False] * 5])
+    w = masked_softmax(scores, mask)
+    assert torch.equal(w[0, [1, 3, 4]], torch.zeros(3)) and torch.equal(w[1], torch.zeros(5))
+    assert w[0].sum().item() == pytest.approx(1.0)
+    (w * torch.randn(2, 5)).sum().backward()
+    assert torch.isfinite(scores.grad).all()
+
+
+def _video_cfg(stream):
+    return ModelConfig(n_classes=3, modalities="video", video_dim=6, video_stream=stream, video_hidden=8,
+                       stt_heads=2, dropout=0.0)
+
+
+@pytest.mark.parametrize("stream", VIDEO_STREAMS)
+def test_video_stream_padding_invariance_and_zero_weight_on_masked_frames(stream):
+    torch.manual_seed(0)
+    net = build_video_stream(_video_cfg(stream)).eval()
+    v = torch.randn(1, 5, 6)
+    mask = torch.tensor([[True, False, True, True, False]])
+    out, w = net(v, mask)
+    assert torch.equal(w[mask == False], torch.zeros(2))  # noqa: E712
+    assert w[mask].sum().item() == pytest.approx(1.0, abs=1e-5)
+    # pad with garbage frames: same vector, same weights on the real frames
+    v_pad = torch.cat([v, 100 * torch.randn(1, 4, 6)], dim=1)
+    m_pad = torch.cat([mask, torch.zeros(1, 4, dtype=torch.bool)], dim=1)
+    out_pad, w_pad = net(v_pad, m_pad)
+    torch.testing.assert_close(out_pad, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_pad[:, :5], w, atol=1e-6, rtol=1e-5)
+    assert torch.equal(w_pad[:, 5:], torch.zeros(1, 4))
+    # changing a masked frame changes nothing
+    v2 = v.clone()
+    v2[0, 1] = 50.0
+    torch.testing.assert_close(net(v2, mask)[0], out)
+
+
+def test_fan_relation_attention_is_optional():
+    with_rel = build_video_stream(ModelConfig(n_classes=3, modalities="video", video_dim=6, video_stream="fan",
+                                              video_hidden=8))
+    without = build_video_stream(ModelConfig(n_classes=3, modalities="video", video_dim=6, video_stream="fan",
+                                             video_hidden=8, fan_relation=False))
+    assert with_rel.out_dim == 16 and without.out_dim == 8
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_audio_fcn_padding_invariance_in_eval_and_training(training):
+    torch.manual_seed(0)
+    fcn = FCNAudioStream(n_mels=16, channels=(4, 8, 8), attention_hidden=8).train(training)
+    mel = torch.randn(1, 16, 37)
+    ref, ref_w = fcn(mel, torch.ones(1, 37, dtype=torch.bool))
+    padded = torch.cat([mel, torch.zeros(1, 16, 20)], dim=2)
+    out, w = fcn(padded, lengths_mask([37], 57))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w[..., : ref_w.shape[-1]], ref_w, atol=1e-6, rtol=1e-4)
+    assert torch.equal(w[..., ref_w.shape[-1]:], torch.zeros_like(w[..., ref_w.shape[-1]:]))
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def _clip(i, t_a, t_v, video=True, audio=True):
+    g = torch.Generator().manual_seed(i)
+    arrays = {}
+    if audio:
+        arrays["mel"] = torch.randn(16, t_a, generator=g).numpy()
+    if video:
+        arrays["video_features"] = torch.randn(t_v, 6, generator=g).numpy()
+        mask = torch.ones(t_v, dtype=torch.bool)
+        mask[0] = False
+        arrays["face_mask"] = mask.numpy()
+    return ClipFeatures(clip=f"c{i}", settings={}, arrays=arrays)
+
+
+@pytest.mark.parametrize("stream", VIDEO_STREAMS)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_whole_model_batch_equals_clips_one_by_one(stream, fusion):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=4, n_mels=16, video_dim=6, audio_channels=(4, 8), video_stream=stream,
+                      fusion=fusion, video_hidden=8, stt_heads=2, fbp_o=16, modality_dropout=0.5)
+    model = build_model(cfg).eval()
+    clips = [_clip(0, 30, 5), _clip(1, 13, 9), _clip(2, 22, 3, video=False), _clip(3, 1, 4, audio=False)]
+    batch = collate(clips, 16, 6)
+    assert batch["mel"].shape == (4, 16, 30) and batch["video"].shape == (4, 9, 6)
+    out = model(batch)
+    for i, c in enumerate(clips):
+        single = model(collate([c], 16, 6))
+        torch.testing.assert_close(out["logits"][i:i + 1], single["logits"], atol=1e-5, rtol=1e-4)
+    # missing modality -> the learned stand-in, still a finite prediction
+    assert torch.isfinite(out["logits"]).all()
+    assert torch.equal(out["video_attention"][2], torch.zeros(9))
+    assert out["audio_attention"].shape[0] == 4
+
+
+def test_missing_modality_uses_standin_and_modality_dropout_only_in_training():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=3, n_mels=16, video_dim=6, audio_channels=(4,), fbp_o=8, modality_dropout=0.9,
+                      dropout=0.0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.video_standin.fill_(3.0)
+    batch = collate([_clip(0, 20, 5)] * 8, 16, 6)
+    model.eval()
+    a = model(batch)["logits"]
+    assert torch.allclose(a, a[0].expand_as(a))       # eval: deterministic, nothing dropped
+    model.train()
+    b = model(batch)["logits"]
+    assert not torch.allclose(b, b[0].expand_as(b))   # training: some clips lost a modality
+    b.sum().backward()
+    assert model.video_standin.grad is not None and model.video_standin.grad.abs().sum() > 0
+
+
+def test_compact_softmax_ce_adds_nothing_for_uniform_non_targets_and_penalises_peaks():
+    target = torch.tensor([0, 1])
+    uniform = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    loss = CompactSoftmaxCE(beta=1.0)
+    torch.testing.assert_close(loss(uniform, target), F.cross_entropy(uniform, target))
+    peaked = torch.tensor([[3.0, 2.0, 0.0, 0.0], [0.0, 2.0, 0.0, -3.0]])
+    assert loss(peaked, target) > F.cross_entropy(peaked, target) + 0.05
+
+
+def test_model_checkpoint_rebuilds_from_the_file_alone(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=3, n_mels=16, video_dim=6, audio_channels=(4, 8), video_stream="stt",
+                      video_hidden=8, stt_heads=2, fbp_o=8)
+    model = build_model(cfg)
+    model.set_normalisation({"mel_mean": torch.arange(16.0), "mel_std": torch.full((16,), 2.0)})
+    batch = collate([_clip(0, 20, 5), _clip(1, 9, 3)], 16, 6)
+    model.eval()
+    ref = model(batch)["logits"]
+    path = tmp_path / "m.pt"
+    save_model(path, model, ["a", "b", "c"], {"n_mels": 16}, {"val_uar": 0.5})
+    loaded, ckpt = load_model(path)
+    torch.testing.assert_close(loaded(batch)["logits"], ref)
+    assert loaded.cfg == cfg and ckpt["classes"] == ["a", "b", "c"] and ckpt["metrics"]["val_uar"] == 0.5
+    assert ckpt["normalisation"]["mel_mean"][3] == 3.0 and not loaded.training
+    with pytest.raises(ValueError, match="class names"):
+        save_model(tmp_path / "x.pt", model, ["a", "b"], {})
+    bad = dict(ckpt)
+    bad["config"] = dict(ckpt["config"], video_stream="lstm")
+    save_checkpoint(tmp_path / "bad.pt", bad, MODEL_KIND, MODEL_VERSION)
+    with pytest.raises(CheckpointError, match="unknown video stream 'lstm'"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_config_and_batching_errors_are_specific():
+    with pytest.raises(ValueError, match="unknown fusion"):
+        ModelConfig(n_classes=3, fusion="sum", video_dim=4)
+    with pytest.raises(ValueError, match="video_dim"):
+        ModelConfig(n_classes=3, modalities="av")
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        ModelConfig(n_classes=1, modalities="audio")
+    with pytest.raises(ValueError, match=r"mel has shape \(16, 20\), expected \[64, T\]"):
+        collate([_clip(0, 20, 5)], 64, 6)
+    with pytest.raises(ValueError, match="zero clips"):
+        collate([], 16, 6)
+    with pytest.raises(ValueError, match="at most 4 frames"):
+        build_video_stream(ModelConfig(n_classes=3, modalities="video", video_dim=6, video_stream="stt",
+                                       video_hidden=8, stt_heads=2, stt_max_frames=4))(
+            torch.randn(1, 5, 6), torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_trim_batch_cuts_shared_padding_only():
+    batch = collate([_clip(0, 30, 5), _clip(1, 13, 9)], 16, 6)
+    sub = trim_batch({k: v[1:] for k, v in batch.items()})
+    assert sub["mel"].shape[-1] == 13 and sub["video"].shape[1] == 9

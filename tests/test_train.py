@@ -1,0 +1,261 @@
+"""avemo-train on tiny generated caches: learning, splits, resume, reports and clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _synthetic_cache import make_cache
+from avemo.features import ExtractionSettings
+from avemo.model import load_model
+from train import loop
+from train.augment import AugmentConfig
+from train.cli import SplitOptions, cli, run_training
+from train.data import CacheError, load_training_data
+from train.loop import TrainConfig, TrainError
+from train.metrics import classification_metrics
+from train.splits import SplitError, auto_split, column_split, explicit_split, kfold_splits
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = SplitOptions(val_speakers="s3", test_speakers="s4")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("cache"), audio_only_every=7)
+
+
+def quick(**kw):
+    base = dict(epochs=10, batch_size=4, lr=2e-2, patience=0, progress=False, augment=AugmentConfig(2, 5, 1, 0.1))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+SMALL = dict(audio_channels=(8, 16), video_hidden=16, fbp_o=32, stt_heads=2, dropout=0.1)
+
+
+@pytest.mark.parametrize("model,cfg", [
+    (dict(modalities="av", video_stream="attention", fusion="fbp"), {}),
+    (dict(modalities="av", video_stream="fan", fusion="concat"), {}),
+    (dict(modalities="av", video_stream="stt", fusion="fbp"), dict(loss="compact")),
+    (dict(modalities="audio"), dict(label_smoothing=0.1)),
+    (dict(modalities="video", video_stream="attention"), {}),
+    (dict(modalities="video", video_stream="fan", fan_relation=False), dict(loss="compact")),
+    (dict(modalities="video", video_stream="stt"), {}),
+    (dict(modalities="av", video_stream="attention", fusion="concat", audio_lambda=0.0), dict(balance=True)),
+], ids=["av-attention-fbp", "av-fan-concat", "av-stt-fbp-compact", "audio-ls", "video-attention",
+        "video-fan-noreal-compact", "video-stt", "av-mean-concat-balanced"])
+def test_every_stream_fusion_and_loss_learns_well_above_chance(cache, tmp_path, model, cfg):
+    report = run_training(cache, tmp_path / "run", dict(SMALL, **model), quick(**cfg), SPLIT)
+    assert report["evaluated_on"] == "test" and report["speakers"] == ["s4"] and report["n"] == 12
+    assert report["uar"] >= 0.7, report  # chance is 1/3
+
+
+def test_run_folder_holds_checkpoints_metrics_and_report(cache, tmp_path):
+    out = tmp_path / "run"
+    rc = cli([str(cache), "--out", str(out), "--val-speakers", "s3", "--test-speakers", "s4", "--epochs", "3",
+              "--audio-channels", "8,16", "--video-hidden", "16", "--fbp-o", "32", "--quiet"])
+    assert rc == 0
+    assert {"best.pt", "last.pt", "metrics.csv", "split.json", "report.json", "confusion.csv", "confusion.png",
+            "train.log"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.tmp"))
+    hist = pd.read_csv(out / "metrics.csv")
+    assert list(hist["epoch"]) == [1, 2, 3] and {"train_loss", "val_uar", "val_war", "clips_per_s"} <= set(hist)
+    report = json.loads((out / "report.json").read_text())
+    assert {"accuracy", "uar", "macro_f1", "per_class_recall", "confusion"} <= set(report)
+    assert report["classes"] == ["ang", "hap", "sad"]
+    cm = pd.read_csv(out / "confusion.csv", index_col=0)
+    assert cm.values.sum() == report["n"] and list(cm.columns) == report["classes"]
+    split = json.loads((out / "split.json").read_text())
+    assert split["speakers"] == {"train": ["s1", "s2"], "val": ["s3"], "test": ["s4"]}
+    model, ckpt = load_model(out / "best.pt")
+    assert ckpt["classes"] == ["ang", "hap", "sad"] and model.cfg.modalities == "av"
+    assert ExtractionSettings.from_dict(ckpt["extraction_settings"]).n_mels == 16
+    assert "test_uar" in ckpt["metrics"] and len(ckpt["normalisation"]["mel_mean"]) == 16
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_continues_exactly(cache, tmp_path, monkeypatch):
+    cfg = quick(epochs=5)
+    run_training(cache, tmp_path / "straight", dict(SMALL), cfg, SPLIT)
+
+    real_reseed = loop._reseed
+
+    def crash_at_epoch_3(seed, epoch, rank):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        real_reseed(seed, epoch, rank)
+
+    monkeypatch.setattr(loop, "_reseed", crash_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT)
+    assert len(pd.read_csv(tmp_path / "resumed" / "metrics.csv")) == 3
+    with pytest.raises(TrainError, match="--resume"):
+        run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT)
+    monkeypatch.setattr(loop, "_reseed", real_reseed)
+    run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT, resume=True)
+
+    for name in ("last.pt", "best.pt"):
+        a, b = _weights(tmp_path / "straight" / name), _weights(tmp_path / "resumed" / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{name}:{k}")
+    cols = ["epoch", "train_loss", "val_uar", "val_war"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "straight" / "metrics.csv")[cols],
+                                  pd.read_csv(tmp_path / "resumed" / "metrics.csv")[cols])
+    # a finished run resumed again does no work and keeps its report
+    before = (tmp_path / "resumed" / "report.json").read_text()
+    run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT, resume=True)
+    assert (tmp_path / "resumed" / "report.json").read_text() == before
+
+
+def test_features_held_on_device_or_collated_per_batch_train_identically(cache, tmp_path):
+    for mode in ("yes", "no"):
+        run_training(cache, tmp_path / mode, dict(SMALL), quick(epochs=2, features_on_device=mode), SPLIT)
+    a, b = _weights(tmp_path / "yes" / "last.pt"), _weights(tmp_path / "no" / "last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_seed_makes_cpu_runs_repeatable(cache, tmp_path):
+    r = [run_training(cache, tmp_path / str(i), dict(SMALL), quick(epochs=2, seed=3), SPLIT) for i in range(2)]
+    assert r[0]["confusion"] == r[1]["confusion"]
+    a, b = _weights(tmp_path / "0" / "last.pt"), _weights(tmp_path / "1" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_cache_with_other_extraction_settings(cache, tmp_path):
+    out = tmp_path / "run"
+    run_training(cache, out, dict(SMALL), quick(epochs=1), SPLIT)
+    other = make_cache(tmp_path / "other", settings=ExtractionSettings(n_mels=16, feature_dim=8, hop_length=320))
+    with pytest.raises(TrainError, match="different settings.*hop_length"):
+        run_training(other, out, dict(SMALL), quick(epochs=2), SPLIT, resume=True)
+
+
+def test_folds_run_every_fold_then_mean_and_std(cache, tmp_path):
+    summary = run_training(cache, tmp_path / "cv", dict(SMALL, modalities="audio"), quick(epochs=2),
+                           SplitOptions(folds=4, fold_val="none"))
+    assert [f["speakers"] for f in summary["folds"]] == [["s1"], ["s2"], ["s3"], ["s4"]]
+    uars = [f["uar"] for f in summary["folds"]]
+    assert summary["uar_mean"] == pytest.approx(np.mean(uars)) and summary["uar_std"] == pytest.approx(np.std(uars))
+    assert json.loads((tmp_path / "cv" / "folds.json").read_text())["uar_mean"] == summary["uar_mean"]
+    one = run_training(cache, tmp_path / "one", dict(SMALL, modalities="audio"), quick(epochs=1),
+                       SplitOptions(folds=4, fold=2))
+    assert one["speakers"] == ["s2"] and (tmp_path / "one" / "fold2" / "best.pt").is_file()
+
+
+def test_no_split_trains_on_everything_and_says_the_report_is_not_held_out(cache, tmp_path):
+    report = run_training(cache, tmp_path / "run", dict(SMALL), quick(epochs=1), SplitOptions(no_split=True))
+    assert report["evaluated_on"] == "train" and not report["held_out"] and "not an accuracy" in report["note"]
+    assert report["n"] == 48
+
+
+def test_splits_never_share_a_speaker():
+    speakers = [f"s{i % 7}" for i in range(70)]
+    candidates = [auto_split(speakers, seed) for seed in range(5)] + kfold_splits(speakers, 7)
+    candidates += kfold_splits(speakers, 3, val="none") + [explicit_split(speakers, "s1,s2", "s3")]
+    for s in candidates:
+        parts = [{speakers[i] for i in getattr(s, p)} for p in ("train", "val", "test")]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert sorted(s.train + s.val + s.test) == list(range(70)) and s.train
+    assert auto_split(speakers, 0).test and auto_split(speakers, 0).val
+    with pytest.raises(SplitError, match="'s1' in both 'train' and 'test'"):
+        column_split(["s1", "s1", "s2"], ["train", "test", "val"])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda sp: explicit_split(sp, None, "nobody"), "nobody"),
+    (lambda sp: explicit_split(sp, "a", "a"), "both the validation and the test"),
+    (lambda sp: explicit_split(sp, "a,b", "c"), "training part has no speaker"),
+    (lambda sp: kfold_splits(sp, 5), "only 3 speakers"),
+    (lambda sp: auto_split(["a", "a"]), "only one speaker"),
+    (lambda sp: auto_split(["a", None]), "no speaker"),
+])
+def test_split_errors_are_specific(call, match):
+    with pytest.raises(SplitError, match=match):
+        call(["a", "b", "c"])
+
+
+def _manifest(root):
+    return pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+def test_cache_errors_are_specific(tmp_path):
+    with pytest.raises(CacheError, match="no manifest.csv"):
+        load_training_data(tmp_path)
+    empty = make_cache(tmp_path / "empty", per_class=1)
+    m = _manifest(empty)
+    m["status"] = "failed"
+    m.to_csv(empty / "manifest.csv", index=False)
+    with pytest.raises(CacheError, match="cache is empty"):
+        load_training_data(empty)
+    one = make_cache(tmp_path / "one", classes=("hap",), per_class=2)
+    with pytest.raises(CacheError, match="only one class"):
+        load_training_data(one)
+    unlabelled = make_cache(tmp_path / "unlabelled", per_class=1, with_labels=False)
+    with pytest.raises(CacheError, match="no labels"):
+        load_training_data(unlabelled)
+    missing = make_cache(tmp_path / "missing", per_class=1)
+    (missing / _manifest(missing)["feature_file"][0]).unlink()
+    with pytest.raises(CacheError, match="is missing"):
+        load_training_data(missing)
+
+
+def test_labels_csv_overrides_labels_and_carries_a_split_column(cache, tmp_path):
+    m = _manifest(cache)
+    table = pd.DataFrame({"clip": m["clip"], "label": m["label"], "speaker": m["speaker"],
+                          "split": m["speaker"].map({"s1": "train", "s2": "train", "s3": "val", "s4": "test"})})
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    data = load_training_data(cache, tmp_path / "labels.csv")
+    assert data.split_column is not None and len(data) == 48
+    report = run_training(cache, tmp_path / "run", dict(SMALL), quick(epochs=1), labels=tmp_path / "labels.csv")
+    assert report["speakers"] == ["s4"]
+    table.loc[0, "split"] = "test"  # s1 now in train and test
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(SplitError, match="'s1' in both"):
+        run_training(cache, tmp_path / "bad", dict(SMALL), quick(epochs=1), labels=tmp_path / "bad.csv")
+
+
+def test_cli_reports_errors_in_words_with_exit_code_2(tmp_path, capsys):
+    one = make_cache(tmp_path / "one", classes=("hap",), per_class=2)
+    assert cli([str(one), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "only one class" in capsys.readouterr().err
+    audio_only = make_cache(tmp_path / "ao", video=False, per_class=2)
+    assert cli([str(audio_only), "--out", str(tmp_path / "r2"), "--modalities", "video", "--quiet"]) == 2
+    assert "no training clip has a face" in capsys.readouterr().err
+
+
+def test_metrics_war_uar_f1():
+    m = classification_metrics(np.array([0, 0, 0, 0, 1, 2]), np.array([0, 0, 0, 1, 1, 0]), ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["uar"] == pytest.approx((0.75 + 1.0 + 0.0) / 3)
+    assert m["per_class_recall"] == {"a": 0.75, "b": 1.0, "c": 0.0}
+    f1_a, f1_b = 2 * 0.75 * 0.75 / 1.5, 2 * 0.5 * 1.0 / 1.5
+    assert m["macro_f1"] == pytest.approx((f1_a + f1_b + 0.0) / 3)
+    assert m["confusion"] == [[3, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_write_the_same_files_as_one(cache, tmp_path):
+    args = [str(cache), "--val-speakers", "s3", "--test-speakers", "s4", "--epochs", "2", "--batch-size", "8",
+            "--audio-channels", "8,16", "--video-hidden", "16", "--fbp-o", "32", "--quiet", "--threads", "1"]
+    single = subprocess.run([sys.executable, "-m", "train.cli", *args, "--out", str(tmp_path / "one")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "train.cli", *args, "--out", str(tmp_path / "two")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = (sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("one", "two"))
+    assert one == two
+    assert "x2" in (tmp_path / "two" / "train.log").read_text()
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert set(r1) == set(r2) and r1["n"] == r2["n"] == 12
+    assert len(pd.read_csv(tmp_path / "two" / "metrics.csv")) == 2
