@@ -36,8 +36,14 @@ def _efficientface(num_classes: int, **cfg) -> nn.Module:
     return EfficientFace(num_classes, **cfg)
 
 
+def _transfer(num_classes: int, **cfg) -> nn.Module:
+    from avemo.encoders.transfer import TransFER
+    return TransFER(num_classes, **cfg)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "efficientface": _efficientface,
+    "transfer": _transfer,
 }
 
 
