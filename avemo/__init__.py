@@ -5,3 +5,11 @@ Three stages, three commands: ``avemo-extract`` (clips -> cached features),
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ``avemo.predict`` / ``avemo.load_model`` without making ``import avemo`` load torch and the extractor
+    if name in ("predict", "load_model", "predict_timeline", "Prediction"):
+        import importlib
+        return getattr(importlib.import_module("avemo.prediction"), name)
+    raise AttributeError(f"module 'avemo' has no attribute {name!r}")

@@ -1,0 +1,196 @@
+"""One clip -> emotion, class probabilities, and the attention that explains them.
+
+``load_model(path)`` reads a trained checkpoint once (the fused model plus the extraction
+settings it was trained on) and ``predict(path, model)`` runs the very same
+``ClipExtractor`` that built the training cache, with those settings, then the model.
+``predict_timeline`` slides a window over a long recording, decoding one window at a
+time, so memory stays bounded however long the file is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from avemo.batching import collate, to_device
+from avemo.checkpoint import CheckpointError
+from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, default_device
+from avemo.features import ClipFeatures, ExtractionSettings
+from avemo.model import load_model as load_network
+from avemo.video import MediaError, media_duration, open_media, scan_duration
+
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
+
+
+@dataclass
+class Prediction:
+    """What the model says about one clip (or one window of it)."""
+
+    clip: str
+    emotion: str | None                       # None when nothing usable was found (see warnings)
+    probabilities: dict[str, float]
+    modalities: list[str]                     # the modalities the decision used
+    face_coverage: float | None               # share of sampled frames with a face (None: no video)
+    warnings: list[str] = field(default_factory=list)
+    start: float | None = None                # window bounds, seconds (timeline predictions only)
+    end: float | None = None
+    # explanation: "video" [T_v] weight per sampled frame, "audio" [F', T'] weight per FCN cell
+    attention: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    features: ClipFeatures | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (attention as per-frame weights with their times)."""
+        d: dict[str, Any] = {
+            "clip": self.clip, "emotion": self.emotion,
+            "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
+            "modalities": self.modalities,
+            "face_coverage": None if self.face_coverage is None else round(self.face_coverage, 4),
+            "warnings": self.warnings,
+        }
+        if self.start is not None:
+            d["start"], d["end"] = round(self.start, 3), round(self.end, 3)
+        if "video" in self.attention and self.features is not None:
+            times = self.features.arrays["frame_times"]
+            d["frame_attention"] = [[round(float(t), 3), round(float(w), 4)]
+                                    for t, w in zip(times, self.attention["video"])]
+        return d
+
+
+class EmotionRecognizer:
+    """A trained model, loaded once, with the extractor configured as in training."""
+
+    def __init__(self, path: str | os.PathLike, device: str | None = None, face_encoder: str | None = None):
+        self.path = Path(path)
+        self.device = torch.device(device or default_device())
+        self.network, ckpt = load_network(self.path, map_location="cpu")
+        self.network.to(self.device)
+        self.cfg = self.network.cfg
+        self.classes: list[str] = list(ckpt["classes"])
+        self.metrics: dict[str, Any] = ckpt.get("metrics", {})
+        try:
+            settings = ExtractionSettings.from_dict(ckpt["extraction_settings"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: its extraction settings cannot be read: {e}") from None
+        if face_encoder is not None:
+            # same encoder (the hash is checked on load), another place on this machine
+            settings = dataclasses.replace(settings, encoder=face_encoder)
+        # crops are kept so that an explanation can show the faces; the cache identity is unchanged
+        self.settings = dataclasses.replace(settings, keep_crops=True)
+        self._extractor: ClipExtractor | None = None
+
+    @property
+    def extractor(self) -> ClipExtractor:
+        """Face detector and encoder, loaded on first use (an audio-only model never needs faces)."""
+        if self._extractor is None:
+            try:
+                self._extractor = ClipExtractor(self.settings, str(self.device))
+            except (ValueError, FileNotFoundError, CheckpointError) as e:
+                raise CheckpointError(
+                    f"{self.path}: cannot set up the extraction this model was trained with: {e} "
+                    "(pass --face-encoder PATH if the encoder file lives elsewhere)") from None
+        return self._extractor
+
+    def predict(self, path: str | os.PathLike, clip_id: str | None = None,
+                start: float | None = None, end: float | None = None) -> Prediction:
+        """Extract ``path`` (or its [start, end) seconds) and classify it. Raises ``ClipError``."""
+        feats = self.extractor.extract(path, clip_id=clip_id or str(path), start=start, end=end)
+        pred = self.predict_features(feats)
+        pred.start, pred.end = start, end
+        return pred
+
+    @torch.inference_mode()
+    def predict_features(self, feats: ClipFeatures) -> Prediction:
+        """Classify already-extracted features (from a cache or from ``extract``)."""
+        uses = {"audio": self.cfg.uses_audio, "video": self.cfg.uses_video}
+        present = {"audio": feats.has_audio, "video": feats.has_video}
+        used = [m for m in ("audio", "video") if uses[m] and present[m]]
+        warnings = list(feats.warnings)
+        if not used:
+            needs = " and ".join(m for m in ("audio", "video") if uses[m])
+            raise ClipError(f"this model needs {needs}, and the clip has none usable"
+                            + (f" ({'; '.join(warnings)})" if warnings else ""))
+        for m in ("audio", "video"):
+            if uses[m] and not present[m]:
+                warnings.append(f"model: no usable {m}; decided from {' and '.join(used)} alone")
+        batch = collate([feats], self.cfg.n_mels, self.cfg.video_dim if self.cfg.uses_video else 0)
+        out = self.network(to_device(batch, self.device))
+        probs = torch.softmax(out["logits"].float(), dim=-1)[0].cpu().numpy()
+        attention = {}
+        if "video" in used:
+            attention["video"] = out["video_attention"][0].float().cpu().numpy()
+        if "audio" in used:
+            attention["audio"] = out["audio_attention"][0].float().cpu().numpy()
+        return Prediction(
+            clip=feats.clip, emotion=self.classes[int(np.argmax(probs))],
+            probabilities={c: float(p) for c, p in zip(self.classes, probs)}, modalities=used,
+            face_coverage=feats.face_coverage if feats.frames_sampled else None,
+            warnings=warnings, attention=attention, features=feats)
+
+    def predict_timeline(self, path: str | os.PathLike, window: float, hop: float | None = None,
+                         clip_id: str | None = None) -> Iterator[Prediction]:
+        """One prediction per window of ``window`` seconds every ``hop`` seconds, decoded lazily."""
+        hop = hop or window
+        if not window > 0 or not hop > 0:
+            raise ValueError(f"window and hop must be positive seconds (got {window}, {hop})")
+        clip_id = clip_id or str(path)
+        duration = clip_duration(path)
+        start = 0.0
+        while start < duration - 1e-6:
+            end = min(start + window, duration)
+            try:
+                yield self.predict(path, clip_id, start, end)
+            except ClipError as e:
+                # a window with nothing usable (a pause, the speaker off screen) is part of the timeline
+                yield Prediction(clip=clip_id, emotion=None, probabilities={}, modalities=[],
+                                 face_coverage=None, warnings=[str(e)], start=start, end=end)
+            start += hop
+
+
+def clip_duration(path: str | os.PathLike) -> float:
+    """Duration of a media file in seconds; ``ClipError`` if it cannot be told."""
+    try:
+        with open_media(path) as c:
+            d = media_duration(c)
+    except MediaError as e:
+        raise ClipError(str(e)) from None
+    d = d or scan_duration(path, "video") or scan_duration(path, "audio")
+    if not d:
+        raise ClipError("the file gives no duration and has no timestamps")
+    return float(d)
+
+
+def load_model(path: str | os.PathLike, device: str | None = None,
+               face_encoder: str | None = None) -> EmotionRecognizer:
+    """Load a trained checkpoint for repeated predictions (refuses files that would run code)."""
+    return EmotionRecognizer(path, device, face_encoder)
+
+
+def predict(path: str | os.PathLike, model: EmotionRecognizer | str | os.PathLike) -> Prediction:
+    """The emotion in one clip. ``model`` is a loaded model or a checkpoint path."""
+    if not isinstance(model, EmotionRecognizer):
+        model = load_model(model)
+    return model.predict(path)
+
+
+def predict_timeline(path: str | os.PathLike, model: EmotionRecognizer | str | os.PathLike,
+                     window: float, hop: float | None = None) -> list[Prediction]:
+    """Predictions over a long recording, window by window."""
+    if not isinstance(model, EmotionRecognizer):
+        model = load_model(model)
+    return list(model.predict_timeline(path, window, hop))
+
+
+def media_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand folders (recursively, sorted) into media files; files are kept as given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MEDIA_EXTENSIONS))
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,207 @@
+"""avemo-predict and avemo.predict: one clip -> emotion, probabilities, attention, warnings."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mediagen
+from avemo.checkpoint import CheckpointError, save_checkpoint
+from avemo.extraction import ClipError, ClipExtractor
+from avemo.features import ExtractionSettings
+from avemo.model import MODEL_KIND, ModelConfig, build_model, save_model
+from avemo.prediction import Prediction, load_model, predict, predict_timeline
+from avemo.predict_cli import main
+
+SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "cremad"
+FLV = SAMPLES / "1001_DFA_HAP_XX.flv"
+MP3 = SAMPLES / "1002_DFA_SAD_XX.mp3"
+CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad"]
+
+
+def _checkpoint(path, settings: ExtractionSettings, modalities="av") -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=len(CLASSES), modalities=modalities, n_mels=settings.n_mels,
+                      video_dim=settings.feature_dim if modalities != "audio" else 0,
+                      audio_channels=(8, 16), video_hidden=32, fbp_o=32)
+    model = build_model(cfg)
+    # attention parameters away from zero, so weights differ between frames and cells
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_model(path, model, CLASSES, settings.to_dict())
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    enc = mediagen.random_encoder(root / "enc.pt")
+    settings = ClipExtractor(ExtractionSettings(frames=6, encoder=str(enc)), "cpu").settings
+    return {"root": root, "settings": settings,
+            "av": _checkpoint(root / "av.pt", settings), "audio": _checkpoint(root / "audio.pt", settings, "audio")}
+
+
+@pytest.fixture(scope="module")
+def av_model(work):
+    return load_model(work["av"], "cpu")
+
+
+@pytest.fixture(scope="module")
+def media(work):
+    root = work["root"]
+    face = [mediagen.astronaut(224)] * 12
+    noise = [np.random.default_rng(i).integers(0, 255, (224, 224, 3), dtype=np.uint8) for i in range(12)]
+    speech = mediagen.tone(1.2, 16000, freq=180.0)
+    return {
+        "silent_video": mediagen.write_video(root / "silent.mp4", face, fps=10),
+        "no_face": mediagen.write_video(root / "noface.mkv", noise, fps=10, audio=speech, audio_codec="pcm_s16le"),
+        "garbage": _write(root / "garbage.mp4", b"this is not a video at all\n" * 50),
+    }
+
+
+def _write(path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_video_with_sound_uses_both_and_attention_is_a_distribution(av_model):
+    pred = av_model.predict(FLV)
+    assert isinstance(pred, Prediction)
+    assert pred.emotion in CLASSES and set(pred.probabilities) == set(CLASSES)
+    assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert pred.emotion == max(pred.probabilities, key=pred.probabilities.get)
+    assert pred.modalities == ["audio", "video"] and pred.face_coverage > 0.5
+    v, a = pred.attention["video"], pred.attention["audio"]
+    assert v.shape == (pred.features.frames_sampled,) and v.sum() == pytest.approx(1.0, abs=1e-4)
+    assert a.ndim == 2 and a.sum() == pytest.approx(1.0, abs=1e-4)
+    assert np.ptp(v) > 0   # not all frames weigh the same
+
+
+def test_prediction_reuses_the_extraction_path_exactly(work, av_model):
+    # the same ClipExtractor with the checkpoint's settings: identical numbers to a direct call
+    feats = ClipExtractor(work["settings"], "cpu").extract(FLV, clip_id=str(FLV))
+    direct = av_model.predict_features(feats)
+    via_predict = predict(FLV, av_model)
+    for c in CLASSES:
+        assert via_predict.probabilities[c] == pytest.approx(direct.probabilities[c], abs=1e-6)
+
+
+def test_audio_file_is_audio_only_with_a_warning(av_model):
+    pred = av_model.predict(MP3)
+    assert pred.modalities == ["audio"] and pred.emotion in CLASSES and pred.face_coverage is None
+    assert any("no usable video" in w for w in pred.warnings)
+
+
+def test_silent_video_uses_the_face_alone(av_model, media):
+    pred = av_model.predict(media["silent_video"])
+    assert pred.modalities == ["video"]
+    assert any(w.startswith("audio:") for w in pred.warnings)
+    assert any("no usable audio" in w for w in pred.warnings)
+
+
+def test_video_without_a_face_uses_the_audio(av_model, media):
+    pred = av_model.predict(media["no_face"])
+    assert pred.modalities == ["audio"] and pred.face_coverage == 0.0
+    assert any("no face found" in w for w in pred.warnings)
+
+
+def test_audio_model_on_silent_video_is_a_clear_error(work, media):
+    model = load_model(work["audio"], "cpu")
+    with pytest.raises(ClipError, match="needs audio"):
+        model.predict(media["silent_video"])
+
+
+def test_undecodable_clip_is_a_clear_error(av_model, media):
+    with pytest.raises(ClipError):
+        av_model.predict(media["garbage"])
+
+
+def test_timeline_windows_cover_the_file(av_model):
+    preds = predict_timeline(FLV, av_model, window=1.0, hop=0.5)
+    assert len(preds) == 4
+    assert [p.start for p in preds] == [0.0, 0.5, 1.0, 1.5]
+    assert all(p.end <= 2.5 and p.end > p.start for p in preds)
+    assert all(p.emotion in CLASSES for p in preds)
+    # windows see different parts of the clip, so they do not all say exactly the same
+    assert len({round(p.probabilities["happy"], 6) for p in preds}) > 1
+
+
+def test_explain_pictures_are_written(av_model, tmp_path):
+    from avemo.explain import plot_prediction, plot_timeline
+    plot_prediction(av_model.predict(FLV), tmp_path / "one.png")
+    plot_prediction(av_model.predict(MP3), tmp_path / "audio.png")
+    plot_timeline(list(av_model.predict_timeline(FLV, 1.0)), tmp_path / "tl.png")
+    for name in ("one.png", "audio.png", "tl.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cli_json_lines_for_a_folder(work, capsys, tmp_path):
+    folder = tmp_path / "clips with space" / "sub"
+    folder.mkdir(parents=True)
+    for src in (FLV, MP3):
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "notes.txt").write_text("not media: skipped when expanding a folder")
+    rc = main([str(folder.parent), "--model", str(work["av"]), "--json", "--device", "cpu",
+               "--explain", str(tmp_path / "x.png")])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert {"clip", "emotion", "probabilities", "modalities", "face_coverage", "warnings"} <= set(r)
+    assert {tuple(r["modalities"]) for r in rows} == {("audio", "video"), ("audio",)}
+    assert len(list(tmp_path.glob("x.*.png"))) == 2
+
+
+def test_cli_human_output_and_window(work, capsys):
+    assert main([str(FLV), "--model", str(work["av"]), "--window", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[") == 2 and "happy" in out
+
+
+def test_cli_bad_clip_exits_nonzero_and_goes_on(work, media, capsys):
+    rc = main([str(media["garbage"]), str(MP3), "--model", str(work["av"]), "--json", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert rows[0]["emotion"] is None and rows[0]["error"]
+    assert rows[1]["emotion"] in CLASSES
+    assert "garbage.mp4" in captured.err
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo owned",))
+
+
+def test_bad_checkpoints_are_refused_with_reasons(work, tmp_path, capsys):
+    corrupt = _write(tmp_path / "corrupt.pt", Path(work["av"]).read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(corrupt)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": MODEL_KIND, "format_version": 1, "x": _RunsCode()}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(evil)
+    future = tmp_path / "future.pt"
+    save_checkpoint(future, {"model": {}}, MODEL_KIND, 99)
+    with pytest.raises(CheckpointError, match="version 99 is not supported"):
+        load_model(future)
+    encoder_file = tmp_path / "enc_as_model.pt"
+    encoder_file.write_bytes(Path(work["settings"].encoder).read_bytes())
+    with pytest.raises(CheckpointError, match="expected 'avemo-model'"):
+        load_model(encoder_file)
+    assert main([str(FLV), "--model", str(evil)]) == 2
+    assert "refused" in capsys.readouterr().err
+
+
+def test_checkpoint_whose_encoder_is_missing_says_what_to_do(work, tmp_path):
+    settings = work["settings"]
+    moved = _checkpoint(tmp_path / "m.pt", settings.__class__(**{**settings.to_dict(), "encoder": str(tmp_path / "gone.pt")}))
+    model = load_model(moved, "cpu")
+    with pytest.raises(CheckpointError, match="--face-encoder"):
+        model.predict(FLV)
+    # pointing at the file (same hash) fixes it
+    assert load_model(moved, "cpu", face_encoder=settings.encoder).predict(FLV).emotion in CLASSES
