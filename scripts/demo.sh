@@ -5,4 +5,5 @@ out=${1:-demo-out}
 cd "$(dirname "$0")/.."
 bin=.venv/bin
 mkdir -p "$out"
-echo "demo: no stage is wired in yet"
+# stage one: the 12 bundled clips -> $out/cache (features/*.npz + manifest.csv); resumes if re-run
+$bin/avemo-extract examples/cremad --out "$out/cache" --label-from cremad

@@ -241,3 +241,28 @@ def test_similarity_transform_recovers_a_known_one():
     r = scale * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
     m = similarity_transform(src, src @ r.T + shift)
     np.testing.assert_allclose(m, np.hstack([r, shift[:, None]]), atol=1e-9)
+
+
+def test_sparse_sampling_of_a_long_file_seeks_to_the_right_frames(tmp_path):
+    from avemo.video import VideoFrames, iter_frames_at, media_duration, open_media, video_stream
+    from mediagen import write_video
+    # frame i is a flat grey of level i, so a pixel tells which frame came back
+    write_video(tmp_path / "long.mp4", [np.full((64, 64, 3), i, np.uint8) for i in range(250)], fps=5)
+    with open_media(tmp_path / "long.mp4") as c:
+        s = video_stream(c)
+        times = sample_times(0.0, media_duration(c, s), fps=0.04)     # 25 s apart: crossed by seeking
+        got = list(iter_frames_at(c, s, times, 640, VideoFrames()))
+    np.testing.assert_allclose([t for t, _ in got], [12.4, 37.4], atol=0.21)
+    np.testing.assert_allclose([f.mean() for _, f in got], [62, 187], atol=6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_matches_cpu(setup):
+    d, _, kw, _ = setup
+    clip = CREMAD / "1001_DFA_NEU_XX.flv"
+    settings = ExtractionSettings(frames=4, encoder=kw["face_encoder"])
+    cpu, gpu = ClipExtractor(settings, "cpu").extract(clip), ClipExtractor(settings, "cuda").extract(clip)
+    np.testing.assert_array_equal(cpu.arrays["face_mask"], gpu.arrays["face_mask"])
+    np.testing.assert_allclose(cpu.arrays["boxes"], gpu.arrays["boxes"], atol=2.0)
+    np.testing.assert_allclose(cpu.arrays["mel"], gpu.arrays["mel"], atol=1e-4)
