@@ -232,13 +232,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _plain(obj):
-    """Tuples -> lists, numpy scalars -> Python numbers: the values weights_only loading accepts."""
+    """Tuples -> lists, numpy scalars -> Python numbers, str subclasses -> str: what weights_only loading accepts."""
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    if isinstance(obj, (Path, str)):
+        return str(obj)     # str subclasses (torch.__version__ is one) would not load with weights_only
+    if isinstance(obj, (bool, int, float)) or obj is None:
+        return obj
+    raise TypeError(f"encoder metadata must be plain values, got {type(obj).__name__}")

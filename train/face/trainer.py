@@ -102,7 +102,8 @@ class LabelDistributionGenerator:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         # images: float 0..255 [B, C, S, S] in the student's contract -> [B, K] probabilities
         crops = images.round().to(torch.uint8).permute(0, 2, 3, 1)      # [B, S, S, C]
-        return self.encoder.classify(crops).to(images.device)
+        # clone: classify runs in inference mode, and its tensors cannot enter the autograd graph
+        return self.encoder.classify(crops).to(images.device).clone()
 
 
 def make_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -262,8 +263,8 @@ class Trainer:
             if improved:
                 progress["best_val_accuracy"], progress["best_epoch"] = val["accuracy"], epoch + 1
                 self.export(self.out / "best.pt", metrics={"validation": _brief(val), "epoch": epoch + 1})
-            self.save_state(progress)        # after best.pt: a crash in between never loses the best
             write_json_atomic(self.out / "history.json", progress["history"])
+            self.save_state(progress)        # last: a crash before it redoes this epoch, never loses best.pt
             self.log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc "
                      f"{row['train_accuracy']:.4f}  val acc {val['accuracy']:.4f}  val UAR {val['uar']:.4f}  "
                      f"lr {row['lr']:.4g}  {seconds:.0f}s{'  *best' if improved else ''}")
@@ -341,7 +342,7 @@ def finish(trainer: Trainer, progress: dict, command: str) -> dict:
         "command": command, "config": trainer.cfg.to_dict(), "epochs": trainer.cfg.epochs,
         "best_epoch": progress["best_epoch"], "train_seconds": round(progress["train_seconds"], 1),
         "history": progress["history"], "data": {s: len(d) for s, d in trainer.data.items()},
-        "hardware": _hardware(trainer.device), "avemo_version": avemo.__version__, "torch": torch.__version__,
+        "hardware": _hardware(trainer.device), "avemo_version": avemo.__version__, "torch": str(torch.__version__),
     }
     metrics = {"test": _brief(test) | {"confusion": test["confusion"]}, "test_flip_tta": _brief(test_tta),
                "validation": _brief(val)}
