@@ -323,12 +323,13 @@ def run_training(cfg: TrainConfig, out: str | Path, resume: bool = False, device
         n_params = sum(p.numel() for p in trainer.model.parameters())
         trainer.log(f"{cfg.arch} {trainer.model.feature_dim}-d features, {n_params / 1e6:.2f}M parameters, "
                     f"input {cfg.input_size}px {'grey' if cfg.grayscale else 'RGB'}, device {trainer.device}")
+    progress.setdefault("commands", []).append(command)
     if progress["epoch"] < cfg.epochs and not progress.get("budget_spent"):
         progress = trainer.fit(progress, ldg)
-    return finish(trainer, progress, command)
+    return finish(trainer, progress)
 
 
-def finish(trainer: Trainer, progress: dict, command: str) -> dict:
+def finish(trainer: Trainer, progress: dict) -> dict:
     """Best-on-validation weights -> test report (plain and mirror-averaged) -> encoder.pt."""
     best = load_checkpoint(trainer.out / "best.pt", "avemo-face-encoder", (1,))
     trainer.model.load_state_dict(best["state_dict"])
@@ -339,7 +340,9 @@ def finish(trainer: Trainer, progress: dict, command: str) -> dict:
               "best_epoch": progress["best_epoch"], "epochs": trainer.cfg.epochs}
     write_json_atomic(trainer.out / "test_report.json", report)
     training = {
-        "command": command, "config": trainer.cfg.to_dict(), "epochs": trainer.cfg.epochs,
+        # the invocations that made it: the first one, then any --resume
+        "command": progress["commands"][0], "resumed_with": progress["commands"][1:],
+        "config": trainer.cfg.to_dict(), "epochs": trainer.cfg.epochs, "epochs_run": progress["epoch"],
         "best_epoch": progress["best_epoch"], "train_seconds": round(progress["train_seconds"], 1),
         "history": progress["history"], "data": {s: len(d) for s, d in trainer.data.items()},
         "hardware": _hardware(trainer.device), "avemo_version": avemo.__version__, "torch": str(torch.__version__),
