@@ -248,3 +248,12 @@ def test_cli_evaluate_json_on_a_class_subset(dataset, tmp_path, capsys):
     cv2.imwrite(str(dataset / "test" / "smile" / "a.png"), np.zeros((8, 8), np.uint8))
     assert main(["--evaluate", str(dataset / "test"), "--encoder", str(out / "encoder.pt"), "--json"]) == 2
     assert "smile are not classes of encoder" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_short_run_on_cuda_with_autocast_beats_chance(dataset, tmp_path):
+    report = run_training(quick_config(dataset), tmp_path / "run", device="cuda", log=lambda m: None)
+    assert report["test"]["accuracy"] > 0.6
+    enc = load_encoder(tmp_path / "run" / "encoder.pt", device="cuda")
+    assert enc.embed(np.zeros((2, 112, 112, 3), np.uint8)).device.type == "cpu"
