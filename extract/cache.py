@@ -27,6 +27,7 @@ from avemo.io import atomic_path, write_json_atomic
 COLUMNS = ["clip", "status", "reason", "label", "speaker", "feature_file", "duration", "frames_sampled",
            "face_coverage", "audio_seconds", "has_video", "has_audio", "crops", "settings_hash"]
 STATUSES = ("ok", "partial", "failed")
+INTERNAL_ERROR = "internal error"
 # Temporary files from a killed writer; in a sharded job another shard may be mid-write,
 # so only leftovers older than this are removed there.
 STALE_TMP_S = 3600
@@ -85,16 +86,23 @@ class Cache:
             return None
         return row if row.get("clip") == clip else None
 
-    def write_row(self, row: dict) -> None:
-        write_json_atomic(self.row_path(row["clip"]), {k: row.get(k) for k in COLUMNS})
+    def write_row(self, row: dict, source: Path) -> None:
+        st = source.stat()
+        write_json_atomic(self.row_path(row["clip"]), {**{k: row.get(k) for k in COLUMNS},
+                                                       "source_stamp": [st.st_size, st.st_mtime_ns]})
 
-    def is_done(self, clip: str, digest: str, need_crops: bool, retry_failed: bool) -> dict | None:
+    def is_done(self, clip: str, source: Path, digest: str, need_crops: bool, retry_failed: bool) -> dict | None:
         """The finished row for ``clip`` with these settings, or None if it must be (re)done."""
         row = self.read_row(clip)
         if row is None or row.get("settings_hash") != digest:
             return None
+        st = source.stat()
+        if row.get("source_stamp") != [st.st_size, st.st_mtime_ns]:
+            return None     # the file was replaced or edited since
         if row["status"] == "failed":
-            return None if retry_failed else row
+            # an internal error may be transient (out of memory, a bug since fixed): always retry it
+            internal = str(row.get("reason") or "").startswith(INTERNAL_ERROR)
+            return None if retry_failed or internal else row
         if not (self.root / row["feature_file"]).is_file():
             return None
         if need_crops and row.get("has_video") and not row.get("crops"):
@@ -103,7 +111,7 @@ class Cache:
 
     def write_manifest(self, clips: list[str]) -> pd.DataFrame:
         """manifest.csv with the finished row of every clip in ``clips`` (sorted); returns it."""
-        rows = [r for r in (self.read_row(c) for c in sorted(clips)) if r is not None]
+        rows = [{k: r.get(k) for k in COLUMNS} for r in (self.read_row(c) for c in sorted(clips)) if r is not None]
         df = pd.DataFrame(rows, columns=COLUMNS)
         with atomic_path(self.manifest_path) as tmp:
             df.to_csv(tmp, index=False)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, expects_video
 from avemo.checkpoint import CheckpointError
 from avemo.features import ExtractionSettings
-from extract.cache import Cache
+from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
@@ -105,7 +105,7 @@ def clip_row(item: Item, ex: ClipExtractor | None, cache: Cache, digest: str) ->
     if suffix not in MEDIA_EXTENSIONS:
         row.update(status="failed", reason=f"not a media file (extension '{suffix or '(none)'}' is not one of "
                                            f"{', '.join(sorted(MEDIA_EXTENSIONS))})")
-        cache.write_row(row)
+        cache.write_row(row, Path(item.path))
         return row
     try:
         feats = ex.extract(item.path, clip_id=item.clip, label=item.label, speaker=item.speaker)
@@ -113,7 +113,7 @@ def clip_row(item: Item, ex: ClipExtractor | None, cache: Cache, digest: str) ->
         row.update(status="failed", reason="; ".join([str(e)] + notes))
     except Exception as e:  # a bug or an exotic file must cost one clip, not the run
         traceback.print_exc(file=sys.stderr)
-        row.update(status="failed", reason=f"internal error ({type(e).__name__}): {str(e).splitlines()[0] if str(e) else ''}")
+        row.update(status="failed", reason=f"{INTERNAL_ERROR} ({type(e).__name__}): {str(e).splitlines()[0] if str(e) else ''}")
     else:
         complete = feats.has_audio and (feats.has_video or not expects_video(item.path))
         row.update(status="ok" if complete else "partial", reason="; ".join(feats.warnings + notes) or None,
@@ -122,7 +122,7 @@ def clip_row(item: Item, ex: ClipExtractor | None, cache: Cache, digest: str) ->
                    audio_seconds=round(feats.audio_seconds, 4), has_video=feats.has_video,
                    has_audio=feats.has_audio, crops="crops" in feats.arrays)
         feats.save(cache.root / row["feature_file"])
-    cache.write_row(row)
+    cache.write_row(row, Path(item.path))
     return row
 
 
@@ -194,7 +194,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
     mine = [it for it in walk.items if in_shard(it.clip, shard)]
     todo, done = [], []
     for it in mine:
-        row = cache.is_done(it.clip, digest, keep_crops, retry_failed)
+        row = cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed)
         (done if row is not None else todo).append(row if row is not None else it)
     print(f"avemo-extract: {len(walk.items)} files under {root}"
           + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")

@@ -172,6 +172,18 @@ def test_cache_inside_the_input_folder_is_not_walked(setup, tmp_path):
     assert list(m["clip"]) == ["a.mp3"]
 
 
+def test_a_replaced_file_is_extracted_again(setup, tmp_path):
+    _, _, kw, _ = setup
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "b.mp3").write_text("not yet the real file")
+    assert extract_folder(clips, tmp_path / "cache", **kw).loc[0, "status"] == "failed"
+    assert extract_folder(clips, tmp_path / "cache", **kw).loc[0, "status"] == "failed"
+    shutil.copy(CREMAD / "1002_DFA_HAP_XX.mp3", clips / "b.mp3")
+    m = extract_folder(clips, tmp_path / "cache", **kw)
+    assert m.loc[0, "status"] == "ok" and m.loc[0, "audio_seconds"] > 1.5
+
+
 @pytest.mark.slow
 def test_workers_give_the_same_cache(setup, tmp_path):
     d, clips, kw, _ = setup
