@@ -23,6 +23,7 @@ from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttenti
 MODEL_KIND = "avemo-model"
 MODEL_VERSION = 1
 MODALITIES = ("audio", "video", "av")
+AUDIO_NORMS = ("global", "utterance")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ModelConfig:
     audio_channels: tuple[int, ...] = (16, 32, 64, 64)
     audio_attention_hidden: int = 64
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
+    audio_norm: str = "global"             # global: training-set mean per bin; utterance: the clip's own mean
     video_stream: str = "attention"        # attention | fan | stt
     video_hidden: int = 128
     video_attention_hidden: int = 64
@@ -56,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"modalities must be one of {', '.join(MODALITIES)}, got '{self.modalities}'")
         if self.video_stream not in VIDEO_STREAMS:
             raise ValueError(f"unknown video stream '{self.video_stream}'; choose one of {', '.join(VIDEO_STREAMS)}")
+        if self.audio_norm not in AUDIO_NORMS:
+            raise ValueError(f"audio_norm must be one of {', '.join(AUDIO_NORMS)}, got '{self.audio_norm}'")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion '{self.fusion}'; choose one of {', '.join(FUSIONS)}")
         if self.uses_video and self.video_dim < 1:
@@ -148,6 +152,16 @@ class AVEmoNet(nn.Module):
         return {n: getattr(self, n).tolist() for n in ("mel_mean", "mel_std", "video_mean", "video_std")
                 if hasattr(self, n)}
 
+    def _normalise_mel(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask[:, None, :].to(mel.dtype)                                            # [B, 1, T_a]
+        if self.cfg.audio_norm == "utterance":
+            # per-clip mean of each bin (cepstral mean normalisation in the log-mel domain):
+            # removes the channel and much of the speaker's spectral tilt
+            centre = (mel * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp_min(1.0)
+        else:
+            centre = self.mel_mean[None, :, None]
+        return (mel - centre) / self.mel_std[None, :, None] * m
+
     def _with_standin(self, x: torch.Tensor, present: torch.Tensor, standin: torch.Tensor) -> torch.Tensor:
         # the stand-in always enters the graph (zero gradient when unused), which DDP requires
         return torch.where(present[:, None], x, standin.to(x.dtype).expand_as(x))
@@ -157,8 +171,7 @@ class AVEmoNet(nn.Module):
         parts = []
         if self.cfg.uses_audio:
             mask = batch["mel_mask"]                                                  # [B, T_a]
-            mel = (batch["mel"] - self.mel_mean[:, None]) / self.mel_std[:, None]     # [B, n_mels, T_a]
-            mel = mel * mask[:, None, :].to(mel.dtype)
+            mel = self._normalise_mel(batch["mel"], mask)                              # [B, n_mels, T_a]
             a, out["audio_attention"] = self.audio(mel, mask)                          # [B, C], [B, F', T']
             has_audio = mask.any(1)
             parts.append((a, has_audio, self.audio_standin))
