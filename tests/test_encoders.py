@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from avemo.checkpoint import CheckpointError, save_checkpoint
 from avemo.encoders import (ENCODER_FORMAT, WEIGHTS_DIR, FaceEncoder, build_encoder, export_encoder, load_encoder,

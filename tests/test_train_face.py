@@ -257,3 +257,13 @@ def test_short_run_on_cuda_with_autocast_beats_chance(dataset, tmp_path):
     assert report["test"]["accuracy"] > 0.6
     enc = load_encoder(tmp_path / "run" / "encoder.pt", device="cuda")
     assert enc.embed(np.zeros((2, 112, 112, 3), np.uint8)).device.type == "cpu"
+
+
+def test_transfer_trains_exports_and_loads(dataset, tmp_path):
+    cfg = quick_config(dataset, arch="transfer", epochs=1,
+                       arch_cfg={"stem_channels": [8, 16, 32], "embed_dim": 32, "heads": 2, "depth": 1})
+    report = run_training(cfg, tmp_path / "run", log=lambda m: None)
+    enc = load_encoder(tmp_path / "run" / "encoder.pt")
+    assert enc.arch == "transfer" and enc.feature_dim == 32 and enc.arch_cfg["embed_dim"] == 32
+    assert enc.classify(np.zeros((2, 40, 40, 3), np.uint8)).shape == (2, 3)
+    assert report["test"]["n"] == 24
