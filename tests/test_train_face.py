@@ -58,8 +58,8 @@ def dataset(tmp_path):
 
 
 def quick_config(data, **kw):
-    base = dict(data_dir=str(data), arch="efficientface", arch_cfg=TINY, input_size=32, epochs=4, batch_size=12,
-                optimizer="adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5)
+    base = dict(data_dir=str(data), arch="efficientface", arch_cfg=TINY, input_size=32, epochs=6, batch_size=12,
+                optimizer="adamw", lr=5e-3, weight_decay=1e-4, warmup_epochs=0.5)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -175,12 +175,12 @@ def test_cli_reports_bad_input_with_exit_status_2(tmp_path, capsys):
 def test_short_run_beats_chance_and_exports_an_encoder(dataset, tmp_path):
     out = tmp_path / "run"
     report = run_training(quick_config(dataset), out, log=lambda m: None)
-    assert report["test"]["accuracy"] > 0.6            # chance is 1/3
+    assert report["test"]["accuracy"] > 0.75           # chance is 1/3
     for name in ("last.pt", "best.pt", "encoder.pt", "log.txt", "history.json", "test_report.json"):
         assert (out / name).is_file(), name
     enc = load_encoder(out / "encoder.pt")
     assert enc.classes == CLASSES and enc.metrics["test"]["accuracy"] == report["test"]["accuracy"]
-    assert enc.training["epochs"] == 4 and len(enc.training["history"]) == 4
+    assert enc.training["epochs"] == 6 and len(enc.training["history"]) == 6
     # --evaluate on the test split agrees with the run's own test report
     r = evaluate(dataset / "test", str(out / "encoder.pt"))
     assert r["n"] == 24 and r["accuracy"] == pytest.approx(report["test"]["accuracy"])
@@ -206,7 +206,7 @@ def test_resume_continues_from_the_saved_epoch(dataset, tmp_path, monkeypatch):
 
     with pytest.raises(FileExistsError, match="--resume"):
         run_training(cfg, out, log=lambda m: None)
-    with pytest.raises(ValueError, match="lr: run has 0.003, asked for 0.1"):
+    with pytest.raises(ValueError, match="lr: run has 0.005, asked for 0.1"):
         run_training(cfg, out, resume=True, explicit={"lr": 0.1}, log=lambda m: None)
 
     logged = []
