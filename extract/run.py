@@ -203,7 +203,9 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
 
     rows: list[dict] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="clip", disable=not progress, file=log, dynamic_ncols=True)
+    # rate as clips/s even when below one (tqdm would flip it to s/clip)
+    bar = tqdm(total=len(todo), unit="clip", disable=not progress, file=log, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
     counts: collections.Counter = collections.Counter()
 
     def finished(row: dict) -> None:
