@@ -55,7 +55,7 @@ class TrainConfig:
     lr: float = 0.1
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0         # linear warm-up, then cosine decay to 0, stepped per batch
-    time_budget: float | None = None   # minutes of training; the schedule then runs on elapsed time
+    time_budget: float | None = None   # minutes for all epochs (validation included); the schedule follows the clock
     label_smoothing: float = 0.0
     ldg: str | None = None             # label-distribution generator: an encoder name or file
     seed: int = 0
@@ -218,15 +218,15 @@ class Trainer:
             loss_sum, correct, seen = 0.0, 0, 0
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
             for b in range(steps_per_epoch):
-                idx = order[b * batch:(b + 1) * batch].to(self.device)
-                images = augment(pixels[idx], aug, self.gen)          # float 0..255 [B, C, S, S]
-                y = labels[idx]
-                target = ldg(images) if ldg else make_targets(y, len(self.classes), cfg.label_smoothing)
                 # with a time budget the schedule follows the clock, so it ends annealed whatever the speed
                 frac = max(progress["step"] / total, (progress["train_seconds"] + time.time() - t0) / budget)
                 if frac >= 1 and b > 0:
                     progress["budget_spent"] = True
                     break
+                idx = order[b * batch:(b + 1) * batch].to(self.device)
+                images = augment(pixels[idx], aug, self.gen)          # float 0..255 [B, C, S, S]
+                y = labels[idx]
+                target = ldg(images) if ldg else make_targets(y, len(self.classes), cfg.label_smoothing)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr_at(frac, progress["step"], warmup, cfg.lr)
                 x = normalize(images, self.mean, self.std)
