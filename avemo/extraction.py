@@ -25,7 +25,7 @@ from avemo.encoders import load_encoder
 from avemo.faces import Detections, FaceDetector, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
-                         sample_times, scan_duration, video_stream)
+                         sample_times, video_span, video_stream)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
@@ -124,7 +124,7 @@ class ClipExtractor:
         info = VideoFrames()
         with open_media(path) as c:
             stream = video_stream(c)
-            v_dur = media_duration(c, stream) or duration or scan_duration(path, "video")
+            v_dur = video_span(path, c, stream, warnings)
             if v_dur is None and end is None:
                 warnings.append("video: the file gives no duration and has no timestamps")
                 return {}

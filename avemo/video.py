@@ -67,31 +67,55 @@ def stream_start(stream) -> float:
 
 
 def media_duration(container, stream=None) -> float | None:
-    """Seconds covered by ``stream`` (or the container), from headers; None if unknown."""
-    if stream is not None and stream.duration is not None and stream.time_base is not None:
-        d = float(stream.duration * stream.time_base)
-        if d > 0:
-            return d
+    """Seconds from headers: of ``stream`` if given, else of the container; None if unknown."""
+    if stream is not None:
+        if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+            return float(stream.duration * stream.time_base)
+        return None
     if container.duration is not None and container.duration > 0:
         return container.duration / av.time_base
     return None
 
 
-def scan_duration(path, kind: str) -> float | None:
-    """Duration from packet timestamps (demux only, no decoding) when headers give none."""
+def scan_ends(path) -> dict[str, float]:
+    """Where the video and audio packets end, in seconds from each stream's start, read from
+    timestamps (demux only, no decoding). Headers can be wrong (MPEG program streams
+    estimate durations from the bit rate; a truncated file keeps its old header)."""
+    ends: dict[str, float] = {}
     with open_media(path) as c:
-        s = video_stream(c) if kind == "video" else (c.streams.audio[0] if c.streams.audio else None)
-        if s is None:
-            return None
-        t0, last = stream_start(s), None
+        v = video_stream(c)
+        streams = ([v] if v is not None else []) + list(c.streams.audio[:1])
+        if not streams:
+            return ends
+        t0 = {s.type: stream_start(s) for s in streams}
         try:
-            for p in c.demux(s):
+            for p in c.demux(*streams):
                 if p.pts is not None and p.time_base is not None:
-                    end = float((p.pts + (p.duration or 0)) * p.time_base)
-                    last = end if last is None else max(last, end)
+                    kind = p.stream.type
+                    end = float((p.pts + (p.duration or 0)) * p.time_base) - t0[kind]
+                    ends[kind] = max(ends.get(kind, end), end)
         except av.error.FFmpegError:
             pass
-        return None if last is None else max(last - t0, 0.0)
+    return ends
+
+
+def scan_duration(path, kind: str) -> float | None:
+    """End of the ``kind`` ("video" or "audio") packets in seconds, from their timestamps."""
+    return scan_ends(path).get(kind)
+
+
+def video_span(path, container, stream, warnings: list[str]) -> float | None:
+    """How long the video stream runs, in seconds: from its packets' timestamps, else headers.
+
+    The container's duration covers the longest stream (often the audio), so it is the last
+    resort. A file whose packets stop well before its header's end is reported as truncated.
+    """
+    ends = scan_ends(path)
+    header = media_duration(container)
+    found = max(ends.values(), default=None)
+    if header is not None and found is not None and found < header - 0.5:
+        warnings.append(f"video: the file ends at {found:.2f} s but its header says {header:.2f} s (truncated file?)")
+    return ends.get("video") or media_duration(container, stream) or header
 
 
 def sample_times(start: float, end: float, frames: int | None = None, fps: float | None = None,

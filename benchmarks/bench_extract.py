@@ -32,8 +32,7 @@ from avemo.audio import audio_stream, decode_audio  # noqa: E402
 from avemo.encoders import available_encoders, build_encoder, export_encoder  # noqa: E402
 from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipExtractor  # noqa: E402
 from avemo.features import ExtractionSettings  # noqa: E402
-from avemo.video import (VideoFrames, iter_frames_at, media_duration, open_media, sample_times,  # noqa: E402
-                         video_stream)
+from avemo.video import VideoFrames, iter_frames_at, open_media, sample_times, video_span, video_stream  # noqa: E402
 
 
 def find_clips(paths: list[str]) -> list[Path]:
@@ -61,7 +60,7 @@ class Baseline:
         with open_media(path) as c:
             vs = video_stream(c)
             if vs is not None:
-                times = sample_times(0.0, media_duration(c, vs) or media_duration(c), s.frames, s.fps, s.max_frames)
+                times = sample_times(0.0, video_span(path, c, vs, []), s.frames, s.fps, s.max_frames)
                 frames = iter_frames_at(c, vs, times, 1 << 16, VideoFrames())     # full size
                 while True:
                     t0 = t()

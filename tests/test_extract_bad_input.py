@@ -14,6 +14,9 @@ from extract import extract_folder
 from mediagen import astronaut, random_encoder, tone, two_faces, write_audio, write_video
 
 CREMAD = Path(__file__).resolve().parent.parent / "examples" / "cremad"
+CONTAINERS = [("vp8_opus.webm", "libvpx", "libopus", 48000), ("mpeg4_mp3.avi", "mpeg4", "libmp3lame", 44100),
+              ("h264_aac.mov", "libx264", "aac", 16000), ("h264_aac.m4v", "libx264", "aac", 22050),
+              ("mpeg1_mp2.mpg", "mpeg1video", "mp2", 44100)]
 
 
 def _truncate(src: Path, dst: Path, keep: float) -> None:
@@ -63,6 +66,11 @@ def run(tmp_path_factory):
     big = np.full((2160, 3840, 3), 120, np.uint8)
     big[600:1624, 1400:2424] = astronaut(1024)
     write_video(clips / "large_4k.mp4", [big] * 2, fps=2)
+    for name, vcodec, acodec, rate in CONTAINERS:
+        write_video(clips / name, ten, fps=25, codec=vcodec, audio=tone(1.0, rate), audio_rate=rate,
+                    audio_codec=acodec)
+    write_audio(clips / "opus.ogg", tone(1.0, 48000), 48000)
+    write_audio(clips / "aac.m4a", tone(1.0, 16000), 16000)
     (clips / "sub dir ü").mkdir()
     shutil.copy(CREMAD / "1001_DFA_HAP_XX.flv", clips / "sub dir ü" / "vidéo avec espaces.flv")
     enc = random_encoder(d / "enc.pt")
@@ -189,3 +197,16 @@ def test_spaces_and_non_ascii_paths(run):
     assert r.status == "ok" and r.face_coverage == 1.0
     assert r.feature_file.isascii()
     assert features(run, clip).clip == clip
+
+
+@pytest.mark.parametrize("clip", [c[0] for c in CONTAINERS])
+def test_every_listed_video_container_extracts(run, clip):
+    r = row(run, clip)
+    assert r.status == "ok" and r.face_coverage == 1.0 and r.frames_sampled == 4
+    assert r.audio_seconds == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize("clip", ["opus.ogg", "aac.m4a"])
+def test_every_listed_audio_container_extracts(run, clip):
+    r = row(run, clip)
+    assert r.status == "ok" and not r.has_video and r.audio_seconds == pytest.approx(1.0, abs=0.1)
