@@ -25,7 +25,7 @@ from avemo.encoders import load_encoder
 from avemo.faces import Detections, FaceDetector, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
-                         sample_times, video_span, video_stream)
+                         sample_times, scan_ends, video_span, video_stream)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
@@ -95,11 +95,13 @@ class ClipExtractor:
             raise ClipError(str(e)) from None
         if vs is None and aus is None:
             raise ClipError("no audio or video stream in the file")
+        if duration is None:
+            duration = max(scan_ends(path).values(), default=0.0)
 
         warnings: list[str] = []
         arrays: dict[str, np.ndarray] = {}
         if vs is not None:
-            arrays.update(self._video_arrays(path, start, end, duration, warnings))
+            arrays.update(self._video_arrays(path, start, end, warnings))
         elif expects_video(path):
             warnings.append("video: no video stream (audio-only file)")
         audio_seconds = 0.0
@@ -119,7 +121,7 @@ class ClipExtractor:
 
     # ---- video ----
 
-    def _video_arrays(self, path: Path, start, end, duration, warnings: list[str]) -> dict[str, np.ndarray]:
+    def _video_arrays(self, path: Path, start, end, warnings: list[str]) -> dict[str, np.ndarray]:
         s = self.settings
         info = VideoFrames()
         with open_media(path) as c:
