@@ -12,6 +12,7 @@ Prints UAR and WAR per fold and their mean; resumable (finished folds are kept).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from train.cli import cli  # noqa: E402
 
 # what the README's table was made with; anything after the known flags is passed to avemo-train
 DEFAULTS = ["--modalities", "audio", "--fold-val", "none", "--epochs", "40", "--batch-size", "16", "--lr", "5e-3",
-            "--balance", "--label-smoothing", "0.1", "--audio-norm", "utterance", "--audio-channels", "8,16,32,64",
+            "--balance", "--label-smoothing", "0.1", "--audio-channels", "8,16,32,64",
             "--quiet"]
 
 
@@ -51,7 +52,6 @@ def main() -> None:
               "--resume"])
     if rc:
         raise SystemExit(rc)
-    import json
     summary = json.loads((args.out / "run" / "folds.json").read_text())
     print(f"\nEmoDB leave-one-speaker-out, audio only ({cache}); train options: {' '.join(DEFAULTS + extra)}")
     print(f"{'fold':<7}{'test speaker':<14}{'clips':>6}{'UAR':>8}{'WAR':>8}{'macro-F1':>10}")

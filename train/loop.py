@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -22,10 +23,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from avemo.batching import collate, to_device, trim_batch
-from avemo.checkpoint import CheckpointError
+from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avemo.features import ExtractionSettings
 from avemo.io import atomic_path, write_json_atomic
-from avemo.model import ModelConfig, build_loss, build_model, load_model, save_model
+from avemo.model import MODEL_KIND, MODEL_VERSION, ModelConfig, build_loss, build_model, load_model, save_model
 from train.augment import AugmentConfig, BatchAugment
 from train.data import TrainingData
 from train.metrics import classification_metrics, write_confusion
@@ -109,11 +110,10 @@ class FeatureStore:
     def __init__(self, data: TrainingData, indices: list[int], video_dim: int, device: torch.device,
                  on_device: bool):
         self.clips = [data.clips[i] for i in indices]
-        self.labels = torch.as_tensor(data.labels[indices], dtype=torch.long)
         self.n_mels, self.video_dim, self.device = data.n_mels, video_dim, device
         self.on_device = on_device
         self.tensors = to_device(collate(self.clips, self.n_mels, video_dim), device) if on_device else None
-        self.labels = self.labels.to(device)
+        self.labels = torch.as_tensor(data.labels[indices], dtype=torch.long, device=device)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -332,10 +332,9 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     report = None
     if rt.main:
         report = _final_report(data, split, out, cfg, rt, len(history))
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(last_path, MODEL_KIND, (MODEL_VERSION,))
         ckpt["resume"]["finished"] = True
-        with atomic_path(last_path) as tmp:
-            torch.save(ckpt, tmp)
+        save_checkpoint(last_path, ckpt, MODEL_KIND, MODEL_VERSION)
     if rt.world > 1:
         dist.barrier()
     return report
@@ -395,5 +394,4 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    import json
     return json.loads(path.read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from avemo.model.attention import ScaledSoftmaxAttention, masked_softmax
+from avemo.model.attention import ScaledSoftmaxAttention
 
 
 class AttentionVideoStream(nn.Module):
