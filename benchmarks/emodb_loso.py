@@ -19,9 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.cli import cli  # noqa: E402
+from train.metrics import write_confusion  # noqa: E402
 
 # what the README's table was made with; anything after the known flags is passed to avemo-train
 DEFAULTS = ["--modalities", "audio", "--fold-val", "none", "--epochs", "40", "--batch-size", "16", "--lr", "5e-3",
@@ -46,7 +50,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out/emodb-loso"))
     args, extra = p.parse_known_args()
     cache = ensure_cache(args.data, args.out)
-    n_speakers = len({f.name[:2] for f in args.data.glob("*.wav")}) or 6
+    manifest = pd.read_csv(cache / "manifest.csv", dtype=str, keep_default_na=False)
+    n_speakers = manifest.loc[manifest["status"].isin(["ok", "partial"]), "speaker"].nunique()
     t0 = time.perf_counter()
     rc = cli([str(cache), "--out", str(args.out / "run"), "--folds", str(n_speakers), *DEFAULTS, *extra,
               "--resume"])
@@ -60,6 +65,11 @@ def main() -> None:
               f"{f['macro_f1']:>10.3f}")
     print(f"{'mean':<21}{'':>6}{summary['uar_mean']:>8.3f}{summary['accuracy_mean']:>8.3f}{summary['macro_f1_mean']:>10.3f}")
     print(f"{'std':<21}{'':>6}{summary['uar_std']:>8.3f}{summary['accuracy_std']:>8.3f}{summary['macro_f1_std']:>10.3f}")
+    reports = [json.loads((args.out / "run" / f["fold"] / "report.json").read_text()) for f in summary["folds"]]
+    pooled = sum(np.asarray(r["confusion"]) for r in reports)
+    write_confusion(args.out, pooled, reports[0]["classes"],
+                    f"EmoDB LOSO, audio only: all {len(reports)} test speakers pooled")
+    print(f"pooled confusion matrix: {args.out / 'confusion.png'}")
     print(f"wall time {time.perf_counter() - t0:.0f} s (target: mean UAR >= 0.75)")
 
 

@@ -137,10 +137,12 @@ def decide_on_device(mode: str, need: int, device: torch.device) -> bool:
         return True
     if mode == "no":
         return False
-    if device.type != "cuda":
-        return True  # host memory is the device: padding once beats collating every batch
-    free, _ = torch.cuda.mem_get_info(device)
-    return need < 0.4 * free
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need < 0.4 * free
+    # on the CPU both ways cost about the same (benchmarks/bench_train.py); padding everything to
+    # the longest clip is only worth it while it stays a small part of the machine's memory
+    return need < 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int) -> dict[str, np.ndarray]:
