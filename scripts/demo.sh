@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's demo: runs every stage that exists on the bundled clips.
+# The README's demo: extract -> train -> predict on the bundled CREMA-D clips.
 set -euo pipefail
 out=${1:-demo-out}
 cd "$(dirname "$0")/.."
@@ -11,3 +11,7 @@ $bin/avemo-extract examples/cremad --out "$out/cache" --label-from cremad
 # so the report it writes is training-set figures, not an accuracy); --resume makes a re-run a no-op
 $bin/avemo-train "$out/cache" --out "$out/run" --no-split --epochs 4 --batch-size 4 --audio-channels 8,16,32 \
     --video-hidden 32 --fbp-o 64 --resume --quiet
+# stage three: ask the trained model about one bundled clip, with the explanation picture
+$bin/avemo-predict examples/cremad/1001_DFA_HAP_XX.flv --model "$out/run/best.pt" --explain "$out/explain.png"
+$bin/avemo-predict examples/cremad/1002_DFA_ANG_XX.mp3 --model "$out/run/best.pt" --json
+echo "demo: done. Cache in $out/cache, model in $out/run, explanation in $out/explain.png"
