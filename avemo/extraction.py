@@ -64,7 +64,8 @@ class ClipExtractor:
                 f"(sha256 {self.encoder.sha256[:12]}... vs {settings.encoder_sha256[:12]}...)")
         self.settings = dataclasses.replace(settings, encoder_sha256=self.encoder.sha256,
                                             feature_dim=self.encoder.feature_dim)
-        self.detector = FaceDetector(self.device, settings.min_face_size, settings.min_face_prob)
+        self.detector = FaceDetector(self.device, settings.min_face_size, settings.min_face_prob,
+                                     settings.min_face_frac)
         self.batch_frames = batch_frames
         self.seconds: dict[str, float] = defaultdict(float)   # time spent per stage, all clips
 

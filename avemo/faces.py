@@ -31,8 +31,9 @@ class FaceDetector:
     """facenet-pytorch MTCNN run on batches of equally sized frames."""
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
-                 min_prob: float = 0.9):
+                 min_prob: float = 0.9, min_face_frac: float = 0.0):
         self.min_prob = min_prob
+        self.min_face_size, self.min_face_frac = min_face_size, min_face_frac
         self.mtcnn = MTCNN(keep_all=True, select_largest=False, min_face_size=min_face_size,
                            device=torch.device(device)).eval()
 
@@ -40,6 +41,7 @@ class FaceDetector:
         """``frames``: uint8 RGB [N, H, W, 3] -> faces per frame with probability >= min_prob."""
         if len(frames) == 0:
             return []
+        self.mtcnn.min_face_size = max(self.min_face_size, int(self.min_face_frac * min(frames.shape[1:3])))
         boxes, probs, points = self.mtcnn.detect(frames, landmarks=True)
         out = []
         for b, p, l in zip(boxes, probs, points):

@@ -58,7 +58,10 @@ class ExtractionSettings:
     max_frames: int = 4096          # hard cap when sampling by fps (an hour at 1 fps fits)
     detect_max_side: int = 640      # frames are shrunk to this before detection (speed, memory)
     min_face_prob: float = 0.90
-    min_face_size: int = 20         # in detection-resolution pixels
+    min_face_size: int = 20         # in detection-resolution pixels, and at least...
+    min_face_frac: float = 0.08     # ...this share of the frame's shorter side: the face that
+                                    # carries a clip is rarely tiny, and MTCNN's image pyramid
+                                    # (its cost) shrinks with the square of the smallest face
     face_size: int = 112            # side of the aligned crop (five-point template scaled)
     keep_crops: bool = False
     # face encoder identity: a cache made with another encoder is another cache
