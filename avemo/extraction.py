@@ -54,18 +54,23 @@ class ClipExtractor:
     """
 
     def __init__(self, settings: ExtractionSettings | None = None, device: str | None = None,
-                 batch_frames: int = 16):
+                 batch_frames: int = 16, with_video: bool = True):
         settings = settings or ExtractionSettings()
         self.device = device or default_device()
-        self.encoder = load_encoder(settings.encoder, self.device)
-        if settings.encoder_sha256 and settings.encoder_sha256 != self.encoder.sha256:
-            raise ValueError(
-                f"face encoder '{settings.encoder}' is not the one these settings were made with "
-                f"(sha256 {self.encoder.sha256[:12]}... vs {settings.encoder_sha256[:12]}...)")
-        self.settings = dataclasses.replace(settings, encoder_sha256=self.encoder.sha256,
-                                            feature_dim=self.encoder.feature_dim)
-        self.detector = FaceDetector(self.device, settings.min_face_size, settings.min_face_prob,
-                                     settings.min_face_frac)
+        # an audio-only consumer (an audio model at prediction time) never pays for faces
+        self.with_video = with_video
+        self.encoder = self.detector = None
+        if with_video:
+            self.encoder = load_encoder(settings.encoder, self.device)
+            if settings.encoder_sha256 and settings.encoder_sha256 != self.encoder.sha256:
+                raise ValueError(
+                    f"face encoder '{settings.encoder}' is not the one these settings were made with "
+                    f"(sha256 {self.encoder.sha256[:12]}... vs {settings.encoder_sha256[:12]}...)")
+            settings = dataclasses.replace(settings, encoder_sha256=self.encoder.sha256,
+                                           feature_dim=self.encoder.feature_dim)
+            self.detector = FaceDetector(self.device, settings.min_face_size, settings.min_face_prob,
+                                         settings.min_face_frac)
+        self.settings = settings
         self.batch_frames = batch_frames
         self.seconds: dict[str, float] = defaultdict(float)   # time spent per stage, all clips
 
@@ -101,9 +106,9 @@ class ClipExtractor:
 
         warnings: list[str] = []
         arrays: dict[str, np.ndarray] = {}
-        if vs is not None:
+        if vs is not None and self.with_video:
             arrays.update(self._video_arrays(path, start, end, warnings))
-        elif expects_video(path):
+        elif vs is None and expects_video(path):
             warnings.append("video: no video stream (audio-only file)")
         audio_seconds = 0.0
         if aus is not None:

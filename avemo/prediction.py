@@ -85,10 +85,10 @@ class EmotionRecognizer:
 
     @property
     def extractor(self) -> ClipExtractor:
-        """Face detector and encoder, loaded on first use (an audio-only model never needs faces)."""
+        """The training-time extraction, set up on first use (an audio-only model loads no face models)."""
         if self._extractor is None:
             try:
-                self._extractor = ClipExtractor(self.settings, str(self.device))
+                self._extractor = ClipExtractor(self.settings, str(self.device), with_video=self.cfg.uses_video)
             except (ValueError, FileNotFoundError, CheckpointError) as e:
                 raise CheckpointError(
                     f"{self.path}: cannot set up the extraction this model was trained with: {e} "
@@ -98,7 +98,12 @@ class EmotionRecognizer:
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,
                 start: float | None = None, end: float | None = None) -> Prediction:
         """Extract ``path`` (or its [start, end) seconds) and classify it. Raises ``ClipError``."""
-        feats = self.extractor.extract(path, clip_id=clip_id or str(path), start=start, end=end)
+        try:
+            feats = self.extractor.extract(path, clip_id=clip_id or str(path), start=start, end=end)
+        except ClipError as e:
+            if self.cfg.uses_video:
+                raise
+            raise ClipError(f"this model needs audio, and the clip has none usable ({e})") from None
         pred = self.predict_features(feats)
         pred.start, pred.end = start, end
         return pred

@@ -108,6 +108,14 @@ def test_video_without_a_face_uses_the_audio(av_model, media):
     assert any("no face found" in w for w in pred.warnings)
 
 
+def test_audio_model_loads_no_face_models_and_ignores_the_video(work):
+    model = load_model(work["audio"], "cpu")
+    pred = model.predict(FLV)
+    assert model.extractor.detector is None and model.extractor.encoder is None
+    assert pred.modalities == ["audio"] and "video" not in pred.attention
+    assert not any("video" in w for w in pred.warnings)
+
+
 def test_audio_model_on_silent_video_is_a_clear_error(work, media):
     model = load_model(work["audio"], "cpu")
     with pytest.raises(ClipError, match="needs audio"):
