@@ -206,3 +206,14 @@ def test_export_checks_its_arguments(tmp_path):
         export_encoder(tmp_path / "x.pt", model, "efficientface", {}, ["a", "b", "c"], 32, True, [0.5, 0.5], [0.2])
     with pytest.raises(ValueError, match="2 class names for a 3-class network"):
         export_encoder(tmp_path / "x.pt", model, "efficientface", {}, ["a", "b"], 32, True, [0.5], [0.2])
+
+
+def test_the_shipped_default_encoder_loads_and_describes_itself():
+    enc = load_encoder("default")
+    assert enc.classes == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    assert enc.feature_dim <= 1024 and enc.input_size == 48 and enc.grayscale
+    assert 0 < enc.metrics["test"]["accuracy"] <= 1 and 0 < enc.metrics["test"]["uar"] <= 1
+    assert enc.training["command"].startswith("avemo-train-face")
+    assert (WEIGHTS_DIR / "default.pt").stat().st_size < 10 * 2**20
+    crops = np.random.default_rng(1).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    assert enc.embed(crops).shape == (3, enc.feature_dim)
