@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from avemo.io import atomic_path
+from avemo.io import atomic_path, dataclass_from_dict
 
 CACHE_FORMAT_VERSION = 1
 ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "landmarks", "crops", "mel")
@@ -82,11 +82,7 @@ class ExtractionSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractionSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown extraction settings {sorted(unknown)} (written by a newer avemo?)")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "extraction settings")
 
     def digest(self) -> str:
         """Short stable hash of the settings (keep_crops excluded: it adds data, changes none)."""

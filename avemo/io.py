@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -46,3 +49,11 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dataclass_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
+    """Rebuild a settings dataclass read back from a file; unknown keys are an error, not ignored."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)} (written by a newer avemo?)")
+    return cls(**d)

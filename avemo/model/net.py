@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avemo.io import dataclass_from_dict
 from avemo.model.audio import FCNAudioStream
 from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling
 from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttentionStream,
@@ -82,11 +83,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown model settings {sorted(unknown)} (written by a newer avemo?)")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model settings")
 
 
 def build_video_stream(cfg: ModelConfig) -> nn.Module:
