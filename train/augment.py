@@ -1,4 +1,5 @@
-"""Training-time augmentation of a batch: SpecAugment masks on the mel, frame dropout on the video."""
+"""Training-time augmentation of a batch: random windows and SpecAugment masks on the mel, frame
+dropout on the video, and mixup of whole clips."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,27 +14,67 @@ class AugmentConfig:
     time_mask: int = 20         # widest time mask (frames); 0 disables
     n_masks: int = 2            # masks of each kind per clip
     frame_dropout: float = 0.1  # chance that each face frame is hidden (one always survives)
+    mixup: float = 0.0          # mixup's Beta(a, a) parameter; 0 disables
+    crop: float = 0.0           # train on a random window of this many seconds of each clip's audio; 0: whole clips
+
+
+def mix_clips(batch: dict[str, torch.Tensor], perm: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) of each clip with clip ``perm[i]``: lam * own + (1 - lam) * other.
+
+    Where only one of the two has a real step (different lengths, a missing modality) that
+    step is taken as it is: padding is not a value to mix with. Masks become the union.
+    """
+    out = dict(batch)
+    for key, mkey, step_dim in (("mel", "mel_mask", 2), ("video", "video_mask", 1)):
+        if key not in batch:
+            continue
+        x, m = batch[key], batch[mkey]
+        y, my = x[perm], m[perm]
+        shape = [m.shape[0], 1, 1]
+        shape[step_dim] = m.shape[1]
+        a, b = m.view(shape), my.view(shape)                      # masks broadcast over the feature axis
+        mixed = lam * x + (1 - lam) * y
+        out[key] = torch.where(a & b, mixed, torch.where(a, x, y))
+        out[mkey] = m | my
+    return out
+
+
+def random_crop(mel: torch.Tensor, mask: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each clip's own random window of ``frames`` valid steps (or all of a shorter clip)."""
+    # mel [B, F, T], mask [B, T] with the valid steps first (padding is at the end)
+    lengths = mask.sum(1)                                                      # [B]
+    keep = lengths.clamp(max=frames)
+    start = (torch.rand(lengths.shape, device=mel.device) * (lengths - keep + 1)).long()
+    t = max(1, int(keep.max()))
+    steps = torch.arange(t, device=mel.device)
+    src = (start[:, None] + steps[None, :]).clamp(max=mel.shape[2] - 1)        # [B, t]
+    new_mask = steps[None, :] < keep[:, None]
+    out = mel.gather(2, src[:, None, :].expand(-1, mel.shape[1], -1)) * new_mask[:, None, :].to(mel.dtype)
+    return out, new_mask
 
 
 class BatchAugment:
-    def __init__(self, cfg: AugmentConfig):
+    def __init__(self, cfg: AugmentConfig, mel_frames_per_second: float = 100.0):
         self.cfg = cfg
+        self.crop_frames = max(1, round(cfg.crop * mel_frames_per_second)) if cfg.crop > 0 else 0
         # iid_masks: every clip in the batch gets its own masks (needs a [B, C, F, T] input)
         self.freq = torchaudio.transforms.FrequencyMasking(cfg.freq_mask, iid_masks=True) if cfg.freq_mask else None
         self.time = torchaudio.transforms.TimeMasking(cfg.time_mask, iid_masks=True) if cfg.time_mask else None
 
     def __call__(self, batch: dict[str, torch.Tensor], mel_mean: torch.Tensor | None) -> dict[str, torch.Tensor]:
         out = dict(batch)
+        if "mel" in batch and self.crop_frames:
+            out["mel"], out["mel_mask"] = random_crop(batch["mel"], batch["mel_mask"], self.crop_frames)
         if "mel" in batch and (self.freq or self.time):
             # mask to the per-bin training mean, which the model's normalisation maps to zero
             centre = mel_mean[None, :, None] if mel_mean is not None else 0.0
-            x = (batch["mel"] - centre).unsqueeze(1)               # [B, 1, n_mels, T]
+            x = (out["mel"] - centre).unsqueeze(1)                 # [B, 1, n_mels, T]
             for _ in range(self.cfg.n_masks):
                 if self.freq is not None:
                     x = self.freq(x)
                 if self.time is not None:
                     x = self.time(x)
-            out["mel"] = x.squeeze(1) + centre
+            out["mel"] = (x.squeeze(1) + centre) * out["mel_mask"][:, None, :].to(x.dtype)
         if "video_mask" in batch and self.cfg.frame_dropout > 0:
             mask = batch["video_mask"]
             keep = torch.rand(mask.shape, device=mask.device) >= self.cfg.frame_dropout
@@ -41,3 +82,13 @@ class BatchAugment:
             # a clip that lost every face keeps its original mask (one modality must not vanish)
             out["video_mask"] = torch.where(dropped.any(1, keepdim=True), dropped, mask)
         return out
+
+    def mixup(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, float]:
+        """(mixed batch, partner index of each clip, own weight); (batch, None, 1.0) when off."""
+        if self.cfg.mixup <= 0:
+            return batch, None, 1.0
+        lam = float(torch.distributions.Beta(self.cfg.mixup, self.cfg.mixup).sample())
+        lam = max(lam, 1 - lam)  # the clip's own label stays the larger share
+        n = next(iter(batch.values())).shape[0]
+        perm = torch.randperm(n, device=next(iter(batch.values())).device)
+        return mix_clips(batch, perm, lam), perm, lam

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fbp-o", type=int, default=256, help="fbp outputs")
     g.add_argument("--audio-channels", type=_ints, default=(16, 32, 64, 64), help="FCN channels per conv block")
     g.add_argument("--audio-lambda", type=float, default=1.0, help="attention sharpness (0: mean pooling)")
+    g.add_argument("--audio-stats", action="store_true",
+                   help="pool the attention-weighted std of the FCN cells as well as their mean")
     g.add_argument("--audio-norm", choices=("global", "utterance"), default="global",
                    help="mel centring: training-set mean per bin, or each clip's own mean")
     g.add_argument("--video-lambda", type=float, default=1.0)
@@ -158,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-mask", type=int, default=20, help="SpecAugment: widest time mask in frames (0: off)")
     g.add_argument("--n-masks", type=int, default=2)
     g.add_argument("--frame-dropout", type=float, default=0.1)
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a) parameter (0: off)")
+    g.add_argument("--crop", type=float, default=0.0, metavar="S",
+                   help="train on a random S-second window of each clip's audio (0: whole clips)")
     g = p.add_argument_group("split (speaker-independent)")
     g.add_argument("--val-speakers", help="comma-separated speakers for validation / early stopping")
     g.add_argument("--test-speakers", help="comma-separated speakers held out for the final report")
@@ -200,14 +205,15 @@ def cli(argv: list[str] | None = None) -> int:
     _setup_logging(Path(args.out), int(os.environ.get("RANK", "0")) == 0)
     model = dict(video_stream=args.video_stream, fan_relation=not args.no_relation, fusion=args.fusion,
                  fbp_k=args.fbp_k, fbp_o=args.fbp_o, audio_channels=args.audio_channels,
-                 audio_lambda=args.audio_lambda, audio_norm=args.audio_norm, video_lambda=args.video_lambda, video_hidden=args.video_hidden,
+                 audio_lambda=args.audio_lambda, audio_stats=args.audio_stats, audio_norm=args.audio_norm, video_lambda=args.video_lambda, video_hidden=args.video_hidden,
                  stt_layers=args.stt_layers, dropout=args.dropout, modality_dropout=args.modality_dropout)
     if args.modalities:
         model["modalities"] = args.modalities
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       patience=args.patience, seed=args.seed, loss=args.loss, label_smoothing=args.label_smoothing,
                       compact_beta=args.compact_beta, balance=args.balance,
-                      augment=AugmentConfig(args.freq_mask, args.time_mask, args.n_masks, args.frame_dropout),
+                      augment=AugmentConfig(args.freq_mask, args.time_mask, args.n_masks, args.frame_dropout,
+                                            args.mixup, args.crop),
                       features_on_device=args.features_on_device, amp=not args.no_amp, progress=not args.quiet)
     split = SplitOptions(args.val_speakers, args.test_speakers, args.folds, args.fold, args.fold_val, args.no_split)
     try:

@@ -271,7 +271,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     if rt.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    augment = BatchAugment(cfg.augment)
+    augment = BatchAugment(cfg.augment, data.settings["sample_rate"] / data.settings["hop_length"])
     extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict()}
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -292,9 +292,13 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         for gb in bar:
             idx = gb.tensor_split(rt.world)[rt.rank]
             batch = augment(train_store.batch(idx), getattr(model, "mel_mean", None))
+            batch, partner, lam = augment.mixup(batch)
+            target = train_store.labels[idx.to(rt.device)]
             with _autocast(rt.device, cfg.amp):
-                logits = train_model(batch)["logits"]
-                loss = criterion(logits.float(), train_store.labels[idx.to(rt.device)])
+                logits = train_model(batch)["logits"].float()
+                loss = criterion(logits, target)
+                if partner is not None:
+                    loss = lam * loss + (1 - lam) * criterion(logits, target[partner])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -1,0 +1,127 @@
+"""Reference points for benchmarks/emodb_loso.py: how far simpler, classic audio features get on the same data.
+
+    python benchmarks/emodb_reference.py CACHE [--wav-dir DIR] [--groups 6]
+
+Each feature set goes through the same classifier, class-balanced L2 logistic regression on
+features z-scored over the training part, under three protocols:
+
+- ``LOSO``: leave one speaker out, as emodb_loso.py (speaker-independent).
+- ``LOSO + speaker norm``: the same folds, but every speaker's features are first z-scored
+  over that speaker's own clips, the test speaker's included (its labels are not used).
+  This is the classic "speaker normalisation" of the SER literature; it is transductive (it
+  needs a batch of unlabelled clips from the test speaker), so avemo does not use it.
+- ``random groups``: clips dealt at random into K groups whatever the speaker
+  (speaker-dependent): what the data allows when speakers are not the problem.
+
+Feature sets: ``log-mel stats`` (per mel bin of the cache's spectrograms: mean, std, 10th
+and 90th percentile, std and mean magnitude of the frame-to-frame difference; needs only
+the cache), and, with ``--wav-dir`` and the ``opensmile`` package installed (research
+licence, not an avemo dependency), openSMILE's eGeMAPSv02 (88) and ComParE_2016 (6,373)
+utterance functionals, the standard hand-crafted baselines of speech emotion recognition.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.data import load_training_data  # noqa: E402
+from train.metrics import classification_metrics  # noqa: E402
+
+
+def log_mel_stats(mel: np.ndarray) -> np.ndarray:
+    """[n_mels, T] -> [6 * n_mels] utterance statistics."""
+    d = np.diff(mel, axis=1)
+    return np.concatenate([mel.mean(1), mel.std(1), np.percentile(mel, 10, axis=1), np.percentile(mel, 90, axis=1),
+                           d.std(1), np.abs(d).mean(1)])
+
+
+def opensmile_features(wav_dir: Path, clips: list[str]) -> dict[str, np.ndarray]:
+    try:
+        import opensmile
+    except ImportError:
+        print("opensmile is not installed: eGeMAPS / ComParE rows skipped (pip install opensmile)")
+        return {}
+    out = {}
+    for name in ("eGeMAPSv02", "ComParE_2016"):
+        smile = opensmile.Smile(feature_set=getattr(opensmile.FeatureSet, name),
+                                feature_level=opensmile.FeatureLevel.Functionals)
+        out[name] = np.nan_to_num(np.stack([smile.process_file(str(wav_dir / c)).values[0] for c in clips]))
+    return out
+
+
+def zscore_by_group(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    for g in np.unique(groups):
+        i = groups == g
+        out[i] = (x[i] - x[i].mean(0)) / (x[i].std(0) + 1e-6)
+    return out
+
+
+def logistic_regression(x_train, y_train, x_test, n_classes: int, l2: float) -> np.ndarray:
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    xt = torch.tensor((x_train - mu) / sd, dtype=torch.float32)
+    xe = torch.tensor((x_test - mu) / sd, dtype=torch.float32)
+    yt = torch.tensor(y_train)
+    counts = np.bincount(y_train, minlength=n_classes)
+    weight = torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(xt.shape[1], n_classes)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=300)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xt), yt, weight=weight) + l2 * (lin.weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return lin(xe).argmax(1).numpy()
+
+
+def folds_uar(x, y, folds: np.ndarray, classes: list[str], l2: float) -> tuple[list[float], float]:
+    uars, wars = [], []
+    for f in np.unique(folds):
+        test = folds == f
+        pred = logistic_regression(x[~test], y[~test], x[test], len(classes), l2)
+        m = classification_metrics(y[test], pred, classes)
+        uars.append(m["uar"])
+        wars.append(m["accuracy"])
+    return uars, float(np.mean(wars))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("cache", type=Path, help="avemo cache of the EmoDB clips (avemo-extract --label-from emodb)")
+    p.add_argument("--wav-dir", type=Path, help="the wav files the cache was made from (for openSMILE features)")
+    p.add_argument("--groups", type=int, default=6, help="groups for the speaker-dependent protocol")
+    p.add_argument("--l2", type=float, default=1e-2)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    data = load_training_data(args.cache)
+    usable = [i for i, c in enumerate(data.clips) if c.has_audio and data.speakers[i]]
+    y = data.labels[usable]
+    speakers = np.array([data.speakers[i] for i in usable])
+    groups = np.random.default_rng(0).integers(0, args.groups, len(usable))
+    sets = {"log-mel stats": np.stack([log_mel_stats(data.clips[i].arrays["mel"]) for i in usable])}
+    if args.wav_dir:
+        sets |= opensmile_features(args.wav_dir, [data.clips[i].clip for i in usable])
+    print(f"{len(usable)} clips, {len(set(speakers))} speakers; class-balanced logistic regression, l2 {args.l2}")
+    print(f"{'features':<16}{'dims':>6}  {'protocol':<22}{'UAR per fold':<44}{'UAR':>7}{'WAR':>7}")
+    for name, x in sets.items():
+        for protocol, feats, folds in (("LOSO", x, speakers),
+                                       ("LOSO + speaker norm", zscore_by_group(x, speakers), speakers),
+                                       (f"random groups ({args.groups})", x, groups)):
+            uars, war = folds_uar(feats, y, folds, data.classes, args.l2)
+            print(f"{name:<16}{x.shape[1]:>6}  {protocol:<22}{' '.join(f'{u:.3f}' for u in uars):<44}"
+                  f"{np.mean(uars):>7.3f}{war:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

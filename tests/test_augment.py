@@ -1,0 +1,63 @@
+"""Training-time augmentation: random windows, mixup and SpecAugment respect the padding masks."""
+import pytest
+import torch
+
+from train.augment import AugmentConfig, BatchAugment, mix_clips, random_crop
+
+
+def _padded_batch(lengths, n_mels=6, t=12):
+    mel = torch.randn(len(lengths), n_mels, t) - 4.0
+    mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    return {"mel": mel * mask[:, None, :], "mel_mask": mask}
+
+
+def test_random_crop_takes_a_contiguous_window_of_real_steps_only():
+    torch.manual_seed(0)
+    b = _padded_batch([12, 9, 3])
+    for _ in range(20):
+        mel, mask = random_crop(b["mel"], b["mel_mask"], frames=5)
+        assert mel.shape == (3, 6, 5)
+        assert mask.sum(1).tolist() == [5, 5, 3]          # a clip shorter than the window is kept whole
+        for i, length in enumerate([12, 9, 3]):
+            kept = int(mask[i].sum())
+            window = mel[i, :, :kept]
+            # the window is some run of the clip's own real steps, never padding
+            starts = [s for s in range(length - kept + 1) if torch.equal(b["mel"][i, :, s:s + kept], window)]
+            assert starts, (i, kept)
+            assert torch.all(mel[i, :, kept:] == 0)
+
+
+def test_mixup_mixes_where_both_clips_are_real_and_copies_where_one_is():
+    b = _padded_batch([12, 7])
+    b["video"] = torch.randn(2, 4, 3)
+    b["video_mask"] = torch.tensor([[True, True, False, False], [True, False, True, False]])
+    out = mix_clips(b, torch.tensor([1, 0]), 0.7)
+    x, y = b["mel"][0], b["mel"][1]
+    torch.testing.assert_close(out["mel"][0, :, :7], 0.7 * x[:, :7] + 0.3 * y[:, :7])
+    torch.testing.assert_close(out["mel"][0, :, 7:], x[:, 7:])             # partner is padding there
+    torch.testing.assert_close(out["mel"][1, :, 7:], x[:, 7:])             # own padding: partner's real steps
+    assert out["mel_mask"].all()
+    v = b["video"]
+    torch.testing.assert_close(out["video"][0, 0], 0.7 * v[0, 0] + 0.3 * v[1, 0])
+    torch.testing.assert_close(out["video"][0, 1], v[0, 1])
+    torch.testing.assert_close(out["video"][0, 2], v[1, 2])
+    assert out["video_mask"].tolist() == [[True, True, True, False]] * 2
+
+
+def test_mixup_is_off_by_default_and_keeps_the_clips_own_label_dominant():
+    b = _padded_batch([12, 12, 12, 12])
+    same, partner, lam = BatchAugment(AugmentConfig()).mixup(b)
+    assert same is b and partner is None and lam == 1.0
+    torch.manual_seed(0)
+    for _ in range(10):
+        _, partner, lam = BatchAugment(AugmentConfig(mixup=0.4)).mixup(b)
+        assert 0.5 <= lam <= 1.0 and sorted(partner.tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(), AugmentConfig(crop=0.05)])
+def test_spec_augment_and_crops_leave_padding_at_zero(cfg):
+    torch.manual_seed(0)
+    b = _padded_batch([12, 5, 9])
+    out = BatchAugment(cfg, mel_frames_per_second=100.0)(b, torch.full((6,), -4.0))
+    assert torch.all(out["mel"] * ~out["mel_mask"][:, None, :] == 0)
+    assert out["mel_mask"].sum(1).tolist() == ([12, 5, 9] if cfg.crop == 0 else [5, 5, 5])
