@@ -135,8 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fbp-o", type=int, default=256, help="fbp outputs")
     g.add_argument("--audio-channels", type=_ints, default=(16, 32, 64, 64), help="FCN channels per conv block")
     g.add_argument("--audio-lambda", type=float, default=1.0, help="attention sharpness (0: mean pooling)")
-    g.add_argument("--audio-stats", action="store_true",
-                   help="pool the attention-weighted std of the FCN cells as well as their mean")
     g.add_argument("--audio-norm", choices=("global", "utterance"), default="global",
                    help="mel centring: training-set mean per bin, or each clip's own mean")
     g.add_argument("--video-lambda", type=float, default=1.0)
@@ -205,7 +203,7 @@ def cli(argv: list[str] | None = None) -> int:
     _setup_logging(Path(args.out), int(os.environ.get("RANK", "0")) == 0)
     model = dict(video_stream=args.video_stream, fan_relation=not args.no_relation, fusion=args.fusion,
                  fbp_k=args.fbp_k, fbp_o=args.fbp_o, audio_channels=args.audio_channels,
-                 audio_lambda=args.audio_lambda, audio_stats=args.audio_stats, audio_norm=args.audio_norm, video_lambda=args.video_lambda, video_hidden=args.video_hidden,
+                 audio_lambda=args.audio_lambda, audio_norm=args.audio_norm, video_lambda=args.video_lambda, video_hidden=args.video_hidden,
                  stt_layers=args.stt_layers, dropout=args.dropout, modality_dropout=args.modality_dropout)
     if args.modalities:
         model["modalities"] = args.modalities

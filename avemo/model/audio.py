@@ -59,13 +59,10 @@ class ConvBlock(nn.Module):
 
 
 class FCNAudioStream(nn.Module):
-    """Log-mel [B, n_mels, T] -> FCN grid [B, C, F', T'] -> attention over the F'*T' cells -> [B, C].
-
-    ``stats``: also the attention-weighted standard deviation of the cells, [B, 2C].
-    """
+    """Log-mel [B, n_mels, T] -> FCN grid [B, C, F', T'] -> attention over the F'*T' cells -> [B, C]."""
 
     def __init__(self, n_mels: int, channels: tuple[int, ...] = (16, 32, 64, 64),
-                 attention_hidden: int = 64, lam: float = 1.0, stats: bool = False):
+                 attention_hidden: int = 64, lam: float = 1.0):
         super().__init__()
         if not channels:
             raise ValueError("the audio FCN needs at least one conv block")
@@ -75,8 +72,7 @@ class FCNAudioStream(nn.Module):
             c_in = c
         self.blocks = nn.ModuleList(blocks)
         self.attention = ScaledSoftmaxAttention(c_in, attention_hidden, lam)
-        self.stats = stats
-        self.out_dim = 2 * c_in if stats else c_in
+        self.out_dim = c_in
         self.n_mels = n_mels
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,9 +85,4 @@ class FCNAudioStream(nn.Module):
         cells = x.flatten(2).transpose(1, 2)                     # [B, F'*T', C], cell index = f * T' + t
         cell_mask = mask[:, None, :].expand(b, f, t).reshape(b, f * t)
         pooled, alpha = self.attention(cells, cell_mask)         # [B, C], [B, F'*T']
-        if self.stats:
-            # attentive statistics pooling (Okabe et al., Interspeech 2018): the same weights
-            # also give the spread of the cells around the weighted mean
-            second = torch.einsum("bl,blc->bc", alpha.to(cells.dtype), cells * cells)
-            pooled = torch.cat([pooled, (second - pooled * pooled).clamp_min(1e-6).sqrt()], dim=1)  # [B, 2C]
         return pooled, alpha.view(b, f, t)

@@ -37,7 +37,6 @@ class ModelConfig:
     audio_attention_hidden: int = 64
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
     audio_norm: str = "global"             # global: training-set mean per bin; utterance: the clip's own mean
-    audio_stats: bool = False              # pool the weighted std of the FCN cells too (attentive statistics)
     video_stream: str = "attention"        # attention | fan | stt
     video_hidden: int = 128
     video_attention_hidden: int = 64
@@ -112,8 +111,7 @@ class AVEmoNet(nn.Module):
         self.cfg = cfg
         dims = []
         if cfg.uses_audio:
-            self.audio = FCNAudioStream(cfg.n_mels, cfg.audio_channels, cfg.audio_attention_hidden, cfg.audio_lambda,
-                                        cfg.audio_stats)
+            self.audio = FCNAudioStream(cfg.n_mels, cfg.audio_channels, cfg.audio_attention_hidden, cfg.audio_lambda)
             self.audio_standin = nn.Parameter(torch.zeros(self.audio.out_dim))
             self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
             self.register_buffer("mel_std", torch.ones(cfg.n_mels))
