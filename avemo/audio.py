@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from avemo.video import MediaError, open_media, stream_start
+from avemo.video import MediaError, media_duration, open_media, stream_start
 
 # Peak amplitude below which a track counts as silent (-80 dBFS: dither, not speech).
 SILENCE_PEAK = 1e-4
@@ -38,7 +38,9 @@ def decode_audio(container, stream, sample_rate: int, start: float | None = None
             container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
         except av.error.FFmpegError:
             pass
-    chunks, first_time, bad, n = [], None, 0, 0
+    span = (end if end is not None else (media_duration(container, stream) or media_duration(container) or 0.0))
+    samples = _SampleBuffer(int((span - (start or 0.0)) * sample_rate * 1.01) + sample_rate)
+    first_time, bad = None, 0
     try:
         for packet in container.demux(stream):
             try:
@@ -50,23 +52,49 @@ def decode_audio(container, stream, sample_rate: int, start: float | None = None
                 if first_time is None and frame.time is not None:
                     first_time = float(frame.time) - t0
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().mean(axis=0))  # [C, n] -> [n]
-                    n += len(chunks[-1])
-            if end is not None and first_time is not None and n >= (end - first_time) * sample_rate:
+                    samples.add(out.to_ndarray().mean(axis=0))  # [C, n] -> [n]
+            if end is not None and first_time is not None and samples.n >= (end - first_time) * sample_rate:
                 break
         else:
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().mean(axis=0))
+                samples.add(out.to_ndarray().mean(axis=0))
     except av.error.FFmpegError as e:
         if warnings is not None:
             warnings.append(f"audio stopped early: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if bad and warnings is not None:
         warnings.append(f"{bad} undecodable audio packet(s) skipped")
-    wav = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    wav = samples.array()
     first_time = first_time or 0.0
     lo = int(round(((start or 0.0) - first_time) * sample_rate)) if start else 0
     hi = int(round((end - first_time) * sample_rate)) if end is not None else len(wav)
     return wav[max(lo, 0):max(hi, 0)]
+
+
+class _SampleBuffer:
+    """Decoded samples written into one array sized from the header's duration.
+
+    Collecting chunks and concatenating them needs twice the track in memory at the end
+    (about 460 MB for an hour at 16 kHz); with a good size estimate this needs it once.
+    Headers can be wrong or missing, so the array still grows (by half) when it must; pages
+    of a too-large estimate that are never written are never touched, so they cost no memory.
+    """
+
+    MAX_INITIAL = 16000 * 3600 * 24      # a day at 16 kHz: the most a header may make us reserve
+
+    def __init__(self, expected: int):
+        self.buf = np.empty(min(max(expected, 1 << 16), self.MAX_INITIAL), np.float32)
+        self.n = 0
+
+    def add(self, x: np.ndarray) -> None:
+        if self.n + len(x) > len(self.buf):
+            grown = np.empty(max(self.n + len(x), len(self.buf) + len(self.buf) // 2), np.float32)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        self.buf[self.n:self.n + len(x)] = x
+        self.n += len(x)
+
+    def array(self) -> np.ndarray:
+        return self.buf[:self.n]
 
 
 def load_audio(path, sample_rate: int = 16000, start: float | None = None,
@@ -92,13 +120,7 @@ def trim_silence(wav: np.ndarray, top_db: float, frame_length: int = 2048, hop_l
     """
     if len(wav) == 0:
         return wav
-    pad = frame_length // 2
-    x = np.pad(np.asarray(wav, dtype=np.float64), pad)
-    n_frames = 1 + (len(x) - frame_length) // hop_length
-    # mean power of each frame from a running sum of squares: O(n) whatever the frame length
-    cs = np.concatenate([[0.0], np.cumsum(x * x)])
-    starts = np.arange(n_frames) * hop_length
-    power = (cs[starts + frame_length] - cs[starts]) / frame_length
+    power = _frame_power(wav, frame_length, hop_length)
     db = 10 * np.log10(np.maximum(power, 1e-10)) - 10 * np.log10(max(float(power.max()), 1e-10))
     loud = np.flatnonzero(db > -top_db)
     if len(loud) == 0:
@@ -106,23 +128,71 @@ def trim_silence(wav: np.ndarray, top_db: float, frame_length: int = 2048, hop_l
     return wav[loud[0] * hop_length: min(len(wav), (loud[-1] + 1) * hop_length)]
 
 
+def _frame_power(wav: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
+    """Mean power of each centred, zero-padded frame, in float64.
+
+    Sums of squares are taken per hop-sized block, a chunk of the signal at a time, and a
+    frame is a run of blocks: memory stays a few MB however long the recording (a float64
+    copy of an hour at 16 kHz would be 460 MB). Frames that are not a whole number of hops
+    long fall back to one running sum over the whole signal.
+    """
+    pad = frame_length // 2
+    n_frames = 1 + (len(wav) + 2 * pad - frame_length) // hop_length
+    starts = np.arange(n_frames) * hop_length
+    if frame_length % hop_length:
+        x = np.pad(np.asarray(wav, dtype=np.float64), pad)
+        cs = np.concatenate([[0.0], np.cumsum(x * x)])
+        return (cs[starts + frame_length] - cs[starts]) / frame_length
+    per_frame = frame_length // hop_length
+    n_blocks = n_frames + per_frame - 1
+    blocks = np.zeros(n_blocks)
+    step = hop_length * 8192                                # samples of the padded signal per chunk
+    for lo in range(0, n_blocks * hop_length, step):
+        hi = min(lo + step, n_blocks * hop_length)
+        buf = np.zeros(hi - lo)
+        a, b = max(lo - pad, 0), min(hi - pad, len(wav))   # the real samples inside [lo, hi)
+        if b > a:
+            buf[a + pad - lo: b + pad - lo] = wav[a:b]
+        blocks[lo // hop_length: hi // hop_length] = (buf * buf).reshape(-1, hop_length).sum(1)
+    cs = np.concatenate([[0.0], np.cumsum(blocks)])
+    return (cs[per_frame:] - cs[:-per_frame]) / frame_length
+
+
 @lru_cache(maxsize=8)
 def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
                    f_min: float, f_max: float | None) -> torchaudio.transforms.MelSpectrogram:
+    # frames are cut by log_mel (centred, reflect-padded at the ends), so no centring here
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
-        f_min=f_min, f_max=f_max, power=2.0, center=True, pad_mode="reflect")
+        f_min=f_min, f_max=f_max, power=2.0, center=False)
 
 
 def log_mel(wav: np.ndarray, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
-            f_min: float = 0.0, f_max: float | None = None) -> np.ndarray:
+            f_min: float = 0.0, f_max: float | None = None, chunk_frames: int = 6000) -> np.ndarray:
     """Natural-log mel power spectrogram, float32 [n_mels, T_a] with T_a = 1 + len // hop.
 
+    Frames are centred on every ``hop_length``-th sample, the signal reflected at both ends
+    (``torch.stft(center=True)``'s framing), and computed ``chunk_frames`` at a time, so an
+    hour of audio never holds its whole complex STFT (about 600 MB at 16 kHz) at once.
     Input shorter than one window (``n_fft`` samples) raises ``ValueError``.
     """
-    if len(wav) < n_fft:
-        raise ValueError(f"{len(wav)} samples is shorter than one spectrogram window ({n_fft} samples)")
+    n = len(wav)
+    if n < n_fft:
+        raise ValueError(f"{n} samples is shorter than one spectrogram window ({n_fft} samples)")
     mel = _mel_transform(sample_rate, n_fft, hop_length, n_mels, f_min, f_max)
-    with torch.no_grad():
-        power = mel(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)))  # [n_mels, T_a]
-    return torch.log(power + LOG_EPS).numpy().astype(np.float32)
+    pad, total = n_fft // 2, 1 + n // hop_length
+    # a last chunk of a few frames would be shorter than the reflection it needs: fold it in
+    chunk_frames = max(chunk_frames, 4 * (n_fft // hop_length + 1))
+    out = np.empty((n_mels, total), np.float32)
+    f0 = 0
+    while f0 < total:
+        f1 = total if total - f0 < 2 * chunk_frames else f0 + chunk_frames
+        lo, hi = f0 * hop_length - pad, (f1 - 1) * hop_length - pad + n_fft       # samples this chunk's frames see
+        seg = np.ascontiguousarray(wav[max(lo, 0):min(hi, n)], dtype=np.float32)
+        if lo < 0 or hi > n:
+            seg = np.pad(seg, (max(-lo, 0), max(hi - n, 0)), mode="reflect")
+        with torch.no_grad():
+            power = mel(torch.from_numpy(seg))                                         # [n_mels, f1 - f0]
+        out[:, f0:f1] = torch.log(power + LOG_EPS).numpy()
+        f0 = f1
+    return out

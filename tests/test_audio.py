@@ -1,0 +1,57 @@
+"""avemo.audio: trim_silence follows librosa.effects.trim's rule exactly (it replaces it for speed),
+and the chunked log-mel equals the whole-signal one."""
+import librosa
+import numpy as np
+import pytest
+import torch
+import torchaudio
+
+from avemo.audio import LOG_EPS, log_mel, trim_silence
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_trim_matches_librosa(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(100, 50000))
+    wav = (rng.standard_normal(n) * rng.uniform(0.001, 1)).astype(np.float32)
+    a, b = sorted(rng.integers(0, n, 2))
+    wav[:a] *= rng.uniform(0, 0.01)     # quiet lead-in and tail of random length and level
+    wav[b:] *= rng.uniform(0, 0.01)
+    top_db = float(rng.uniform(10, 60))
+    expected, _ = librosa.effects.trim(wav, top_db=top_db)
+    np.testing.assert_array_equal(trim_silence(wav, top_db), expected)
+
+
+def test_trim_edge_cases():
+    assert len(trim_silence(np.zeros(0, np.float32), 40)) == 0
+    zeros = np.zeros(1000, np.float32)   # no frame louder than another: librosa keeps it all, so do we
+    np.testing.assert_array_equal(trim_silence(zeros, 40), librosa.effects.trim(zeros, top_db=40)[0])
+    tone = np.sin(np.linspace(0, 200, 8000)).astype(np.float32)
+    padded = np.concatenate([np.zeros(16000, np.float32), tone, np.zeros(16000, np.float32)])
+    out = trim_silence(padded, 40)
+    assert 8000 <= len(out) < 8000 + 2 * 2048
+
+
+@pytest.mark.parametrize("frame_length,hop_length", [(2048, 512), (2048, 300), (400, 160)])
+def test_trim_matches_librosa_for_other_framings(frame_length, hop_length):
+    rng = np.random.default_rng(frame_length + hop_length)
+    for _ in range(10):
+        n = int(rng.integers(50, 30000))
+        wav = (rng.standard_normal(n) * rng.uniform(0.001, 1)).astype(np.float32)
+        wav[: n // 3] *= 0.001
+        expected, _ = librosa.effects.trim(wav, top_db=30, frame_length=frame_length, hop_length=hop_length)
+        np.testing.assert_array_equal(trim_silence(wav, 30, frame_length, hop_length), expected)
+
+
+@pytest.mark.parametrize("n", [400, 401, 1600, 16000, 16159, 16160, 50001])
+def test_chunked_log_mel_equals_the_whole_signal_stft(n):
+    rng = np.random.default_rng(n)
+    wav = rng.standard_normal(n).astype(np.float32) * 0.1
+    whole = torchaudio.transforms.MelSpectrogram(sample_rate=16000, n_fft=400, hop_length=160, n_mels=64,
+                                                 f_min=20.0, power=2.0, center=True, pad_mode="reflect")
+    with torch.no_grad():
+        expected = torch.log(whole(torch.from_numpy(wav)) + LOG_EPS).numpy()
+    for chunk in (1, 7, 6000):       # 1 and 7 are raised to the smallest chunk the reflection allows
+        got = log_mel(wav, 16000, 400, 160, 64, 20.0, None, chunk_frames=chunk)
+        assert got.shape == expected.shape == (64, 1 + n // 160)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
