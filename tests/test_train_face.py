@@ -13,7 +13,7 @@ from train.face import trainer as trainer_mod
 from train.face.augment import AugmentConfig, augment
 from train.face.cli import evaluate, main
 from train.face.data import DataError, read_dataset, read_image_folder
-from train.face.metrics import classification_report
+from train.metrics import classification_metrics
 from train.face.trainer import (LabelDistributionGenerator, TrainConfig, distribution_cross_entropy, lr_at,
                                 make_targets, run_training)
 
@@ -101,12 +101,12 @@ def test_schedule_warms_up_then_anneals_to_zero():
 def test_classification_report_counts_and_subsets():
     y_true = torch.tensor([0, 0, 1, 1, 1, 2])
     y_pred = torch.tensor([0, 1, 1, 1, 0, 2])
-    r = classification_report(y_true, y_pred, ["a", "b", "c"])
+    r = classification_metrics(y_true, y_pred, ["a", "b", "c"])
     assert r["n"] == 6 and r["accuracy"] == pytest.approx(4 / 6)
     assert r["uar"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
     assert r["confusion"] == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
     # two true classes out of a 4-class model, listed in another order
-    sub = classification_report(torch.tensor([0, 1, 1]), torch.tensor([3, 0, 2]), ["d", "c"], ["c", "x", "y", "d"])
+    sub = classification_metrics(torch.tensor([0, 1, 1]), torch.tensor([3, 0, 2]), ["d", "c"], ["c", "x", "y", "d"])
     assert sub["per_class_recall"] == {"d": 1.0, "c": 0.5} and sub["accuracy"] == pytest.approx(2 / 3)
 
 

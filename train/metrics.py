@@ -1,7 +1,9 @@
-"""Classification metrics (WAR, UAR, macro-F1, per-class recall) and the confusion matrix files."""
+"""Classification metrics (WAR, UAR, macro-F1, per-class recall) and the confusion matrix files,
+for the fused model and the face encoder alike."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -9,33 +11,53 @@ import pandas as pd
 from avemo.io import atomic_path
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+def _labels(y) -> np.ndarray:
+    """Integer labels from a numpy array, a list, or a (CPU or GPU) tensor."""
+    if hasattr(y, "detach"):
+        y = y.detach().cpu().numpy()
+    return np.asarray(y, dtype=np.int64)
+
+
+def confusion(y_true, y_pred, n_classes: int, n_pred_classes: int | None = None) -> np.ndarray:
     """cm[i, j] = clips of true class i predicted as class j."""
-    cm = np.zeros((n_classes, n_classes), np.int64)
-    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    cm = np.zeros((n_classes, n_pred_classes or n_classes), np.int64)
+    np.add.at(cm, (_labels(y_true), _labels(y_pred)), 1)
     return cm
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """accuracy is WAR; UAR and macro-F1 average over the classes present in ``y_true``."""
-    cm = confusion(y_true, y_pred, len(classes))
+def classification_metrics(y_true, y_pred, classes: Sequence[str],
+                           pred_classes: Sequence[str] | None = None) -> dict:
+    """accuracy is WAR; UAR and macro-F1 average over the classes present in ``y_true``.
+
+    ``classes`` names ``y_true``'s indices and ``pred_classes`` (default: the same) those of
+    ``y_pred``; they differ when a model with more classes is evaluated on a subset, and a
+    true class counts as recognised when the prediction carries its name.
+    """
+    classes = list(classes)
+    pred_classes = classes if pred_classes is None else list(pred_classes)
+    cm = confusion(y_true, y_pred, len(classes), len(pred_classes))
+    column = [pred_classes.index(c) if c in pred_classes else -1 for c in classes]
+    tp = np.array([cm[i, j] if j >= 0 else 0 for i, j in enumerate(column)])
+    predicted = np.array([cm[:, j].sum() if j >= 0 else 0 for j in column])
     support = cm.sum(1)
-    predicted = cm.sum(0)
-    tp = np.diag(cm)
     present = support > 0
     recall = np.divide(tp, support, out=np.zeros(len(classes)), where=present)
     precision = np.divide(tp, predicted, out=np.zeros(len(classes)), where=predicted > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(classes)),
                    where=(precision + recall) > 0)
     n = int(support.sum())
-    return {
+    report = {
         "n": n,
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "uar": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class_recall": {c: float(recall[i]) for i, c in enumerate(classes) if present[i]},
+        "support": {c: int(support[i]) for i, c in enumerate(classes)},
         "confusion": cm.tolist(),
     }
+    if pred_classes != classes:
+        report["confusion_rows"], report["confusion_cols"] = classes, pred_classes
+    return report
 
 
 def write_confusion(out_dir: str | Path, cm: np.ndarray | list, classes: list[str], title: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from avemo.checkpoint import CheckpointError
 from avemo.encoders import ARCHITECTURES, load_encoder
 from train.face.data import DataError, read_image_folder
-from train.face.metrics import classification_report
+from train.metrics import classification_metrics
 from train.face.trainer import TrainConfig, run_training
 
 # CLI option -> TrainConfig field, for options that change the result (None = not given)
@@ -104,7 +104,7 @@ def evaluate(directory: str | Path, encoder_name: str = "default", device: str =
         raise DataError(f"{directory}: class folder(s) {', '.join(unknown)} are not classes of encoder "
                         f"'{encoder.name}' ({', '.join(encoder.classes)})")
     probs = encoder.classify(images.pixels.permute(0, 2, 3, 1))        # [N, S, S, C] already in contract
-    report = classification_report(images.labels, probs.argmax(-1), images.classes, encoder.classes)
+    report = classification_metrics(images.labels, probs.argmax(-1), images.classes, encoder.classes)
     return {"encoder": encoder.name, "sha256": encoder.sha256, "dir": str(directory),
             "skipped": len(images.skipped), **report}
 

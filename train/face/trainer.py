@@ -30,7 +30,7 @@ from avemo.encoders import (FaceEncoder, build_encoder, export_encoder, load_enc
 from avemo.io import write_json_atomic
 from train.face.augment import AugmentConfig, augment
 from train.face.data import ImageSet, read_dataset
-from train.face.metrics import classification_report
+from train.metrics import classification_metrics
 
 STATE_FORMAT = "avemo-face-train-state"
 STATE_VERSION = 1
@@ -275,7 +275,7 @@ class Trainer:
     def evaluate(self, split: str, flip_tta: bool = False) -> dict:
         d: ImageSet = self.data[split]
         probs = predict_probs(self.model, d.pixels, self.mean, self.std, self.device, flip_tta=flip_tta)
-        return classification_report(d.labels, probs.argmax(-1), self.classes)
+        return classification_metrics(d.labels, probs.argmax(-1), self.classes)
 
     def export(self, path: Path, metrics: dict, training: dict | None = None) -> None:
         export_encoder(path, self.model, self.cfg.arch, self.cfg.model_cfg(), self.classes, self.cfg.input_size,
