@@ -79,7 +79,7 @@ class _SampleBuffer:
     of a too-large estimate that are never written are never touched, so they cost no memory.
     """
 
-    MAX_INITIAL = 16000 * 3600 * 24      # a day at 16 kHz: the most a header may make us reserve
+    MAX_INITIAL = 1 << 28                # 1 GiB of float32 (4.7 h at 16 kHz): the most a header may reserve
 
     def __init__(self, expected: int):
         self.buf = np.empty(min(max(expected, 1 << 16), self.MAX_INITIAL), np.float32)

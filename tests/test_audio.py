@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchaudio
 
-from avemo.audio import LOG_EPS, log_mel, trim_silence
+from avemo.audio import LOG_EPS, _SampleBuffer, log_mel, trim_silence
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -55,3 +55,14 @@ def test_chunked_log_mel_equals_the_whole_signal_stft(n):
         got = log_mel(wav, 16000, 400, 160, 64, 20.0, None, chunk_frames=chunk)
         assert got.shape == expected.shape == (64, 1 + n // 160)
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("expected", [0, 10, 100_000, 10**12])
+def test_sample_buffer_holds_exactly_what_was_decoded_whatever_the_header_said(expected):
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal(int(rng.integers(1, 5000))).astype(np.float32) for _ in range(200)]
+    buf = _SampleBuffer(expected)
+    for p in parts:
+        buf.add(p)
+    np.testing.assert_array_equal(buf.array(), np.concatenate(parts))
+    assert len(buf.buf) <= max(_SampleBuffer.MAX_INITIAL, 2 * sum(map(len, parts)))
