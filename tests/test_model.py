@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from avemo.batching import collate, trim_batch
 from avemo.checkpoint import CheckpointError, save_checkpoint
 from avemo.features import ClipFeatures
-from avemo.model import (FUSIONS, MODEL_KIND, MODEL_VERSION, VIDEO_STREAMS, CompactSoftmaxCE,
+from avemo.model import (FUSIONS, MODEL_KIND, MODEL_VERSION, VIDEO_STREAMS, CompactSoftmaxCE, Ensemble,
                          FactorizedBilinearPooling, FCNAudioStream, ModelConfig, ScaledSoftmaxAttention,
                          build_model, build_video_stream, load_model, masked_softmax, save_model)
 
@@ -192,6 +192,29 @@ def test_model_checkpoint_rebuilds_from_the_file_alone(tmp_path):
     save_checkpoint(tmp_path / "bad.pt", bad, MODEL_KIND, MODEL_VERSION)
     with pytest.raises(CheckpointError, match="unknown video stream 'lstm'"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_ensemble_averages_member_probabilities_and_rebuilds_from_the_file_alone(tmp_path):
+    cfg = ModelConfig(n_classes=3, n_mels=16, video_dim=6, audio_channels=(4, 8), video_hidden=8, fbp_o=8)
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_model(cfg).eval())
+    batch = collate([_clip(0, 20, 5), _clip(1, 9, 3, video=False)], 16, 6)
+    ens = Ensemble(members).eval()
+    out = ens(batch)
+    probs = torch.stack([torch.softmax(m(batch)["logits"], -1) for m in members]).mean(0)
+    torch.testing.assert_close(torch.softmax(out["logits"], -1), probs)
+    torch.testing.assert_close(out["video_attention"],
+                               torch.stack([m(batch)["video_attention"] for m in members]).mean(0))
+    one = Ensemble(members[:1]).eval()
+    torch.testing.assert_close(torch.softmax(one(batch)["logits"], -1), torch.softmax(members[0](batch)["logits"], -1))
+    save_model(tmp_path / "e.pt", ens, ["a", "b", "c"], {"n_mels": 16})
+    loaded, ckpt = load_model(tmp_path / "e.pt")
+    assert isinstance(loaded, Ensemble) and ckpt["members"] == 3 and loaded.cfg == cfg
+    torch.testing.assert_close(loaded(batch)["logits"], out["logits"])
+    with pytest.raises(ValueError, match="one model config"):
+        Ensemble([members[0], build_model(ModelConfig(n_classes=4, n_mels=16, modalities="audio"))])
 
 
 def test_config_and_batching_errors_are_specific():

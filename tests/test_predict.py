@@ -11,7 +11,9 @@ import mediagen
 from avemo.checkpoint import CheckpointError, save_checkpoint
 from avemo.extraction import ClipError, ClipExtractor
 from avemo.features import ExtractionSettings
-from avemo.model import MODEL_KIND, ModelConfig, build_model, save_model
+from avemo.batching import collate
+from avemo.model import MODEL_KIND, Ensemble, ModelConfig, build_model, save_model
+from avemo.model import load_model as load_network
 from avemo.prediction import Prediction, load_model, predict, predict_timeline
 from avemo.predict_cli import main
 
@@ -87,6 +89,25 @@ def test_prediction_reuses_the_extraction_path_exactly(work, av_model):
     via_predict = predict(FLV, av_model)
     for c in CLASSES:
         assert via_predict.probabilities[c] == pytest.approx(direct.probabilities[c], abs=1e-6)
+
+
+def test_an_ensemble_checkpoint_predicts_its_members_mean(work, av_model, tmp_path):
+    member_a = load_network(work["av"])[0]
+    member_b = load_network(_checkpoint(tmp_path / "b.pt", work["settings"]))[0]
+    with torch.no_grad():
+        for p in member_b.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path / "ens.pt"
+    save_model(path, Ensemble([member_a, member_b]), CLASSES, work["settings"].to_dict())
+    ens = load_model(path, "cpu")
+    pred = ens.predict(FLV)
+    feats = pred.features
+    one = av_model.predict_features(feats).probabilities
+    with torch.no_grad():
+        other = torch.softmax(member_b.eval()(collate([feats], member_b.cfg.n_mels, member_b.cfg.video_dim))["logits"], -1)[0]
+    for i, c in enumerate(CLASSES):
+        assert pred.probabilities[c] == pytest.approx((one[c] + float(other[i])) / 2, abs=1e-5)
+    assert pred.attention["video"].sum() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_audio_file_is_audio_only_with_a_warning(av_model):

@@ -11,7 +11,8 @@ import torch
 
 from _synthetic_cache import make_cache
 from avemo.features import ExtractionSettings
-from avemo.model import load_model
+from avemo.batching import collate
+from avemo.model import Ensemble, load_model
 from train import loop
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
@@ -115,6 +116,31 @@ def test_resume_continues_exactly(cache, tmp_path, monkeypatch):
     before = (tmp_path / "resumed" / "report.json").read_text()
     run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT, resume=True)
     assert (tmp_path / "resumed" / "report.json").read_text() == before
+
+
+def test_ensemble_trains_members_with_their_own_seeds_and_averages_them(cache, tmp_path):
+    cfg = quick(epochs=6, ensemble=2)
+    report = run_training(cache, tmp_path / "ens", dict(SMALL), cfg, SPLIT)
+    assert report["uar"] >= 0.7 and report["speakers"] == ["s4"]
+    model, ckpt = load_model(tmp_path / "ens" / "best.pt")
+    assert isinstance(model, Ensemble) and len(model.members) == 2 and ckpt["members"] == 2
+    members = [load_model(tmp_path / "ens" / f"member{k}" / "best.pt")[0] for k in (1, 2)]
+    seeds = [json.loads((tmp_path / "ens" / f"member{k}" / "report.json").read_text()) for k in (1, 2)]
+    assert all(r["n"] == 12 for r in seeds)
+    # members differ (own seeds); the ensemble's probabilities are exactly their mean
+    data = load_training_data(cache)
+    batch = collate(data.clips[:5], data.n_mels, data.video_dim)
+    with torch.no_grad():
+        probs = [torch.softmax(m(batch)["logits"], -1) for m in members]
+        ens = torch.softmax(model(batch)["logits"], -1)
+    assert not torch.allclose(probs[0], probs[1])
+    torch.testing.assert_close(ens, (probs[0] + probs[1]) / 2, atol=1e-5, rtol=1e-4)
+    # resuming a finished ensemble redoes no member and keeps the figures
+    before = json.loads((tmp_path / "ens" / "report.json").read_text())
+    run_training(cache, tmp_path / "ens", dict(SMALL), cfg, SPLIT, resume=True)
+    assert json.loads((tmp_path / "ens" / "report.json").read_text())["uar"] == before["uar"]
+    with pytest.raises(TrainError, match="finished run"):
+        run_training(cache, tmp_path / "ens", dict(SMALL), cfg, SPLIT)
 
 
 def test_features_held_on_device_or_collated_per_batch_train_identically(cache, tmp_path):

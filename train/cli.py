@@ -20,7 +20,7 @@ from avemo.io import write_json_atomic
 from avemo.model import FUSIONS, LOSSES, MODALITIES, VIDEO_STREAMS
 from train.augment import AugmentConfig
 from train.data import CacheError, TrainingData, load_training_data
-from train.loop import TrainConfig, TrainError, fit, start_runtime
+from train.loop import TrainConfig, TrainError, fit, fit_ensemble, start_runtime
 from train.splits import Split, SplitError, auto_split, column_split, explicit_split, kfold_splits, no_split
 
 log = logging.getLogger("avemo.train")
@@ -74,6 +74,8 @@ def run_training(cache: str | Path, out: str | Path, model: dict[str, Any] | Non
     ``model`` holds ``ModelConfig`` fields; n_classes, n_mels and video_dim come from the cache.
     """
     cfg, split, model = cfg or TrainConfig(), split or SplitOptions(), dict(model or {})
+    if cfg.ensemble < 1:
+        raise ValueError(f"--ensemble must be at least 1, got {cfg.ensemble}")
     rt = start_runtime()
     data = load_training_data(cache, labels)
     model.setdefault("modalities", default_modalities(data))
@@ -87,8 +89,9 @@ def run_training(cache: str | Path, out: str | Path, model: dict[str, Any] | Non
     runs = choose_splits(data, split, cfg.seed)
     out = Path(out)
     reports = []
+    train = fit_ensemble if cfg.ensemble > 1 else fit
     for sub, s in runs:
-        reports.append(fit(data, s, model, cfg, out / sub if sub else out, resume=resume, rt=rt))
+        reports.append(train(data, s, model, cfg, out / sub if sub else out, resume=resume, rt=rt))
     if len(runs) == 1:
         return reports[0]
     summary = summarise_folds(reports, [sub for sub, _ in runs])
@@ -153,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compact-beta", type=float, default=0.5, help="weight of compact softmax's extra term")
     g.add_argument("--balance", action="store_true", help="class-balanced loss weights")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ensemble", type=int, default=1, metavar="N",
+                   help="train N models (seeds seed..seed+N-1, in RUN/member1..N) and average their "
+                        "probabilities in RUN/best.pt")
     g = p.add_argument_group("augmentation")
     g.add_argument("--freq-mask", type=int, default=8, help="SpecAugment: widest frequency mask in mel bins (0: off)")
     g.add_argument("--time-mask", type=int, default=20, help="SpecAugment: widest time mask in frames (0: off)")
@@ -209,7 +215,7 @@ def cli(argv: list[str] | None = None) -> int:
         model["modalities"] = args.modalities
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       patience=args.patience, seed=args.seed, loss=args.loss, label_smoothing=args.label_smoothing,
-                      compact_beta=args.compact_beta, balance=args.balance,
+                      compact_beta=args.compact_beta, balance=args.balance, ensemble=args.ensemble,
                       augment=AugmentConfig(args.freq_mask, args.time_mask, args.n_masks, args.frame_dropout,
                                             args.mixup, args.crop),
                       features_on_device=args.features_on_device, amp=not args.no_amp, progress=not args.quiet)

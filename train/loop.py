@@ -26,7 +26,8 @@ from avemo.batching import collate, to_device, trim_batch
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avemo.features import ExtractionSettings
 from avemo.io import atomic_path, write_json_atomic
-from avemo.model import MODEL_KIND, MODEL_VERSION, ModelConfig, build_loss, build_model, load_model, save_model
+from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
+                         save_model)
 from train.augment import AugmentConfig, BatchAugment
 from train.data import TrainingData
 from train.metrics import classification_metrics, write_confusion
@@ -47,6 +48,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     compact_beta: float = 0.5
     balance: bool = False              # class-balanced loss weights
+    ensemble: int = 1                  # members trained with seeds seed, seed+1, ...; probabilities averaged
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     features_on_device: str = "auto"   # auto | yes | no
     amp: bool = True                   # autocast (bf16) on CUDA
@@ -341,6 +343,37 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         ckpt = load_checkpoint(last_path, MODEL_KIND, (MODEL_VERSION,))
         ckpt["resume"]["finished"] = True
         save_checkpoint(last_path, ckpt, MODEL_KIND, MODEL_VERSION)
+    if rt.world > 1:
+        dist.barrier()
+    return report
+
+
+def fit_ensemble(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainConfig, out: str | Path,
+                 resume: bool = False, rt: Runtime | None = None) -> dict[str, Any]:
+    """``cfg.ensemble`` runs of ``fit`` with seeds seed, seed+1, ... in ``out``/member1, member2, ...;
+    their best.pt files become one ``Ensemble`` in ``out``/best.pt, reported on as ``fit`` does.
+
+    Each member is an ordinary run, so an interrupted ensemble resumes member by member.
+    """
+    rt = rt or start_runtime()
+    out = Path(out)
+    if (out / "report.json").is_file() and not resume:
+        raise TrainError(f"{out} already holds a finished run; choose another --out (or --resume to keep it)")
+    dirs = [out / f"member{k + 1}" for k in range(cfg.ensemble)]
+    for k, member in enumerate(dirs):
+        if rt.main:
+            log.info("ensemble member %d/%d (seed %d)", k + 1, cfg.ensemble, cfg.seed + k)
+        fit(data, split, model_cfg, dataclasses.replace(cfg, seed=cfg.seed + k), member, resume, rt)
+    report = None
+    if rt.main:
+        loaded = [load_model(d / "best.pt") for d in dirs]
+        first = loaded[0][1]
+        save_model(out / "best.pt", Ensemble([m for m, _ in loaded]), data.classes, data.settings,
+                   {"members": [c["metrics"] for _, c in loaded]},
+                   {"split": first["split"], "train_config": cfg.to_dict()})
+        write_json_atomic(out / "split.json", first["split"])
+        epochs = len(pd.read_csv(dirs[0] / "metrics.csv"))
+        report = _final_report(data, Split.from_dict(first["split"]), out, cfg, rt, epochs)
     if rt.world > 1:
         dist.barrier()
     return report

@@ -190,6 +190,35 @@ class AVEmoNet(nn.Module):
         return out
 
 
+class Ensemble(nn.Module):
+    """Several AVEmoNets of one config (trained with different seeds); their class probabilities averaged.
+
+    On a few hundred clips one run's accuracy moves by several points with its seed; the
+    average of a few runs is both steadier and better. The output has the members' keys:
+    ``logits`` is the log of the mean probability (so a softmax of it gives that mean back)
+    and each attention map is the members' mean.
+    """
+
+    def __init__(self, members: list[AVEmoNet]):
+        super().__init__()
+        if not members or any(m.cfg != members[0].cfg for m in members):
+            raise ValueError("an ensemble needs at least one member, all of one model config")
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+
+    def normalisation(self) -> dict[str, list[float]]:
+        return self.members[0].normalisation()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outs = [m(batch) for m in self.members]
+        probs = torch.stack([torch.softmax(o["logits"].float(), dim=-1) for o in outs]).mean(0)   # [B, n_classes]
+        out = {"logits": probs.clamp_min(1e-12).log()}
+        for key in outs[0]:
+            if key != "logits":
+                out[key] = torch.stack([o[key].float() for o in outs]).mean(0)
+        return out
+
+
 def build_model(cfg: ModelConfig | dict[str, Any]) -> AVEmoNet:
     """Factory: a model from its config (or the config's dict, as stored in a checkpoint)."""
     if isinstance(cfg, dict):
@@ -197,8 +226,9 @@ def build_model(cfg: ModelConfig | dict[str, Any]) -> AVEmoNet:
     return AVEmoNet(cfg)
 
 
-def save_model(path: str | os.PathLike, model: AVEmoNet, classes: list[str], extraction_settings: dict[str, Any],
-               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+def save_model(path: str | os.PathLike, model: AVEmoNet | Ensemble, classes: list[str],
+               extraction_settings: dict[str, Any], metrics: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> None:
     """Write a self-describing checkpoint (atomic; loads without executing code)."""
     if len(classes) != model.cfg.n_classes:
         raise ValueError(f"{len(classes)} class names for a {model.cfg.n_classes}-class model")
@@ -210,15 +240,22 @@ def save_model(path: str | os.PathLike, model: AVEmoNet, classes: list[str], ext
         "normalisation": model.normalisation(),
         "metrics": metrics or {},
     }
+    if isinstance(model, Ensemble):
+        payload["members"] = len(model.members)
     payload.update(extra or {})
     save_checkpoint(path, payload, MODEL_KIND, MODEL_VERSION)
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[AVEmoNet, dict[str, Any]]:
-    """Rebuild the model from a checkpoint alone; returns (model in eval mode, the checkpoint dict)."""
+def load_model(path: str | os.PathLike,
+               map_location: str | torch.device = "cpu") -> tuple[AVEmoNet | Ensemble, dict[str, Any]]:
+    """Rebuild the model (or ensemble) from a checkpoint alone; returns (model in eval mode, the checkpoint dict)."""
     ckpt = load_checkpoint(path, MODEL_KIND, (MODEL_VERSION,), map_location=map_location)
     try:
-        model = build_model(ckpt["config"])
+        members = ckpt.get("members")
+        if members:
+            model = Ensemble([build_model(ckpt["config"]) for _ in range(int(members))])
+        else:
+            model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the model in this checkpoint cannot be rebuilt: {e}") from None
