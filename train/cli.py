@@ -89,9 +89,9 @@ def run_training(cache: str | Path, out: str | Path, model: dict[str, Any] | Non
     runs = choose_splits(data, split, cfg.seed)
     out = Path(out)
     reports = []
-    train = fit_ensemble if cfg.ensemble > 1 else fit
+    fit_split = fit_ensemble if cfg.ensemble > 1 else fit
     for sub, s in runs:
-        reports.append(train(data, s, model, cfg, out / sub if sub else out, resume=resume, rt=rt))
+        reports.append(fit_split(data, s, model, cfg, out / sub if sub else out, resume=resume, rt=rt))
     if len(runs) == 1:
         return reports[0]
     summary = summarise_folds(reports, [sub for sub, _ in runs])
