@@ -238,3 +238,22 @@ def test_trim_batch_cuts_shared_padding_only():
     batch = collate([_clip(0, 30, 5), _clip(1, 13, 9)], 16, 6)
     sub = trim_batch({k: v[1:] for k, v in batch.items()})
     assert sub["mel"].shape[-1] == 13 and sub["video"].shape[1] == 9
+
+
+def test_masked_batchnorm_statistics_hold_in_bf16_for_large_means():
+    # under CUDA bf16 autocast the conv output reaches BatchNorm in bf16; a channel whose mean
+    # is large against its spread must still come out with unit spread over its valid cells
+    from avemo.model.audio import MaskedBatchNorm2d
+    torch.manual_seed(0)
+    bn = MaskedBatchNorm2d(3).train()
+    x = torch.randn(4, 3, 8, 50) * torch.tensor([1.0, 1.0, 4.0])[None, :, None, None]
+    x = x + torch.tensor([0.0, 30.0, 200.0])[None, :, None, None]
+    x = x.to(torch.bfloat16)
+    mask = torch.ones(4, 50, dtype=torch.bool)
+    mask[1, 30:] = False
+    y = bn(x, mask).float()
+    valid = mask[:, None, None, :].expand_as(y)
+    for c in range(3):
+        yc = y[:, c][valid[:, c]]
+        assert abs(float(yc.mean())) < 0.05
+        assert float(yc.std()) == pytest.approx(1.0, abs=0.03), (c, float(yc.std()))

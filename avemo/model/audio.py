@@ -21,11 +21,13 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         # x [B, C, F, T], mask [B, T] bool, or None when nothing in the batch is padded
         if not self.training or mask is None:
             return super().forward(x)
-        m = mask[:, None, None, :].to(x.dtype)                            # [B, 1, 1, T]
+        # statistics in float32 and in two passes: under bf16 autocast a one-pass E[x^2] - E[x]^2
+        # loses the variance of any channel whose mean is large against its spread
+        xf = x.float()
+        m = mask[:, None, None, :].to(torch.float32)                      # [B, 1, 1, T]
         n = (m.sum() * x.shape[2]).clamp_min(1.0)
-        xm = x * m
-        mean = xm.sum(dim=(0, 2, 3)) / n
-        var = ((xm * x).sum(dim=(0, 2, 3)) / n - mean * mean).clamp_min(0.0)
+        mean = (xf * m).sum(dim=(0, 2, 3)) / n
+        var = (((xf - mean[None, :, None, None]) * m) ** 2).sum(dim=(0, 2, 3)) / n
         with torch.no_grad():
             unbiased = var * n / (n - 1).clamp_min(1.0)
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
@@ -34,7 +36,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         # y = (x - mean) / sqrt(var + eps) * w + b, folded into one multiply-add over x
         scale = self.weight * torch.rsqrt(var + self.eps)
         shift = self.bias - mean * scale
-        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
+        return torch.addcmul(shift[None, :, None, None], xf, scale[None, :, None, None]).to(x.dtype)
 
 
 class ConvBlock(nn.Module):
