@@ -278,5 +278,7 @@ def test_cuda_extraction_matches_cpu(setup):
     settings = ExtractionSettings(frames=4, encoder=kw["face_encoder"])
     cpu, gpu = ClipExtractor(settings, "cpu").extract(clip), ClipExtractor(settings, "cuda").extract(clip)
     np.testing.assert_array_equal(cpu.arrays["face_mask"], gpu.arrays["face_mask"])
-    np.testing.assert_allclose(cpu.arrays["boxes"], gpu.arrays["boxes"], atol=2.0)
+    # cuDNN runs MTCNN's convolutions in TF32 on recent GPUs: boxes agree to a few % of the face size
+    side = cpu.arrays["boxes"][:, 3] - cpu.arrays["boxes"][:, 1]
+    assert np.abs(cpu.arrays["boxes"] - gpu.arrays["boxes"]).max() < 0.04 * side.min()
     np.testing.assert_allclose(cpu.arrays["mel"], gpu.arrays["mel"], atol=1e-4)

@@ -286,3 +286,20 @@ def test_ddp_two_cpu_processes_write_the_same_files_as_one(cache, tmp_path):
     r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert set(r1) == set(r2) and r1["n"] == r2["n"] == 12
     assert len(pd.read_csv(tmp_path / "two" / "metrics.csv")) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("on_device", ["yes", "no"])
+def test_cuda_bf16_training_learns_and_its_checkpoint_predicts_on_the_cpu(cache, tmp_path, on_device):
+    report = run_training(cache, tmp_path / "run", dict(SMALL), quick(features_on_device=on_device), SPLIT)
+    assert report["uar"] >= 0.7, report
+    model, ckpt = load_model(tmp_path / "run" / "best.pt")            # CPU, as avemo-predict on a laptop
+    assert next(model.parameters()).device.type == "cpu"
+    data = load_training_data(cache)
+    batch = collate(data.clips[:5], data.n_mels, data.video_dim)
+    with torch.no_grad():
+        cpu_logits = model(batch)["logits"]
+        gpu_model, _ = load_model(tmp_path / "run" / "best.pt", map_location="cuda")
+        gpu_logits = gpu_model({k: v.cuda() for k, v in batch.items()})["logits"].cpu()
+    torch.testing.assert_close(gpu_logits, cpu_logits, atol=1e-3, rtol=1e-3)

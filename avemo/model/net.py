@@ -248,7 +248,8 @@ def save_model(path: str | os.PathLike, model: AVEmoNet | Ensemble, classes: lis
 
 def load_model(path: str | os.PathLike,
                map_location: str | torch.device = "cpu") -> tuple[AVEmoNet | Ensemble, dict[str, Any]]:
-    """Rebuild the model (or ensemble) from a checkpoint alone; returns (model in eval mode, the checkpoint dict)."""
+    """Rebuild the model (or ensemble) from a checkpoint alone, on ``map_location``; returns (model in eval
+    mode, the checkpoint dict)."""
     ckpt = load_checkpoint(path, MODEL_KIND, (MODEL_VERSION,), map_location=map_location)
     try:
         members = ckpt.get("members")
@@ -259,4 +260,5 @@ def load_model(path: str | os.PathLike,
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the model in this checkpoint cannot be rebuilt: {e}") from None
-    return model.eval(), ckpt
+    # load_state_dict copies into the modules where they are built (the CPU): move them too
+    return model.to(map_location).eval(), ckpt
