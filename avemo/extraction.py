@@ -12,6 +12,9 @@ A missing modality is data: its reason goes into ``ClipFeatures.warnings`` as
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import stat
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -24,6 +27,7 @@ from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_sil
 from avemo.encoders import load_encoder
 from avemo.faces import Detections, FaceDetector, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
+from avemo.io import display_name, first_line
 from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
                          sample_times, scan_ends, video_span, video_stream)
 
@@ -45,6 +49,36 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def with_encoder_identity(settings: ExtractionSettings, encoder) -> ExtractionSettings:
+    """``settings`` with the loaded encoder's hash and feature size filled in; if ``settings``
+    already carry a hash (read back from a cache or a checkpoint) the encoder must match it."""
+    if settings.encoder_sha256 and settings.encoder_sha256 != encoder.sha256:
+        raise ValueError(
+            f"face encoder '{settings.encoder}' is not the one these settings were made with "
+            f"(sha256 {encoder.sha256[:12]}... vs {settings.encoder_sha256[:12]}...)")
+    return dataclasses.replace(settings, encoder_sha256=encoder.sha256, feature_dim=encoder.feature_dim)
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as a regular file (broken link, link loop, FIFO, ...), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symbolic link (its target {display_name(os.readlink(path))} does not exist)"
+        return "file not found (removed after the folder was listed?)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (the link points, through other links, back to itself)"
+        return f"cannot read the file: {e.strerror or first_line(e)}"
+    if not stat.S_ISREG(st.st_mode):
+        # opening a FIFO or a device would wait for a writer forever
+        return "not a regular file (a folder, pipe or device)"
+    if not os.access(path, os.R_OK):
+        return "permission denied (the file is not readable by this user)"
+    return None
+
+
 class ClipExtractor:
     """Loads MTCNN and the face encoder once; ``extract()`` turns one file into ``ClipFeatures``.
 
@@ -62,12 +96,7 @@ class ClipExtractor:
         self.encoder = self.detector = None
         if with_video:
             self.encoder = load_encoder(settings.encoder, self.device)
-            if settings.encoder_sha256 and settings.encoder_sha256 != self.encoder.sha256:
-                raise ValueError(
-                    f"face encoder '{settings.encoder}' is not the one these settings were made with "
-                    f"(sha256 {self.encoder.sha256[:12]}... vs {settings.encoder_sha256[:12]}...)")
-            settings = dataclasses.replace(settings, encoder_sha256=self.encoder.sha256,
-                                           feature_dim=self.encoder.feature_dim)
+            settings = with_encoder_identity(settings, self.encoder)
             self.detector = FaceDetector(self.device, settings.min_face_size, settings.min_face_prob,
                                          settings.min_face_frac)
         self.settings = settings
@@ -89,8 +118,9 @@ class ClipExtractor:
         path = Path(path)
         if start is not None and end is not None and not end > start:
             raise ValueError(f"empty time window: start {start} >= end {end}")
-        if not path.is_file():
-            raise ClipError("file not found" if not path.exists() else "not a regular file")
+        reason = unreadable_reason(path)
+        if reason:
+            raise ClipError(reason)
         if path.stat().st_size == 0:
             raise ClipError("empty file (0 bytes)")
         try:
@@ -219,6 +249,10 @@ class ClipExtractor:
             out["landmarks"][i] = dets[i].landmarks[j] / scale
             if s.keep_crops:
                 out["crops"][i] = crops[i][j]
+        if not np.isfinite(out["video_features"]).all():
+            # refused here, where it arises: stored, it would train to NaN weights
+            warnings.append("video: the face encoder gave NaN or infinite features (a broken encoder file?)")
+            return {}
         if not out["face_mask"].any():
             warnings.append(f"video: no face found in any of {t} sampled frame(s)")
         elif max(len(d.probs) for d in dets) > 1:
@@ -236,6 +270,10 @@ class ClipExtractor:
             warnings.extend(f"audio: {n}" for n in notes)
             if len(wav) == 0:
                 warnings.append("audio: no audio could be decoded")
+                return None, 0.0
+            if not np.isfinite(wav).all():
+                # float formats can carry them; stored, they would train to NaN weights
+                warnings.append("audio: the decoded samples hold NaN or infinite values")
                 return None, 0.0
             if is_silent(wav):
                 warnings.append("audio: the audio track is silent")

@@ -23,19 +23,29 @@ Loading never unpickles: metadata is JSON stored as a uint8 array.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from avemo.io import atomic_path, dataclass_from_dict
+from avemo.io import atomic_path, dataclass_from_dict, first_line
 
 CACHE_FORMAT_VERSION = 1
+# arrays that must be finite: NaN or inf here would train to NaN weights (boxes and
+# landmarks use NaN on purpose, for "no face")
+FINITE_KEYS = ("video_features", "mel")
+
+
+class FeatureFileError(ValueError):
+    """A feature file that cannot be read (empty, truncated, not an avemo file); the reason in words."""
 ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "landmarks", "crops", "mel")
 
 
@@ -143,21 +153,59 @@ class ClipFeatures:
             with open(tmp, "wb") as f:  # a file object stops numpy appending ".npz" to the temp name
                 np.savez(f, meta=meta, **self.arrays)
 
+    def nonfinite(self) -> list[str]:
+        """Names of the arrays that hold NaN or infinite values (see ``FINITE_KEYS``)."""
+        return [k for k in FINITE_KEYS if k in self.arrays and not np.isfinite(self.arrays[k]).all()]
+
+    @staticmethod
+    def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+        """The metadata of a feature file without loading its arrays (cheap); ``FeatureFileError`` if unreadable."""
+        with _reading(path) as z:
+            return _meta(z, path)
+
     @classmethod
     def load(cls, path: str | os.PathLike, with_crops: bool = False) -> "ClipFeatures":
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode("utf-8"))
-            if meta.get("format_version") != CACHE_FORMAT_VERSION:
-                raise ValueError(f"{path}: cache format {meta.get('format_version')} is not "
-                                 f"{CACHE_FORMAT_VERSION}; re-extract with this avemo version")
+        with _reading(path) as z:
+            meta = _meta(z, path)
             arrays = {k: z[k] for k in ARRAY_KEYS if k in z.files and (with_crops or k != "crops")}
         return cls(clip=meta["clip"], settings=meta["settings"], duration=meta["duration"],
                    audio_seconds=meta["audio_seconds"], label=meta["label"], speaker=meta["speaker"],
                    warnings=meta.get("warnings", []), arrays=arrays)
 
 
+@contextlib.contextmanager
+def _reading(path):
+    """np.load of an .npz, with every way a damaged file fails turned into ``FeatureFileError``."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise FeatureFileError(f"{path}: empty feature file (0 bytes)")
+        with np.load(path, allow_pickle=False) as z:
+            yield z
+    except FeatureFileError:
+        raise
+    except FileNotFoundError:
+        raise FeatureFileError(f"{path}: feature file missing") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error, UnicodeDecodeError) as e:
+        raise FeatureFileError(f"{path}: damaged feature file (truncated or overwritten?): "
+                               f"{type(e).__name__}: {first_line(e)}") from None
+
+
+def _meta(z, path) -> dict[str, Any]:
+    if "meta" not in z.files:
+        raise FeatureFileError(f"{path}: not an avemo feature file (no metadata)")
+    meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+    if not isinstance(meta, dict) or meta.get("format_version") != CACHE_FORMAT_VERSION:
+        raise FeatureFileError(f"{path}: cache format {meta.get('format_version') if isinstance(meta, dict) else '?'} "
+                               f"is not {CACHE_FORMAT_VERSION}; re-extract with this avemo version")
+    missing = {"clip", "settings", "duration", "audio_seconds", "label", "speaker"} - set(meta)
+    if missing:
+        raise FeatureFileError(f"{path}: feature metadata lacks {', '.join(sorted(missing))}")
+    return meta
+
+
 def feature_filename(clip: str) -> str:
     """A flat, collision-free file name for a clip id (ids are relative paths, maybe non-ASCII)."""
     stem = Path(clip).name
     safe = "".join(c if (c.isalnum() and c.isascii()) or c in "-_." else "_" for c in stem)[:80]
-    return f"{safe}.{hashlib.sha1(clip.encode('utf-8')).hexdigest()[:10]}.npz"
+    # fsencode: a name that is not UTF-8 (kept as surrogates) hashes as its bytes on disk
+    return f"{safe}.{hashlib.sha1(os.fsencode(clip)).hexdigest()[:10]}.npz"

@@ -146,33 +146,66 @@ def iter_frames_at(container, stream, times: np.ndarray, max_side: int,
         return
     stream.thread_type = "AUTO"
     t0 = stream_start(stream)
-    k, prev, last = 0, None, None   # next target; last decoded frame; last yielded frame
+    k, prev = 0, None               # next target; last decoded frame
+    shown_t = -math.inf             # time of the last yielded frame
     rate = stream.average_rate or stream.guessed_rate
     max_gap = max(0.5, 5.0 / float(rate)) if rate else 0.5   # missing frames, not a slow frame rate
+    # A seek lands on the keyframe at or before its target, which with long GOPs (or a
+    # damaged index) can be far behind it: seeking again would land in the same place for
+    # ever. So a seek only ever goes to a later target than the last one, and only from
+    # behind it; once a seek has landed behind where decoding already was, the rest of
+    # the stream is decoded straight through.
+    seek = _Seeker(container, stream, t0)
     if times[0] > SEEK_GAP_S:
-        _seek(container, stream, t0 + times[0])
+        seek.to(times[0], from_t=-math.inf)
     for frame in _decode(container, stream, info):
         t = _frame_time(frame, t0)
+        seek.landed(t)
         info.corrupt_frames += bool(frame.is_corrupt)
         if prev is not None and t - _frame_time(prev, t0) > max_gap:
             info.gaps.append((_frame_time(prev, t0), t - _frame_time(prev, t0)))
-        info.end_time = t
+        info.end_time = t if info.end_time is None else max(info.end_time, t)
         while k < len(times) and t > times[k]:
             # on screen at times[k]: the previous frame (or this one, if none came before)
             shown = prev if prev is not None else frame
-            if shown is not last:
-                last = shown
-                yield _frame_time(shown, t0), _to_rgb(shown, max_side, info)
+            st = _frame_time(shown, t0)
+            if st > shown_t:
+                shown_t = st
+                yield st, _to_rgb(shown, max_side, info)
             k += 1
         if k >= len(times):
             return
         prev = frame
-        if times[k] - t > SEEK_GAP_S:
-            _seek(container, stream, t0 + times[k])
+        if times[k] - t > SEEK_GAP_S and seek.to(times[k], from_t=t):
             prev = None
-    if prev is not None and k < len(times) and prev is not last:
+    if prev is not None and k < len(times) and _frame_time(prev, t0) > shown_t:
         # the last frame stays on screen to the end of the clip
         yield _frame_time(prev, t0), _to_rgb(prev, max_side, info)
+
+
+class _Seeker:
+    """Seeks that can only move forward: each to a later target than the last, none after one went backwards."""
+
+    def __init__(self, container, stream, t0: float):
+        self.container, self.stream, self.t0 = container, stream, t0
+        self.last_target = -math.inf
+        self.from_t: float | None = None     # where decoding was when the pending seek was made
+        self.enabled = True
+
+    def to(self, target: float, from_t: float) -> bool:
+        """Seek to ``target`` (seconds from the stream start) if allowed; True if it was done."""
+        if not self.enabled or target <= self.last_target:
+            return False
+        self.last_target, self.from_t = target, from_t
+        _seek(self.container, self.stream, self.t0 + target)
+        return True
+
+    def landed(self, t: float) -> None:
+        """Called with each decoded frame's time: a seek that landed behind its start disables seeking."""
+        if self.from_t is not None:
+            if t <= self.from_t:
+                self.enabled = False
+            self.from_t = None
 
 
 def _decode(container, stream, info: VideoFrames):

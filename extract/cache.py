@@ -6,6 +6,7 @@ Layout::
     CACHE/features/*.npz       one ClipFeatures per clip (avemo.features.feature_filename)
     CACHE/rows/*.json          one manifest row per source file, written after its .npz
     CACHE/manifest.csv         all rows, rebuilt from rows/ at the end of every run
+    CACHE/.lock                held by every run: exclusively by an unsharded one, shared by shards
 
 Every file is written atomically, the row only after the features it points to, so a
 run killed at any instant leaves finished clips complete and unfinished ones absent.
@@ -14,6 +15,9 @@ whichever finishes last writes the full manifest (``merge_manifest`` rebuilds it
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import time
@@ -21,8 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from avemo.features import ExtractionSettings, feature_filename
-from avemo.io import atomic_path, write_json_atomic
+from avemo.features import ClipFeatures, ExtractionSettings, FeatureFileError, feature_filename
+from avemo.io import display_name, write_json_atomic
+from avemo.tables import restore, write_csv_atomic
 
 COLUMNS = ["clip", "status", "reason", "label", "speaker", "feature_file", "duration", "frames_sampled",
            "face_coverage", "audio_seconds", "has_video", "has_audio", "crops", "settings_hash"]
@@ -37,6 +42,19 @@ class SettingsMismatch(ValueError):
     """The cache was made with other extraction settings; mixing them would corrupt it."""
 
 
+class CacheBusy(RuntimeError):
+    """Another avemo-extract is working on this cache in a way this run cannot share."""
+
+
+def source_stamp(source: Path) -> list[int] | None:
+    """Size and modification time of a source file, or None if it cannot be read (gone, a broken link)."""
+    try:
+        st = source.stat()
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 class Cache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -44,6 +62,28 @@ class Cache:
         self.rows_dir = self.root / "rows"
         self.manifest_path = self.root / "manifest.csv"
         self.settings_path = self.root / "settings.json"
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool):
+        """Hold the cache's lock for a run: an unsharded run alone (it may clear any temporary
+        file), shards of one job together. A run that cannot have it is refused at once."""
+        if self.root.exists() and not self.root.is_dir():
+            raise SettingsMismatch(f"--out {self.root} exists and is not a folder")
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise CacheBusy(
+                    f"{self.root} is in use by another avemo-extract run"
+                    + (" (shards of one job may share a cache: use --shard I/N in every one)" if exclusive
+                       else " without --shard") + "; wait for it to finish, or use another --out") from None
+            yield
+        finally:
+            os.close(fd)
 
     def claim(self, settings: ExtractionSettings) -> None:
         """Record ``settings`` for a new cache, or refuse if the cache holds other settings."""
@@ -67,9 +107,10 @@ class Cache:
         now, n = time.time(), 0
         for d in (self.features_dir, self.rows_dir, self.root):
             for p in d.glob(".*.tmp"):
-                if all_of_them or now - p.stat().st_mtime > STALE_TMP_S:
-                    p.unlink(missing_ok=True)
-                    n += 1
+                with contextlib.suppress(FileNotFoundError):    # a shard may finish it meanwhile
+                    if all_of_them or now - p.stat().st_mtime > STALE_TMP_S:
+                        p.unlink()
+                        n += 1
         return n
 
     def feature_file(self, clip: str) -> str:
@@ -87,38 +128,57 @@ class Cache:
         return row if row.get("clip") == clip else None
 
     def write_row(self, row: dict, source: Path) -> None:
-        st = source.stat()
-        write_json_atomic(self.row_path(row["clip"]), {**{k: row.get(k) for k in COLUMNS},
-                                                       "source_stamp": [st.st_size, st.st_mtime_ns]})
+        extra = {"source_stamp": source_stamp(source)}
+        if row.get("feature_file"):
+            extra["feature_bytes"] = os.path.getsize(self.root / row["feature_file"])
+        write_json_atomic(self.row_path(row["clip"]), {**{k: row.get(k) for k in COLUMNS}, **extra})
 
     def is_done(self, clip: str, source: Path, digest: str, need_crops: bool, retry_failed: bool) -> dict | None:
         """The finished row for ``clip`` with these settings, or None if it must be (re)done."""
         row = self.read_row(clip)
         if row is None or row.get("settings_hash") != digest:
             return None
-        st = source.stat()
-        if row.get("source_stamp") != [st.st_size, st.st_mtime_ns]:
+        if row.get("source_stamp") != source_stamp(source):
             return None     # the file was replaced or edited since
         if row["status"] == "failed":
             # an internal error may be transient (out of memory, a bug since fixed): always retry it
             internal = str(row.get("reason") or "").startswith(INTERNAL_ERROR)
             return None if retry_failed or internal else row
-        if not (self.root / row["feature_file"]).is_file():
+        if not self.features_intact(row, digest):
             return None
         if need_crops and row.get("has_video") and not row.get("crops"):
             return None
         return row
 
+    def features_intact(self, row: dict, digest: str) -> bool:
+        """The row's feature file is there, whole (its size as written) and made with these settings."""
+        path = self.root / row["feature_file"]
+        try:
+            if row.get("feature_bytes") is not None and os.path.getsize(path) != row["feature_bytes"]:
+                return False
+            meta = ClipFeatures.read_meta(path)
+            return ExtractionSettings.from_dict(meta["settings"]).digest() == digest
+        except (OSError, FeatureFileError, ValueError, TypeError):
+            return False
+
     def write_manifest(self, clips: list[str]) -> pd.DataFrame:
-        """manifest.csv with the finished row of every clip in ``clips`` (sorted); returns it."""
+        """manifest.csv with the finished row of every clip in ``clips`` (sorted); returns it.
+
+        The returned frame keeps clip ids as found; the file shows names that are not
+        UTF-8 with ``\\x`` escapes and neutralises spreadsheet formulas (``avemo.tables``).
+        """
         rows = [{k: r.get(k) for k in COLUMNS} for r in (self.read_row(c) for c in sorted(clips)) if r is not None]
         df = pd.DataFrame(rows, columns=COLUMNS)
-        with atomic_path(self.manifest_path) as tmp:
-            df.to_csv(tmp, index=False)
+        shown = df.assign(clip=df["clip"].map(display_name))
+        write_csv_atomic(self.manifest_path, shown, index=False)
         return df
 
 
 def read_manifest(cache: str | os.PathLike) -> pd.DataFrame:
     """The manifest of a cache folder (clip, label, speaker and reason read as text; empty -> NaN)."""
-    text = {c: str for c in ("clip", "status", "reason", "label", "speaker", "feature_file", "settings_hash")}
-    return pd.read_csv(Path(cache) / "manifest.csv", dtype=text)
+    text = ("clip", "status", "reason", "label", "speaker", "feature_file", "settings_hash")
+    df = pd.read_csv(Path(cache) / "manifest.csv", dtype={c: str for c in text})
+    for col in text:
+        if col in df.columns:
+            df[col] = df[col].map(restore)
+    return df

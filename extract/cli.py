@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from extract.cache import SettingsMismatch
+from avemo.io import NoSpaceError
+from extract.cache import CacheBusy, SettingsMismatch
 from extract.labels import SCHEMES
 from extract.run import UsageError, extract_folder
 
@@ -30,22 +31,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="do only shard I of N (1-based), e.g. $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("--keep-crops", action="store_true", help="also store the aligned face crops (uint8)")
     p.add_argument("--retry-failed", action="store_true", help="extract clips that failed last time again")
+    p.add_argument("--clip-timeout", type=float, metavar="S",
+                   help="stop a clip (recorded as failed) after S seconds; default 300 s + 4 s per second of media")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (0 ok, 1 every clip failed, 2 usage error)."""
+    """Run the command; returns the exit status (0 ok, 1 every clip failed, 2 usage error,
+    3 no space left on the cache's disk, 4 the cache is in use by another run)."""
     args = build_parser().parse_args(argv)
     try:
         manifest = extract_folder(
             args.video_dir, args.out, frames=args.frames, fps=args.fps, label_from=args.label_from,
             labels=args.labels, face_encoder=args.face_encoder, device=args.device, workers=args.workers,
             shard=args.shard, keep_crops=args.keep_crops, retry_failed=args.retry_failed,
-            progress=not args.quiet)
+            clip_timeout=args.clip_timeout, progress=not args.quiet)
     except (UsageError, SettingsMismatch, ValueError) as e:
         print(f"avemo-extract: error: {e}", file=sys.stderr)
         return 2
+    except NoSpaceError as e:
+        print(f"avemo-extract: error: {e.strerror}; every clip finished so far is kept: free some space "
+              "and run the same command again to resume", file=sys.stderr)
+        return 3
+    except CacheBusy as e:
+        print(f"avemo-extract: error: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("avemo-extract: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

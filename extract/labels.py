@@ -6,9 +6,10 @@ EmoDB "boredom"), so corpora can be mixed in one cache.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
-import pandas as pd
+from avemo.tables import TableError, read_strict_csv
 
 CREMAD = {"ANG": "angry", "DIS": "disgust", "FEA": "fear", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
 RAVDESS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fear",
@@ -58,7 +59,13 @@ _PARSERS = {"cremad": parse_cremad, "ravdess": parse_ravdess, "emodb": parse_emo
 
 
 class Labeller:
-    """``labeller(clip_id) -> (label, speaker, note)``; note explains a missing label."""
+    """``labeller(clip_id) -> (label, speaker, note)``; note explains a missing label.
+
+    A labels CSV names clips by their path relative to the input folder; a bare file name
+    (no folder) also matches, after ``bind(clips)``, the one clip of that name anywhere
+    below. A bare name that fits several clips is an error, never a silent relabelling:
+    it would also merge those clips' speakers and break the speaker-independent split.
+    """
 
     def __init__(self, scheme: str | None = None, csv: str | Path | None = None):
         if scheme and csv:
@@ -66,11 +73,42 @@ class Labeller:
         if scheme and scheme not in SCHEMES:
             raise LabelError(f"unknown label scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
         self.scheme = scheme
-        self.table = _read_csv(Path(csv)) if csv else None
+        self.csv = Path(csv) if csv else None
+        self.entries = _read_csv(self.csv) if csv else None   # entry -> (line, (label, speaker, note))
+        self.table = {e: v for e, (_, v) in self.entries.items()} if self.entries is not None else None
+
+    def bind(self, clips: list[str]) -> None:
+        """Resolve the CSV's entries against the clips actually found; ambiguity is a ``LabelError``."""
+        if self.entries is None:
+            return
+        found = set(clips)
+        by_name: dict[str, list[str]] = defaultdict(list)
+        for c in clips:
+            by_name[PurePosixPath(c).name].append(c)
+        table: dict[str, tuple] = {}
+        owner: dict[str, int] = {}
+        for entry, (line, value) in self.entries.items():
+            if entry in found:
+                targets = [entry]
+            elif "/" not in entry:
+                targets = by_name.get(entry, [])
+                if len(targets) > 1:
+                    shown = ", ".join(sorted(targets)[:3]) + (", ..." if len(targets) > 3 else "")
+                    raise LabelError(f"labels CSV {self.csv}, line {line}: '{entry}' names no folder and matches "
+                                     f"{len(targets)} files ({shown}); write each one's path relative to the "
+                                     "input folder")
+            else:
+                targets = []
+            for t in targets:
+                if t in owner:
+                    raise LabelError(f"labels CSV {self.csv}: lines {owner[t]} and {line} both label '{t}'")
+                owner[t] = line
+                table[t] = value
+        self.table = table
 
     def __call__(self, clip: str):
         if self.table is not None:
-            row = self.table.get(clip) or self.table.get(PurePosixPath(clip).name)
+            row = self.table.get(clip)
             if row is None:
                 return None, None, "not listed in the labels CSV"
             return row
@@ -82,21 +120,13 @@ class Labeller:
 
 
 def _read_csv(path: Path) -> dict:
-    if not path.is_file():
-        raise LabelError(f"labels CSV {path} not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise LabelError(f"labels CSV {path} is not a readable CSV: {e}") from None
-    missing = {"clip", "label"} - set(df.columns)
-    if missing:
-        raise LabelError(f"labels CSV {path} needs columns 'clip' and 'label' (optional 'speaker'); "
-                         f"missing {', '.join(sorted(missing))}; found {', '.join(df.columns)}")
-    dup = df["clip"][df["clip"].duplicated()]
-    if len(dup):
-        raise LabelError(f"labels CSV {path} lists clip '{dup.iloc[0]}' more than once")
+        rows = read_strict_csv(path, ("clip", "label"), ("speaker", "split"), key="clip")
+    except TableError as e:
+        raise LabelError(f"labels CSV {e}") from None
     table = {}
-    for r in df.itertuples(index=False):
-        speaker = getattr(r, "speaker", "") or None
-        table[r.clip.replace("\\", "/")] = (r.label or None, speaker, None if r.label else "empty label in the CSV")
+    for line, r in rows:
+        clip = r["clip"].replace("\\", "/")
+        label, speaker = r["label"] or None, r.get("speaker") or None
+        table[clip] = (line, (label, speaker, None if label else "empty label in the CSV"))
     return table

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import dataclasses
 import hashlib
-import multiprocessing
+import math
 import os
 import re
 import sys
@@ -18,11 +17,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, expects_video
 from avemo.checkpoint import CheckpointError
+from avemo.encoders import load_encoder
+from avemo.extraction import (AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, expects_video,
+                              with_encoder_identity)
 from avemo.features import ExtractionSettings
+from avemo.io import NoSpaceError, display_name, first_line
 from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
+from extract.workers import WorkerPool
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 
@@ -47,30 +50,40 @@ class Walk:
 
 
 def walk_folder(root: Path, exclude: list[Path], labeller: Labeller) -> Walk:
-    """Every file under ``root`` except hidden ones and the ``exclude`` paths (the cache itself)."""
-    excluded = [p.resolve() for p in exclude]
-    items, hidden = [], 0
+    """Every file under ``root`` except hidden ones and the ``exclude`` paths (the cache itself).
+
+    Nothing here opens or follows a file: broken links, link loops and files that vanish
+    are listed like any other and get their reason when their turn comes.
+    """
+    # realpath never raises (a link loop resolves to itself), unlike Path.resolve in 3.10/3.11
+    excluded = [os.path.realpath(p) for p in exclude]
+
+    def is_excluded(p: Path) -> bool:
+        full = os.path.realpath(p)
+        return any(full == e or full.startswith(e + os.sep) for e in excluded)
+
+    paths, hidden = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
-            full = (here / d).resolve()
             if d.startswith("."):
                 hidden += 1
-            elif not any(full == e or e in full.parents for e in excluded if e.is_dir()) and full not in excluded:
+            elif not is_excluded(here / d):
                 keep.append(d)
         dirnames[:] = keep
         for f in filenames:
             p = here / f
             if f.startswith("."):
                 hidden += 1
-                continue
-            if p.resolve() in excluded:
-                continue
-            clip = p.relative_to(root).as_posix()
-            label, speaker, note = labeller(clip) if p.suffix.lower() in MEDIA_EXTENSIONS else (None, None, None)
-            items.append(Item(clip, str(p), label, speaker, note))
-    items.sort(key=lambda it: it.clip)
+            elif not is_excluded(p):
+                paths.append(p)
+    clips = {p.relative_to(root).as_posix(): p for p in paths}
+    labeller.bind([c for c, p in clips.items() if p.suffix.lower() in MEDIA_EXTENSIONS])
+    items = []
+    for clip, p in sorted(clips.items()):
+        label, speaker, note = labeller(clip) if p.suffix.lower() in MEDIA_EXTENSIONS else (None, None, None)
+        items.append(Item(clip, str(p), label, speaker, note))
     return Walk(items, hidden)
 
 
@@ -92,60 +105,60 @@ def in_shard(clip: str, shard: tuple[int, int] | None) -> bool:
     if shard is None:
         return True
     i, n = shard
-    return int(hashlib.sha1(clip.encode("utf-8")).hexdigest()[:12], 16) % n == i - 1
+    return int(hashlib.sha1(os.fsencode(clip)).hexdigest()[:12], 16) % n == i - 1
 
 
-def clip_row(item: Item, ex: ClipExtractor | None, cache: Cache, digest: str) -> dict:
-    """Extract one file, write its features and then its row; never raises for a bad file."""
-    row = {"clip": item.clip, "label": item.label, "speaker": item.speaker, "settings_hash": digest,
-           "feature_file": None, "duration": None, "frames_sampled": 0, "face_coverage": 0.0,
-           "audio_seconds": 0.0, "has_video": False, "has_audio": False, "crops": False}
+def _empty_row(item: Item, digest: str) -> dict:
+    return {"clip": item.clip, "label": item.label, "speaker": item.speaker, "settings_hash": digest,
+            "feature_file": None, "duration": None, "frames_sampled": 0, "face_coverage": 0.0,
+            "audio_seconds": 0.0, "has_video": False, "has_audio": False, "crops": False}
+
+
+def _notes(item: Item) -> list[str]:
     notes = [f"label: {item.label_note}"] if item.label_note else []
-    suffix = Path(item.path).suffix.lower()
-    if suffix not in MEDIA_EXTENSIONS:
-        row.update(status="failed", reason=f"not a media file (extension '{suffix or '(none)'}' is not one of "
-                                           f"{', '.join(sorted(MEDIA_EXTENSIONS))})")
-        cache.write_row(row, Path(item.path))
-        return row
-    try:
-        feats = ex.extract(item.path, clip_id=item.clip, label=item.label, speaker=item.speaker)
-    except ClipError as e:
-        row.update(status="failed", reason="; ".join([str(e)] + notes))
-    except Exception as e:  # a bug or an exotic file must cost one clip, not the run
-        traceback.print_exc(file=sys.stderr)
-        row.update(status="failed", reason=f"{INTERNAL_ERROR} ({type(e).__name__}): {str(e).splitlines()[0] if str(e) else ''}")
-    else:
-        complete = feats.has_audio and (feats.has_video or not expects_video(item.path))
-        row.update(status="ok" if complete else "partial", reason="; ".join(feats.warnings + notes) or None,
-                   feature_file=cache.feature_file(item.clip), duration=round(feats.duration, 4),
-                   frames_sampled=feats.frames_sampled, face_coverage=round(feats.face_coverage, 4),
-                   audio_seconds=round(feats.audio_seconds, 4), has_video=feats.has_video,
-                   has_audio=feats.has_audio, crops="crops" in feats.arrays)
-        feats.save(cache.root / row["feature_file"])
+    if display_name(item.clip) != item.clip:
+        notes.append("file name is not valid UTF-8 (shown with \\x escapes)")
+    return notes
+
+
+def failed_row(item: Item, cache: Cache, digest: str, reason: str) -> dict:
+    """Record ``item`` as failed with ``reason`` (and its label notes); returns the row."""
+    row = dict(_empty_row(item, digest), status="failed", reason="; ".join([reason] + _notes(item)))
     cache.write_row(row, Path(item.path))
     return row
 
 
-# ---- worker processes: each loads the detector and encoder once ----
-
-_worker: dict = {}
-
-
-def _init_worker(settings: dict, device: str, threads: int, cache_root: str, digest: str) -> None:
-    torch.set_num_threads(threads)
-    _worker["ex"] = ClipExtractor(ExtractionSettings.from_dict(settings), device)
-    _worker["cache"], _worker["digest"] = Cache(cache_root), digest
-
-
-def _work(item: Item) -> dict:
-    return clip_row(item, _worker["ex"], _worker["cache"], _worker["digest"])
+def clip_row(item: Item, ex: ClipExtractor | None, cache: Cache, digest: str) -> dict:
+    """Extract one file, write its features and then its row; never raises for a bad file
+    (a full disk raises ``NoSpaceError``: every later clip would fail the same way)."""
+    suffix = Path(item.path).suffix.lower()
+    if suffix not in MEDIA_EXTENSIONS:
+        return failed_row(item, cache, digest, f"not a media file (extension '{display_name(suffix) or '(none)'}' "
+                                               f"is not one of {', '.join(sorted(MEDIA_EXTENSIONS))})")
+    try:
+        feats = ex.extract(item.path, clip_id=item.clip, label=item.label, speaker=item.speaker)
+    except ClipError as e:
+        return failed_row(item, cache, digest, str(e))
+    except Exception as e:  # a bug or an exotic file must cost one clip, not the run
+        traceback.print_exc(file=sys.stderr)
+        return failed_row(item, cache, digest, f"{INTERNAL_ERROR} ({type(e).__name__}): {first_line(e)}")
+    row = _empty_row(item, digest)
+    complete = feats.has_audio and (feats.has_video or not expects_video(item.path))
+    row.update(status="ok" if complete else "partial", reason="; ".join(feats.warnings + _notes(item)) or None,
+               feature_file=cache.feature_file(item.clip), duration=round(feats.duration, 4),
+               frames_sampled=feats.frames_sampled, face_coverage=round(feats.face_coverage, 4),
+               audio_seconds=round(feats.audio_seconds, 4), has_video=feats.has_video,
+               has_audio=feats.has_audio, crops="crops" in feats.arrays)
+    feats.save(cache.root / row["feature_file"])
+    cache.write_row(row, Path(item.path))
+    return row
 
 
 def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, frames: int | None = None,
                    fps: float | None = None, label_from: str | None = None,
                    labels: str | os.PathLike | None = None, face_encoder: str = "default",
                    device: str | None = None, workers: int = 1, shard: str | tuple[int, int] | None = None,
-                   keep_crops: bool = False, retry_failed: bool = False,
+                   keep_crops: bool = False, retry_failed: bool = False, clip_timeout: float | None = None,
                    settings: ExtractionSettings | None = None, progress: bool = True,
                    log=None) -> pd.DataFrame:
     """Extract every clip under ``video_dir`` into the cache ``out``; returns the manifest.
@@ -153,8 +166,11 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
     Finished clips with the same settings are skipped, so an interrupted run is resumed by
     running it again. ``frames``/``fps``/``face_encoder``/``keep_crops`` override the
     corresponding fields of ``settings`` (default ``ExtractionSettings()``, 16 frames a clip).
-    Raises ``UsageError`` for bad arguments and ``SettingsMismatch`` when ``out`` holds a
-    cache made with other settings.
+    Clips are extracted in ``workers`` supervised processes; one that takes longer than
+    ``clip_timeout`` seconds (default: scaled by its duration, ``extract.workers``) is
+    stopped and recorded as failed. Raises ``UsageError`` for bad arguments,
+    ``SettingsMismatch`` when ``out`` holds a cache made with other settings, ``CacheBusy``
+    when another run holds it, and ``NoSpaceError`` when the disk fills (finished clips stay).
     """
     log = log or sys.stderr
     root = Path(video_dir)
@@ -164,71 +180,75 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
         raise UsageError("give --frames or --fps, not both")
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
+    if clip_timeout is not None and not (math.isfinite(clip_timeout) and clip_timeout > 0):
+        raise UsageError(f"--clip-timeout must be a positive number of seconds, got {clip_timeout}")
     shard = parse_shard(shard) if not isinstance(shard, tuple) else shard
     settings = settings or ExtractionSettings()
-    if frames is not None or fps is not None:
-        settings = dataclasses.replace(settings, frames=frames, fps=fps)
-    settings = dataclasses.replace(settings, encoder=str(face_encoder), keep_crops=keep_crops)
     try:
+        if frames is not None or fps is not None:
+            settings = dataclasses.replace(settings, frames=frames, fps=fps)
+        settings = dataclasses.replace(settings, encoder=str(face_encoder), keep_crops=keep_crops)
         labeller = Labeller(label_from, labels)
-    except ValueError as e:
+        walk = walk_folder(root, [Path(out)] + ([Path(labels)] if labels else []), labeller)
+    except ValueError as e:     # bad frames/fps values, a labels CSV that cannot be used
         raise UsageError(str(e)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
-
-    walk = walk_folder(root, [Path(out)] + ([Path(labels)] if labels else []), labeller)
     if not walk.items:
         raise UsageError(f"no files found under {root}" + (f" ({walk.hidden} hidden ones ignored)" if walk.hidden else ""))
     t_load = time.perf_counter()
     try:
-        ex = ClipExtractor(settings, device)   # fills in the encoder hash: part of the cache identity
+        settings = with_encoder_identity(settings, load_encoder(settings.encoder))   # part of the cache identity
     except (CheckpointError, ValueError) as e:
         raise UsageError(f"cannot use face encoder: {e}") from None
-    settings = ex.settings
     digest = settings.digest()
     cache = Cache(out)
-    cache.claim(settings)
-    cache.remove_stale_temporaries(all_of_them=shard is None)
+    with cache.locked(exclusive=shard is None):
+        cache.claim(settings)
+        cache.remove_stale_temporaries(all_of_them=shard is None)
+        mine = [it for it in walk.items if in_shard(it.clip, shard)]
+        todo, done = [], []
+        for it in mine:
+            row = cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed)
+            (done if row is not None else todo).append(row if row is not None else it)
+        print(f"avemo-extract: {len(walk.items)} files under {display_name(root)}"
+              + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")
+              + f"; {len(done)} already done, {len(todo)} to extract on {device}"
+              + (f" with {workers} workers" if workers > 1 else ""), file=log)
 
-    mine = [it for it in walk.items if in_shard(it.clip, shard)]
-    todo, done = [], []
-    for it in mine:
-        row = cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed)
-        (done if row is not None else todo).append(row if row is not None else it)
-    print(f"avemo-extract: {len(walk.items)} files under {root}"
-          + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")
-          + f"; {len(done)} already done, {len(todo)} to extract on {device}"
-          + (f" with {workers} workers" if workers > 1 else ""), file=log)
+        rows: list[dict] = []
+        t0 = time.perf_counter()
+        # rate as clips/s even when below one (tqdm would flip it to s/clip)
+        bar = tqdm(total=len(todo), unit="clip", disable=not progress, file=log, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        counts: collections.Counter = collections.Counter()
 
-    rows: list[dict] = []
-    t0 = time.perf_counter()
-    # rate as clips/s even when below one (tqdm would flip it to s/clip)
-    bar = tqdm(total=len(todo), unit="clip", disable=not progress, file=log, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
-    counts: collections.Counter = collections.Counter()
+        def finished(row: dict) -> None:
+            rows.append(row)
+            counts[row["status"]] += 1
+            bar.set_postfix(counts, refresh=False)
+            bar.update(1)
 
-    def finished(row: dict) -> None:
-        rows.append(row)
-        counts[row["status"]] += 1
-        bar.set_postfix(counts, refresh=False)
-        bar.update(1)
-
-    try:
-        if workers == 1 or len(todo) <= 1:
+        media = [it for it in todo if Path(it.path).suffix.lower() in MEDIA_EXTENSIONS]
+        completed = False
+        try:
             for it in todo:
-                finished(clip_row(it, ex, cache, digest))
-        else:
-            del ex  # the workers load their own; free this one's memory
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            ctx = multiprocessing.get_context("spawn")  # fork + torch/OpenMP threads can deadlock
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(settings.to_dict(), device, threads, str(cache.root), digest)) as pool:
-                for row in pool.map(_work, todo, chunksize=1):
-                    finished(row)
-    finally:
-        bar.close()
-        manifest = cache.write_manifest([it.clip for it in walk.items])
+                if it not in media:     # named and refused without decoding anything
+                    finished(clip_row(it, None, cache, digest))
+            if media:
+                threads = max(1, (os.cpu_count() or 1) // min(workers, len(media)))
+                WorkerPool(workers, settings, device, threads, cache, digest, clip_timeout).run(media, finished)
+            completed = True
+        finally:
+            bar.close()
+            try:
+                manifest = cache.write_manifest([it.clip for it in walk.items])
+            except NoSpaceError:
+                if completed:
+                    raise
+                # the run is already stopping (for want of space, or interrupted): rows/ hold every finished clip
+                manifest = None
     elapsed = time.perf_counter() - t0
     _print_summary(log, manifest, rows, done, len(walk.items), walk.hidden, elapsed, time.perf_counter() - t_load, cache)
     return manifest

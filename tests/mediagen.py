@@ -23,17 +23,22 @@ def tone(seconds: float, rate: int, channels: int = 1, freq: float = 220.0, amp:
 
 def write_video(path, frames: list[np.ndarray], fps: int = 10, codec: str = "mpeg4",
                 audio: np.ndarray | None = None, audio_rate: int = 16000, rotation: int | None = None,
-                audio_codec: str = "aac") -> Path:
+                audio_codec: str = "aac", gop: int | None = None) -> Path:
     """Encode RGB ``frames`` (and ``audio`` [C, n] float) into ``path``; container from the suffix.
 
     AAC pads a few ms of priming; use ``audio_codec="pcm_s16le"`` (mkv) for exact lengths.
     ``rotation``: display rotation (degrees counter-clockwise) written as container metadata.
+    ``gop``: frames between keyframes (x264's default is 250: ten seconds and more at low rates).
     """
     path = Path(path)
     h, w = frames[0].shape[:2]
     with av.open(str(path), "w") as c:
         vs = c.add_stream(codec, rate=fps)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        if gop:
+            vs.codec_context.gop_size = gop
+            if codec == "libx264":      # no extra keyframes at scene changes: exactly one per gop
+                vs.codec_context.options = {"sc_threshold": "0"}
         if rotation:
             vs.set_display_rotation(rotation)
         aus = None

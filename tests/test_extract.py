@@ -222,10 +222,31 @@ def test_labels_from_file_names_folders_and_csv(tmp_path):
     assert lab("a/b.mp4") == ("happy", "s1", None) and lab("c.wav") == ("sad", None, None)
     assert lab("other.mp4")[2] == "not listed in the labels CSV"
     (tmp_path / "bad.csv").write_text("file,emotion\nx,y\n")
-    with pytest.raises(LabelError, match="needs columns 'clip' and 'label'"):
+    with pytest.raises(LabelError, match="the header must name the columns clip, label"):
         Labeller(csv=tmp_path / "bad.csv")
     with pytest.raises(LabelError, match="unknown label scheme"):
         Labeller("affectnet")
+
+
+def test_labels_csv_ambiguity_and_malformed_rows_are_errors_that_name_the_row(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("clip,label,speaker\nsame.mp3,happy,s1\nunique.wav,sad,s2\n")
+    lab = Labeller(csv=csv)
+    lab.bind(["x/unique.wav", "a/other.mp3"])
+    assert lab("x/unique.wav") == ("sad", "s2", None)            # a bare name that fits one file
+    with pytest.raises(LabelError, match=r"line 2: 'same.mp3' names no folder and matches 2 files \(a/same.mp3, b/same.mp3\)"):
+        lab.bind(["a/same.mp3", "b/same.mp3"])
+    csv.write_text("clip,label\nsame.mp3,happy\na/same.mp3,sad\n")
+    with pytest.raises(LabelError, match="lines 2 and 3 both label 'a/same.mp3'"):
+        Labeller(csv=csv).bind(["a/same.mp3"])
+    csv.write_text("clip,label,speaker\nok.mp4,happy,s1\nmy,clip.mp4,sad,s2\nlater.mp4,angry,s3\n")
+    with pytest.raises(LabelError, match="line 3: 4 fields where the header has 3"):
+        Labeller(csv=csv)
+    csv.write_text('clip,label,speaker\n"my,clip.mp4",sad,s2\n')    # quoted, it is one field
+    assert Labeller(csv=csv)("my,clip.mp4") == ("sad", "s2", None)
+    csv.write_text("clip,label\na.mp4,happy\na.mp4,sad\n")
+    with pytest.raises(LabelError, match="line 3: 'a.mp4' is listed again \\(first on line 2\\)"):
+        Labeller(csv=csv)
 
 
 def test_sampling_is_uniform_in_time():
@@ -282,3 +303,34 @@ def test_cuda_extraction_matches_cpu(setup):
     side = cpu.arrays["boxes"][:, 3] - cpu.arrays["boxes"][:, 1]
     assert np.abs(cpu.arrays["boxes"] - gpu.arrays["boxes"]).max() < 0.04 * side.min()
     np.testing.assert_allclose(cpu.arrays["mel"], gpu.arrays["mel"], atol=1e-4)
+
+
+def _finishes(fn, seconds: float = 120.0):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it has not returned in time."""
+    import threading
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault("out", fn()), daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"still running after {seconds:.0f} s (a decode loop that never ends?)"
+    return box["out"]
+
+
+def test_sparse_sampling_of_a_long_gop_file_never_seeks_in_a_loop(tmp_path):
+    # x264's default GOP of 250 frames at 10 fps puts keyframes 25 s apart: a seek to any
+    # target lands up to 25 s behind it, more than SEEK_GAP_S, which once meant seeking again
+    # to the same place for ever (issue 9)
+    from avemo.video import VideoFrames, iter_frames_at, media_duration, open_media, video_stream
+    from mediagen import write_video
+    frames = [np.full((48, 64, 3), 16 + i // 10, np.uint8) for i in range(1800)]     # level = second + 16
+    write_video(tmp_path / "long_gop.mp4", frames, fps=10, codec="libx264", gop=250)
+
+    def sample():
+        with open_media(tmp_path / "long_gop.mp4") as c:
+            s = video_stream(c)
+            times = np.linspace(0, media_duration(c, s), 16, endpoint=False) + 5.0   # 11 s apart
+            return times, list(iter_frames_at(c, s, times, 640, VideoFrames()))
+    times, got = _finishes(sample)
+    assert len(got) == 16
+    np.testing.assert_allclose([t for t, _ in got], times, atol=0.11)
+    np.testing.assert_allclose([f.mean() for _, f in got], 16 + np.floor(times - 0.05), atol=1.5)

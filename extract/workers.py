@@ -1,0 +1,177 @@
+"""Clips extracted in supervised worker processes: one bad file costs its own time limit, never the run.
+
+A decoder can hang inside native code (no Python signal or thread can stop it) or crash
+the process outright. So every clip is extracted in a child process that loads the face
+detector and encoder once and then takes clips one at a time; the parent keeps a deadline
+per clip, scaled by the clip's duration once the child has read its header. A child past
+its deadline is killed and the clip recorded as failed with that reason; a child that
+dies is recorded the same way; either is replaced and the run goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import signal
+import time
+from collections import deque
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Callable
+
+from avemo.features import ExtractionSettings
+from avemo.io import NoSpaceError
+from avemo.video import MediaError, media_duration, open_media
+
+# The default limit per clip: a fixed allowance (process start-up is not counted) plus
+# seconds per second of media, generous for a CPU sampling every frame of a long file.
+BASE_LIMIT_S = 300.0
+LIMIT_PER_MEDIA_S = 4.0
+STARTUP_LIMIT_S = 600.0          # loading the detector and encoder in a fresh worker
+
+
+def clip_time_limit(duration: float | None, override: float | None = None) -> float:
+    """Seconds a clip may take: ``override`` (``--clip-timeout``) or the duration-scaled default."""
+    if override is not None:
+        return float(override)
+    return BASE_LIMIT_S + LIMIT_PER_MEDIA_S * float(duration or 0.0)
+
+
+def probe_duration(path: str) -> float | None:
+    """The header's duration in seconds, or None (unreadable files are the extractor's to explain)."""
+    try:
+        with open_media(path) as c:
+            return media_duration(c)
+    except (MediaError, OSError, ValueError):
+        return None
+
+
+def _child(conn, settings: dict, device: str, threads: int, cache_root: str, digest: str) -> None:
+    # imported here: the spawned child starts from a bare interpreter
+    import torch
+
+    from avemo.extraction import ClipExtractor
+    from extract.cache import Cache
+    from extract.run import clip_row
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
+    torch.set_num_threads(threads)
+    ex = ClipExtractor(ExtractionSettings.from_dict(settings), device)
+    cache = Cache(cache_root)
+    conn.send(("ready", None))
+    while True:
+        item = conn.recv()
+        if item is None:
+            return
+        conn.send(("started", probe_duration(item.path) if Path(item.path).is_file() else None))
+        try:
+            row = clip_row(item, ex, cache, digest)
+        except NoSpaceError as e:
+            conn.send(("nospace", str(e.path)))
+            return
+        conn.send(("done", row))
+
+
+@dataclasses.dataclass
+class _Worker:
+    proc: multiprocessing.Process
+    conn: object
+    ready: bool = False
+    item: object = None
+    deadline: float = 0.0
+    duration: float | None = None    # the current clip's, once the child has read its header
+
+
+class WorkerPool:
+    """``n`` supervised extraction processes; ``run(items, finished)`` calls ``finished(row)`` per clip."""
+
+    def __init__(self, n: int, settings: ExtractionSettings, device: str, threads: int, cache, digest: str,
+                 timeout: float | None = None):
+        self.n, self.args = n, (settings.to_dict(), device, threads, str(cache.root), digest)
+        self.cache, self.digest, self.timeout = cache, digest, timeout
+        self.ctx = multiprocessing.get_context("spawn")   # fork + torch/OpenMP threads can deadlock
+        self.workers: list[_Worker] = []
+
+    def _start(self) -> _Worker:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_child, args=(child, *self.args), daemon=True)
+        proc.start()
+        child.close()
+        return _Worker(proc, parent, deadline=time.monotonic() + STARTUP_LIMIT_S)
+
+    def _stop(self, w: _Worker) -> None:
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join(10)
+        w.conn.close()
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.proc.is_alive() and w.ready and w.item is None:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+                w.proc.join(5)
+            self._stop(w)
+        self.workers = []
+
+    def _failed(self, item, reason: str) -> dict:
+        from extract.run import failed_row
+        return failed_row(item, self.cache, self.digest, reason)
+
+    def run(self, items: list, finished: Callable[[dict], None]) -> None:
+        todo = deque(items)
+        self.workers = [self._start() for _ in range(min(self.n, len(todo)))]
+        try:
+            while todo or any(w.item is not None for w in self.workers):
+                for w in self.workers:
+                    if w.ready and w.item is None and todo:
+                        w.item, w.duration = todo.popleft(), None
+                        w.conn.send(w.item)
+                        w.deadline = time.monotonic() + clip_time_limit(None, self.timeout)
+                now = time.monotonic()
+                ready = wait([w.conn for w in self.workers],
+                             timeout=max(0.0, min(w.deadline for w in self.workers) - now))
+                for i, w in enumerate(list(self.workers)):
+                    if w.conn in ready:
+                        self._receive(i, w, finished)
+                    elif time.monotonic() > w.deadline:
+                        self._expire(i, w, finished)
+        finally:
+            self.close()
+
+    def _replace(self, i: int, w: _Worker) -> None:
+        self._stop(w)
+        self.workers[i] = self._start()
+
+    def _receive(self, i: int, w: _Worker, finished) -> None:
+        try:
+            kind, value = w.conn.recv()
+        except (EOFError, OSError):
+            code = w.proc.exitcode if not w.proc.is_alive() else None
+            self._replace(i, w)
+            if w.item is None:
+                raise RuntimeError(f"an extraction worker could not start (exit code {code}); "
+                                   "run with --workers 1 to see its error") from None
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            finished(self._failed(w.item, f"the extraction process crashed on this file ({how})"))
+            return
+        if kind == "ready":
+            w.ready = True
+        elif kind == "started":
+            w.duration = value
+            w.deadline = time.monotonic() + clip_time_limit(value, self.timeout)
+        elif kind == "done":
+            w.item = None
+            finished(value)
+        elif kind == "nospace":
+            raise NoSpaceError(value)
+
+    def _expire(self, i: int, w: _Worker, finished) -> None:
+        item = w.item
+        self._replace(i, w)
+        if item is None:
+            raise RuntimeError(f"an extraction worker did not start within {STARTUP_LIMIT_S:.0f} s")
+        limit = clip_time_limit(w.duration, self.timeout)
+        finished(self._failed(item, f"timed out: extraction took longer than {limit:.0f} s "
+                                    f"(--clip-timeout to change the limit); the worker was stopped"))
