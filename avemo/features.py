@@ -47,6 +47,9 @@ FINITE_KEYS = ("video_features", "mel")
 class FeatureFileError(ValueError):
     """A feature file that cannot be read (empty, truncated, not an avemo file); the reason in words."""
 ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "landmarks", "crops", "mel")
+# the settings that shape the log-mel spectrogram: an audio model trained on one cache fits another
+# cache's audio only when these agree (the face-side settings may differ)
+AUDIO_SETTING_KEYS = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "trim_silence", "trim_top_db")
 
 
 @dataclass(frozen=True)

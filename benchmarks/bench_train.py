@@ -48,6 +48,7 @@ def random_cache(root: Path, n: int, seconds: float, frames: int, dim: int, seed
 def clips_per_second(data, device: torch.device, on_device: str, amp: bool, epochs: int, batch: int,
                      model: dict, out: Path) -> float:
     cfg = TrainConfig(epochs=epochs, batch_size=batch, patience=0, progress=False, features_on_device=on_device,
+                      audio_init="none",
                       amp=amp, augment=AugmentConfig())
     full = dict(model, n_classes=len(data.classes), n_mels=data.n_mels, video_dim=data.video_dim)
     fit(data, no_split(len(data)), full, cfg, out, rt=Runtime(device))

@@ -9,7 +9,7 @@ mkdir -p "$out"
 $bin/avemo-extract examples/cremad --out "$out/cache" --label-from cremad
 # stage two: fit the fused model on all 12 clips (--no-split: six clips per actor measure nothing,
 # so the report it writes is training-set figures, not an accuracy); --resume makes a re-run a no-op
-$bin/avemo-train "$out/cache" --out "$out/run" --no-split --epochs 4 --batch-size 4 --audio-channels 8,16,32 \
+$bin/avemo-train "$out/cache" --out "$out/run" --no-split --epochs 4 --batch-size 4 \
     --video-hidden 32 --fbp-o 64 --resume --quiet
 # stage three: ask the trained model about one bundled clip, with the explanation picture
 $bin/avemo-predict examples/cremad/1001_DFA_HAP_XX.flv --model "$out/run/best.pt" --explain "$out/explain.png"

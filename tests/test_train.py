@@ -32,7 +32,8 @@ def cache(tmp_path_factory):
 
 
 def quick(**kw):
-    base = dict(epochs=10, batch_size=4, lr=2e-2, patience=0, progress=False, augment=AugmentConfig(2, 5, 1, 0.1))
+    base = dict(epochs=10, batch_size=4, lr=2e-2, patience=0, progress=False, augment=AugmentConfig(2, 5, 1, 0.1),
+                audio_init="none", schedule="cosine")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -60,7 +61,7 @@ def test_every_stream_fusion_and_loss_learns_well_above_chance(cache, tmp_path, 
 
 def test_run_folder_holds_checkpoints_metrics_and_report(cache, tmp_path):
     out = tmp_path / "run"
-    rc = cli([str(cache), "--out", str(out), "--val-speakers", "s3", "--test-speakers", "s4", "--epochs", "3",
+    rc = cli([str(cache), "--out", str(out), "--audio-init", "none", "--val-speakers", "s3", "--test-speakers", "s4", "--epochs", "3",
               "--audio-channels", "8,16", "--video-hidden", "16", "--fbp-o", "32", "--quiet"])
     assert rc == 0
     assert {"best.pt", "last.pt", "metrics.csv", "split.json", "report.json", "confusion.csv", "confusion.png",
@@ -271,7 +272,7 @@ def test_metrics_war_uar_f1():
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_write_the_same_files_as_one(cache, tmp_path):
-    args = [str(cache), "--val-speakers", "s3", "--test-speakers", "s4", "--epochs", "2", "--batch-size", "8",
+    args = [str(cache), "--audio-init", "none", "--val-speakers", "s3", "--test-speakers", "s4", "--epochs", "2", "--batch-size", "8",
             "--audio-channels", "8,16", "--video-hidden", "16", "--fbp-o", "32", "--quiet", "--threads", "1"]
     single = subprocess.run([sys.executable, "-m", "train.cli", *args, "--out", str(tmp_path / "one")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)

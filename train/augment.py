@@ -1,5 +1,5 @@
-"""Training-time augmentation of a batch: random windows and SpecAugment masks on the mel, frame
-dropout on the video, and mixup of whole clips."""
+"""Training-time augmentation of a batch: random windows, tempo changes and SpecAugment masks on the
+mel, frame dropout on the video, and mixup of whole clips."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ class AugmentConfig:
     frame_dropout: float = 0.1  # chance that each face frame is hidden (one always survives)
     mixup: float = 0.0          # mixup's Beta(a, a) parameter; 0 disables
     crop: float = 0.0           # train on a random window of this many seconds of each clip's audio; 0: whole clips
+    tempo: float = 0.0          # each clip played faster or slower by a factor in [1 - tempo, 1 + tempo]; 0 disables
 
 
 def mix_clips(batch: dict[str, torch.Tensor], perm: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
@@ -53,6 +54,28 @@ def random_crop(mel: torch.Tensor, mask: torch.Tensor, frames: int) -> tuple[tor
     return out, new_mask
 
 
+def tempo_stretch(mel: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each clip's time axis resampled by its own ``rate`` (> 1: faster, shorter), by linear interpolation.
+
+    A tempo change in the log-mel domain: speaking rate changes, pitch and formants do not
+    (speed perturbation, Ko et al. 2015, without its pitch shift).
+    """
+    # mel [B, F, T], mask [B, T] with the valid steps first, rate [B]
+    lengths = mask.sum(1)                                                      # [B]
+    new_len = torch.where(lengths > 0, (lengths / rate).floor().clamp_min(1), 0).long()
+    t = max(1, int(new_len.max()))
+    steps = torch.arange(t, device=mel.device)
+    last = (lengths - 1).clamp_min(0)[:, None]                                 # [B, 1]
+    pos = (steps[None, :] * rate[:, None]).minimum(last.to(rate.dtype))        # source position [B, t]
+    lo = pos.floor().long()
+    hi = (lo + 1).minimum(last)
+    w = (pos - lo).to(mel.dtype)[:, None, :]
+    take = lambda idx: mel.gather(2, idx[:, None, :].expand(-1, mel.shape[1], -1))  # noqa: E731
+    new_mask = steps[None, :] < new_len[:, None]
+    out = (take(lo) * (1 - w) + take(hi) * w) * new_mask[:, None, :].to(mel.dtype)
+    return out, new_mask
+
+
 class BatchAugment:
     def __init__(self, cfg: AugmentConfig, mel_frames_per_second: float = 100.0):
         self.cfg = cfg
@@ -65,6 +88,9 @@ class BatchAugment:
         out = dict(batch)
         if "mel" in batch and self.crop_frames:
             out["mel"], out["mel_mask"] = random_crop(batch["mel"], batch["mel_mask"], self.crop_frames)
+        if "mel" in batch and self.cfg.tempo > 0:
+            rate = 1 + (torch.rand(out["mel"].shape[0], device=out["mel"].device) * 2 - 1) * self.cfg.tempo
+            out["mel"], out["mel_mask"] = tempo_stretch(out["mel"], out["mel_mask"], rate)
         if "mel" in batch and (self.freq or self.time):
             # mask to the per-bin training mean, which the model's normalisation maps to zero
             centre = mel_mean[None, :, None] if mel_mean is not None else 0.0

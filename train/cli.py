@@ -6,6 +6,7 @@ The same command line runs on the CPU, on one GPU, and under ``torchrun`` on sev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 
 from avemo.io import write_json_atomic
-from avemo.model import FUSIONS, LOSSES, MODALITIES, VIDEO_STREAMS
+from avemo.model import FUSIONS, LOSSES, MODALITIES, VIDEO_STREAMS, ModelConfig
 from train.augment import AugmentConfig
 from train.data import CacheError, TrainingData, load_training_data
-from train.loop import TrainConfig, TrainError, fit, fit_ensemble, start_runtime
+from train.loop import SCHEDULES, TrainConfig, TrainError, fit, fit_ensemble, start_runtime
 from train.splits import Split, SplitError, auto_split, column_split, explicit_split, kfold_splits, no_split
 
 log = logging.getLogger("avemo.train")
@@ -123,50 +124,35 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _defaults(cls) -> dict[str, Any]:
+    """A settings dataclass's field defaults: the flags show (and use) the very defaults the code has."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+# flag -> ModelConfig field; the audio stream's shape flags are set only when given (with --audio-init
+# the front-end fixes them)
+MODEL_FLAGS = {"audio_channels": "audio_channels", "audio_convs": "audio_convs_per_block",
+               "audio_lambda": "audio_lambda", "audio_norm": "audio_norm", "dropout": "dropout",
+               "video_stream": "video_stream", "fusion": "fusion", "fbp_k": "fbp_k", "fbp_o": "fbp_o",
+               "video_lambda": "video_lambda", "video_hidden": "video_hidden", "stt_layers": "stt_layers",
+               "modality_dropout": "modality_dropout"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avemo-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("cache", help="feature cache written by avemo-extract (holds manifest.csv)")
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.csv, report.json, ...")
     p.add_argument("--labels", help="CSV with clip,label[,speaker][,split] overriding the manifest's labels")
-    g = p.add_argument_group("model")
-    g.add_argument("--modalities", choices=MODALITIES, help="default: av when the cache has both, else the one it has")
-    g.add_argument("--video-stream", choices=VIDEO_STREAMS, default="attention")
-    g.add_argument("--no-relation", action="store_true", help="fan: self-attention only, no relation-attention")
-    g.add_argument("--fusion", choices=FUSIONS, default="fbp")
-    g.add_argument("--fbp-k", type=int, default=4, help="factors per fbp output")
-    g.add_argument("--fbp-o", type=int, default=256, help="fbp outputs")
-    g.add_argument("--audio-channels", type=_ints, default=(16, 32, 64, 64), help="FCN channels per conv block")
-    g.add_argument("--audio-lambda", type=float, default=1.0, help="attention sharpness (0: mean pooling)")
-    g.add_argument("--audio-norm", choices=("global", "utterance"), default="global",
-                   help="mel centring: training-set mean per bin, or each clip's own mean")
-    g.add_argument("--video-lambda", type=float, default=1.0)
-    g.add_argument("--video-hidden", type=int, default=128)
-    g.add_argument("--stt-layers", type=int, default=2)
-    g.add_argument("--dropout", type=float, default=0.3)
-    g.add_argument("--modality-dropout", type=float, default=0.2, help="training: chance a clip loses one modality")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=60)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--weight-decay", type=float, default=1e-3)
-    g.add_argument("--patience", type=int, default=15, help="early stop after this many epochs without a better val UAR (0: off)")
-    g.add_argument("--loss", choices=LOSSES, default="ce")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--compact-beta", type=float, default=0.5, help="weight of compact softmax's extra term")
-    g.add_argument("--balance", action="store_true", help="class-balanced loss weights")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ensemble", type=int, default=1, metavar="N",
-                   help="train N models (seeds seed..seed+N-1, in RUN/member1..N) and average their "
-                        "probabilities in RUN/best.pt")
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--freq-mask", type=int, default=8, help="SpecAugment: widest frequency mask in mel bins (0: off)")
-    g.add_argument("--time-mask", type=int, default=20, help="SpecAugment: widest time mask in frames (0: off)")
-    g.add_argument("--n-masks", type=int, default=2)
-    g.add_argument("--frame-dropout", type=float, default=0.1)
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a) parameter (0: off)")
-    g.add_argument("--crop", type=float, default=0.0, metavar="S",
-                   help="train on a random S-second window of each clip's audio (0: whole clips)")
+    add_model_args(p, video=True)
+    add_optimisation_args(p)
+    add_augmentation_args(p, video=True)
     g = p.add_argument_group("split (speaker-independent)")
     g.add_argument("--val-speakers", help="comma-separated speakers for validation / early stopping")
     g.add_argument("--test-speakers", help="comma-separated speakers held out for the final report")
@@ -175,14 +161,108 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fold-val", choices=("next", "none"), default="next",
                    help="folds: validate on the next group, or none (fixed epochs)")
     g.add_argument("--no-split", action="store_true", help="train on everything (demos); the report is not held out")
+    add_run_args(p)
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser, video: bool) -> None:
+    """Model flags; ``video`` False leaves out everything but the audio stream (avemo-train-audio)."""
+    m, t = _defaults(ModelConfig), _defaults(TrainConfig)
+    g = p.add_argument_group("model")
+    if video:
+        g.add_argument("--modalities", choices=MODALITIES, help="default: av when the cache has both, else the one it has")
+        g.add_argument("--audio-init", default=t["audio_init"], metavar="default|none|PATH",
+                       help="start the audio stream and its mel normalisation from a pretrained front-end (a name "
+                            "shipped with avemo, or a file from avemo-train-audio); none: from scratch")
+        arch = " (default: the front-end's; with --audio-init none: {})"
+    else:
+        arch = " (default: {})"
+    g.add_argument("--audio-channels", type=_ints, default=argparse.SUPPRESS, help="FCN channels per conv block"
+                   + arch.format(",".join(map(str, m["audio_channels"]))))
+    g.add_argument("--audio-convs", type=int, default=argparse.SUPPRESS,
+                   help="3x3 convolutions per FCN block" + arch.format(m["audio_convs_per_block"]))
+    g.add_argument("--audio-lambda", type=float, default=argparse.SUPPRESS,
+                   help="attention sharpness (0: mean pooling)" + arch.format(m["audio_lambda"]))
+    g.add_argument("--audio-norm", choices=("global", "utterance"), default=argparse.SUPPRESS,
+                   help="mel centring: training-set mean per bin, or each clip's own mean" + arch.format(m["audio_norm"]))
+    g.add_argument("--dropout", type=float, default=m["dropout"])
+    if not video:
+        return
+    g.add_argument("--video-stream", choices=VIDEO_STREAMS, default=m["video_stream"])
+    g.add_argument("--no-relation", action="store_true", help="fan: self-attention only, no relation-attention")
+    g.add_argument("--fusion", choices=FUSIONS, default=m["fusion"])
+    g.add_argument("--fbp-k", type=int, default=m["fbp_k"], help="factors per fbp output")
+    g.add_argument("--fbp-o", type=int, default=m["fbp_o"], help="fbp outputs")
+    g.add_argument("--video-lambda", type=float, default=m["video_lambda"])
+    g.add_argument("--video-hidden", type=int, default=m["video_hidden"])
+    g.add_argument("--stt-layers", type=int, default=m["stt_layers"])
+    g.add_argument("--modality-dropout", type=float, default=0.2, help="training: chance a clip loses one modality")
+
+
+def add_optimisation_args(p: argparse.ArgumentParser) -> None:
+    t = _defaults(TrainConfig)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=t["epochs"])
+    g.add_argument("--batch-size", type=int, default=t["batch_size"])
+    g.add_argument("--lr", type=float, default=t["lr"], help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float, default=t["weight_decay"])
+    g.add_argument("--schedule", choices=SCHEDULES, default=t["schedule"],
+                   help="onecycle: warm-up then anneal, per batch; cosine: per epoch from --lr")
+    g.add_argument("--patience", type=int, default=t["patience"],
+                   help="early stop after this many epochs without a better val UAR (0: off)")
+    g.add_argument("--loss", choices=LOSSES, default=t["loss"])
+    g.add_argument("--label-smoothing", type=float, default=t["label_smoothing"])
+    g.add_argument("--compact-beta", type=float, default=t["compact_beta"], help="weight of compact softmax's extra term")
+    g.add_argument("--balance", action="store_true", help="class-balanced loss weights")
+    g.add_argument("--seed", type=int, default=t["seed"])
+    g.add_argument("--ensemble", type=int, default=t["ensemble"], metavar="N",
+                   help="train N models (seeds seed..seed+N-1, in RUN/member1..N) and average their "
+                        "probabilities in RUN/best.pt")
+
+
+def add_augmentation_args(p: argparse.ArgumentParser, video: bool) -> None:
+    a = _defaults(AugmentConfig)
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--freq-mask", type=int, default=a["freq_mask"], help="SpecAugment: widest frequency mask in mel bins (0: off)")
+    g.add_argument("--time-mask", type=int, default=a["time_mask"], help="SpecAugment: widest time mask in frames (0: off)")
+    g.add_argument("--n-masks", type=int, default=a["n_masks"])
+    if video:
+        g.add_argument("--frame-dropout", type=float, default=a["frame_dropout"])
+    g.add_argument("--tempo", type=float, default=a["tempo"], metavar="R",
+                   help="play each training clip faster or slower by a random factor in [1-R, 1+R] (0: off)")
+    g.add_argument("--mixup", type=float, default=a["mixup"], help="mixup Beta(a, a) parameter (0: off)")
+    g.add_argument("--crop", type=float, default=a["crop"], metavar="S",
+                   help="train on a random S-second window of each clip's audio (0: whole clips)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    t = _defaults(TrainConfig)
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    g.add_argument("--features-on-device", choices=("auto", "yes", "no"), default="auto",
+    g.add_argument("--features-on-device", choices=("auto", "yes", "no"), default=t["features_on_device"],
                    help="hold the padded cache on the training device (auto: when it fits)")
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig, SplitOptions]:
+    """Parsed flags -> (ModelConfig fields, TrainConfig, SplitOptions), as run_training takes them.
+
+    Flags a parser leaves out (avemo-train-audio has no video ones) keep the dataclasses' defaults.
+    """
+    given = vars(args)
+    model = {field: given[flag] for flag, field in MODEL_FLAGS.items() if flag in given}
+    if "no_relation" in given:
+        model["fan_relation"] = not args.no_relation
+    if given.get("modalities"):
+        model["modalities"] = args.modalities
+    augment = AugmentConfig(**{f: given[f] for f in _defaults(AugmentConfig) if f in given})
+    train = {f: given[f] for f in _defaults(TrainConfig) if f in given and f != "augment"}
+    cfg = TrainConfig(**train, augment=augment, amp=not args.no_amp, progress=not args.quiet)
+    split = SplitOptions(*(given.get(k) for k in ("val_speakers", "test_speakers", "folds", "fold")),
+                         given.get("fold_val", "next"), bool(given.get("no_split")))
+    return model, cfg, split
 
 
 def _setup_logging(out: Path, main: bool) -> None:
@@ -207,20 +287,8 @@ def cli(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _setup_logging(Path(args.out), int(os.environ.get("RANK", "0")) == 0)
-    model = dict(video_stream=args.video_stream, fan_relation=not args.no_relation, fusion=args.fusion,
-                 fbp_k=args.fbp_k, fbp_o=args.fbp_o, audio_channels=args.audio_channels,
-                 audio_lambda=args.audio_lambda, audio_norm=args.audio_norm, video_lambda=args.video_lambda, video_hidden=args.video_hidden,
-                 stt_layers=args.stt_layers, dropout=args.dropout, modality_dropout=args.modality_dropout)
-    if args.modalities:
-        model["modalities"] = args.modalities
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      patience=args.patience, seed=args.seed, loss=args.loss, label_smoothing=args.label_smoothing,
-                      compact_beta=args.compact_beta, balance=args.balance, ensemble=args.ensemble,
-                      augment=AugmentConfig(args.freq_mask, args.time_mask, args.n_masks, args.frame_dropout,
-                                            args.mixup, args.crop),
-                      features_on_device=args.features_on_device, amp=not args.no_amp, progress=not args.quiet)
-    split = SplitOptions(args.val_speakers, args.test_speakers, args.folds, args.fold, args.fold_val, args.no_split)
     try:
+        model, cfg, split = options_from_args(args)
         run_training(args.cache, args.out, model, cfg, split, args.labels, args.resume)
     except (CacheError, SplitError, TrainError, ValueError) as e:
         log.error("avemo-train: error: %s", e)

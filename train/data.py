@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from avemo.features import ClipFeatures, ExtractionSettings
+from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, ExtractionSettings
 
 log = logging.getLogger("avemo.train")
 USABLE_STATUS = ("ok", "partial")
@@ -130,3 +130,32 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
     return TrainingData(clips=clips, labels=np.array([index[n] for n in names], np.int64), classes=classes,
                         speakers=speakers, split_column=split_column, settings=settings, n_mels=n_mels,
                         video_dim=video_dim)
+
+
+def merge_training_data(parts: list[TrainingData], names: list[str]) -> TrainingData:
+    """Several caches as one audio training set: classes united by name, speakers named ``NAME:speaker``
+    (two corpora may both have a speaker '01'), clips without audio left out.
+
+    The caches must share the spectrogram's settings (``AUDIO_SETTING_KEYS``); their face-side
+    settings may differ, since only the audio is used.
+    """
+    if len(parts) != len(names) or len(set(names)) != len(names):
+        raise CacheError(f"each cache needs its own name, got {names}")
+    ref = parts[0].settings
+    for part, name in zip(parts[1:], names[1:]):
+        diff = [f"{k} {part.settings.get(k)!r} vs {ref.get(k)!r}" for k in AUDIO_SETTING_KEYS
+                if part.settings.get(k) != ref.get(k)]
+        if diff:
+            raise CacheError(f"cache '{name}' has other spectrogram settings than '{names[0]}': {'; '.join(diff)}")
+    classes = sorted({c for part in parts for c in part.classes})
+    clips, labels, speakers = [], [], []
+    for part, name in zip(parts, names):
+        for clip, label, speaker in zip(part.clips, part.labels, part.speakers):
+            if clip.has_audio:
+                clips.append(clip)
+                labels.append(classes.index(part.classes[label]))
+                speakers.append(f"{name}:{speaker}" if speaker else None)
+    if not clips:
+        raise CacheError(f"no clip with audio in {', '.join(names)}")
+    return TrainingData(clips=clips, labels=np.array(labels, np.int64), classes=classes, speakers=speakers,
+                        split_column=None, settings=dict(ref), n_mels=parts[0].n_mels, video_dim=0)

@@ -28,6 +28,7 @@ from avemo.features import ExtractionSettings
 from avemo.io import atomic_path, write_json_atomic
 from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
                          save_model)
+from avemo.model.frontend import AudioFrontend, load_frontend
 from train.augment import AugmentConfig, BatchAugment
 from train.data import TrainingData
 from train.metrics import classification_metrics, write_confusion
@@ -38,14 +39,17 @@ log = logging.getLogger("avemo.train")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
+    epochs: int = 40
     batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-3
-    patience: int = 15                 # epochs without a better val UAR before stopping (0: never stop)
+    lr: float = 3e-3                   # peak of the one-cycle schedule (AdamW)
+    weight_decay: float = 1e-2
+    patience: int = 0                  # epochs without a better val UAR before stopping (0: never stop)
     seed: int = 0
     loss: str = "ce"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"         # onecycle: warm-up then anneal, per batch | cosine: per epoch, no warm-up
+    warmup: float = 0.3                # onecycle: share of the steps spent rising to lr
+    audio_init: str = "default"        # audio stream + mel normalisation from a front-end (name or path) | none
     compact_beta: float = 0.5
     balance: bool = False              # class-balanced loss weights
     ensemble: int = 1                  # members trained with seeds seed, seed+1, ...; probabilities averaged
@@ -54,8 +58,17 @@ class TrainConfig:
     amp: bool = True                   # autocast (bf16) on CUDA
     progress: bool = True
 
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        if not 0.0 < self.warmup < 1.0:
+            raise ValueError(f"warmup must be in (0, 1), got {self.warmup}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SCHEDULES = ("onecycle", "cosine")
 
 
 class TrainError(RuntimeError):
@@ -202,10 +215,46 @@ def _global_batches(n: int, batch_size: int, world: int, seed: int, epoch: int) 
     return [b for b in batches if len(b) >= world and (len(b) > 1 or n == 1)]
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """onecycle (Smith & Topin 2019): lr rises for ``warmup`` of the steps then anneals to ~0, stepped
+    per batch; cosine: per epoch from lr down, the schedule of earlier avemo versions."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=max(1, cfg.epochs),
+                                               steps_per_epoch=max(1, steps_per_epoch), pct_start=cfg.warmup)
+
+
 def _class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     return torch.as_tensor(w, dtype=torch.float32)
+
+
+def prepare_audio_init(model_cfg: dict[str, Any], cfg: TrainConfig,
+                       data: TrainingData) -> tuple[dict[str, Any], AudioFrontend | None]:
+    """The front-end the audio stream starts from (None: from scratch) and the model settings it implies.
+
+    The front-end fixes the audio stream's shape; a setting given in ``model_cfg`` that
+    contradicts it is an error rather than silently overridden.
+    """
+    if cfg.audio_init == "none" or model_cfg.get("modalities", "av") == "video":
+        return model_cfg, None
+    try:
+        front = load_frontend(cfg.audio_init)
+        front.check_settings(data.settings)
+    except (CheckpointError, ValueError) as e:
+        raise TrainError(f"--audio-init {cfg.audio_init}: {e}") from None
+    arch = front.arch()
+    clash = [f"{k} {_plain(model_cfg[k])!r} (front-end: {_plain(v)!r})" for k, v in arch.items()
+             if k in model_cfg and _plain(model_cfg[k]) != _plain(v)]
+    if clash:
+        raise TrainError(f"--audio-init {cfg.audio_init} fixes the audio stream, and these settings differ from "
+                         f"it: {'; '.join(clash)}. Leave them unset, or train from scratch with --audio-init none")
+    return {**model_cfg, **arch}, front
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _check_modalities(cfg: ModelConfig, data: TrainingData, train_idx: list[int]) -> None:
@@ -241,6 +290,9 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         log.info("%s is finished; nothing to do", out)
         return _read_json(out / "report.json")
 
+    front = None
+    if state is None:
+        model_cfg, front = prepare_audio_init(model_cfg, cfg, data)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
     mcfg = model.cfg
@@ -248,6 +300,8 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     video_dim = mcfg.video_dim if mcfg.uses_video else 0
     if state is None:
         model.set_normalisation(normalisation_stats(data, split.train, video_dim))
+        if front is not None:
+            front.init_audio(model)     # the stream and its mel normalisation; the head stays new
     else:
         model.load_state_dict(state["model"])
     model.to(rt.device)
@@ -261,7 +315,8 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    steps_per_epoch = len(_global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, 0))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     history: list[dict] = []
     start_epoch, best_uar, since_best = 0, -1.0, 0
     if state is not None:
@@ -274,7 +329,8 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     augment = BatchAugment(cfg.augment, data.settings["sample_rate"] / data.settings["hop_length"])
-    extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict()}
+    extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict(),
+                    "audio_init": front.describe() if front is not None else (state or {}).get("audio_init")}
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "split.json", split.to_dict())
@@ -305,9 +361,12 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
+            if cfg.schedule == "onecycle":
+                scheduler.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        scheduler.step()
+        if cfg.schedule == "cosine":
+            scheduler.step()
         row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0, "clips_per_s": seen * rt.world / max(time.perf_counter() - t0, 1e-9)}
         improved = True
@@ -370,7 +429,7 @@ def fit_ensemble(data: TrainingData, split: Split, model_cfg: dict[str, Any], cf
         first = loaded[0][1]
         save_model(out / "best.pt", Ensemble([m for m, _ in loaded]), data.classes, data.settings,
                    {"members": [c["metrics"] for _, c in loaded]},
-                   {"split": first["split"], "train_config": cfg.to_dict()})
+                   {"split": first["split"], "train_config": cfg.to_dict(), "audio_init": first.get("audio_init")})
         write_json_atomic(out / "split.json", first["split"])
         epochs = len(pd.read_csv(dirs[0] / "metrics.csv"))
         report = _final_report(data, Split.from_dict(first["split"]), out, cfg, rt, epochs)
@@ -403,7 +462,7 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
     write_confusion(out, m["confusion"], data.classes, title)
     ckpt["metrics"] = dict(ckpt["metrics"]) | {f"{part}_{k}": v for k, v in m.items() if k != "confusion"}
     save_model(out / "best.pt", model.cpu(), data.classes, data.settings, ckpt["metrics"],
-               {"split": ckpt["split"], "train_config": ckpt["train_config"]})
+               {k: ckpt.get(k) for k in ("split", "train_config", "audio_init")})
     log.info("%s %s: UAR %.3f WAR %.3f macro-F1 %.3f (%d clips)", out, part, m["uar"], m["accuracy"],
              m["macro_f1"], m["n"])
     return report

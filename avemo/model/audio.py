@@ -40,18 +40,35 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv -> masked BN -> ReLU -> 2x2 max-pool, re-zeroing padded time steps."""
+    """``n_convs`` x (3x3 conv -> masked BN -> ReLU) -> 2x2 max-pool, re-zeroing padded time steps.
 
-    def __init__(self, c_in: int, c_out: int, pool: bool):
+    Two convolutions per block (as in VGG) see a 5x5 neighbourhood before each pool, at the
+    cost of one more layer per block; one is the original, shallower FCN.
+    """
+
+    def __init__(self, c_in: int, c_out: int, pool: bool, n_convs: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.bn = MaskedBatchNorm2d(c_out)
+        if n_convs < 1:
+            raise ValueError(f"a conv block needs at least one convolution, got {n_convs}")
+        self.convs = nn.ModuleList(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False)
+                                   for i in range(n_convs))
+        self.bns = nn.ModuleList(MaskedBatchNorm2d(c_out) for _ in range(n_convs))
         self.pool = pool
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before ``n_convs`` named the single layer ``conv`` / ``bn``
+        for old, new in (("conv.", "convs.0."), ("bn.", "bns.0.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.relu(self.bn(self.conv(x), mask if padded else None))
-        if padded:
-            x = x * mask[:, None, None, :].to(x.dtype)
+        keep = mask[:, None, None, :].to(x.dtype) if padded else None          # [B, 1, 1, T]
+        for conv, bn in zip(self.convs, self.bns):
+            x = F.relu(bn(conv(x), mask if padded else None))
+            if keep is not None:
+                # the next 3x3 conv must see zeros, not this layer's response to padding
+                x = x * keep.to(x.dtype)
         if self.pool:
             # ceil_mode: a window straddling the end of a clip sees real values and zeros, and
             # max(relu output, 0) is the real value, so padding cannot leak in
@@ -63,14 +80,14 @@ class ConvBlock(nn.Module):
 class FCNAudioStream(nn.Module):
     """Log-mel [B, n_mels, T] -> FCN grid [B, C, F', T'] -> attention over the F'*T' cells -> [B, C]."""
 
-    def __init__(self, n_mels: int, channels: tuple[int, ...] = (16, 32, 64, 64),
-                 attention_hidden: int = 64, lam: float = 1.0):
+    def __init__(self, n_mels: int, channels: tuple[int, ...] = (32, 64, 128, 128),
+                 attention_hidden: int = 64, lam: float = 1.0, convs_per_block: int = 2):
         super().__init__()
         if not channels:
             raise ValueError("the audio FCN needs at least one conv block")
         blocks, c_in = [], 1
         for c in channels:
-            blocks.append(ConvBlock(c_in, c, pool=True))
+            blocks.append(ConvBlock(c_in, c, pool=True, n_convs=convs_per_block))
             c_in = c
         self.blocks = nn.ModuleList(blocks)
         self.attention = ScaledSoftmaxAttention(c_in, attention_hidden, lam)

@@ -25,6 +25,7 @@ MODEL_KIND = "avemo-model"
 MODEL_VERSION = 1
 MODALITIES = ("audio", "video", "av")
 AUDIO_NORMS = ("global", "utterance")
+LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1}
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class ModelConfig:
     modalities: str = "av"                 # audio | video | av
     n_mels: int = 64
     video_dim: int = 0                     # face-feature size D (0 when video is unused)
-    audio_channels: tuple[int, ...] = (16, 32, 64, 64)
+    audio_channels: tuple[int, ...] = (32, 64, 128, 128)
+    audio_convs_per_block: int = 2
     audio_attention_hidden: int = 64
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
     audio_norm: str = "global"             # global: training-set mean per bin; utterance: the clip's own mean
@@ -65,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"unknown fusion '{self.fusion}'; choose one of {', '.join(FUSIONS)}")
         if self.uses_video and self.video_dim < 1:
             raise ValueError("a model that uses video needs video_dim >= 1 (the cache's face-feature size)")
+        if self.audio_convs_per_block < 1:
+            raise ValueError(f"audio_convs_per_block must be >= 1, got {self.audio_convs_per_block}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 
@@ -83,7 +87,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return dataclass_from_dict(cls, d, "model settings")
+        # a field missing from a stored config was written before the field existed: take the
+        # value that rebuilds the network of that time, not today's default
+        return dataclass_from_dict(cls, {**LEGACY_MODEL_FIELDS, **d}, "model settings")
 
 
 def build_video_stream(cfg: ModelConfig) -> nn.Module:
@@ -111,7 +117,8 @@ class AVEmoNet(nn.Module):
         self.cfg = cfg
         dims = []
         if cfg.uses_audio:
-            self.audio = FCNAudioStream(cfg.n_mels, cfg.audio_channels, cfg.audio_attention_hidden, cfg.audio_lambda)
+            self.audio = FCNAudioStream(cfg.n_mels, cfg.audio_channels, cfg.audio_attention_hidden, cfg.audio_lambda,
+                                        cfg.audio_convs_per_block)
             self.audio_standin = nn.Parameter(torch.zeros(self.audio.out_dim))
             self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
             self.register_buffer("mel_std", torch.ones(cfg.n_mels))

@@ -1,0 +1,294 @@
+"""Speech emotion on unseen speakers: RAVDESS folds, EmoDB leave-one-speaker-out with and without a
+pretrained front-end, cross-corpus, and a classic reference on the same folds. Prints tables.
+
+    python benchmarks/speech_bench.py --ravdess DIR --emodb DIR [--out DIR] [--seeds 3] [--jobs N]
+                                      [--parts ravdess,emodb,cross,reference] [-- avemo-train flags]
+
+DIR is an avemo cache (has manifest.csv) or a folder of the corpus's audio files, which is
+first extracted with ``avemo-extract --label-from ravdess|emodb`` into OUT/caches. Never is one
+speaker in both training and test:
+
+- ``ravdess``: 4 folds of 4 consecutive actors (01-04, 05-08, ...; two women and two men each),
+  train on the other 12, 8 classes, front-end from scratch (``--audio-init none``: the shipped
+  front-end has heard these actors).
+- ``emodb``: leave one speaker out over the cache's speakers; the FCN from scratch, and
+  initialised from a front-end that ``avemo-train-audio``'s code pretrains on all of RAVDESS
+  (one per seed), so that no EmoDB speaker leaks in.
+- ``cross``: that RAVDESS-trained model on EmoDB, and a model trained on all of EmoDB on
+  RAVDESS, each scored on the classes the two corpora share (predictions restricted to them).
+- ``reference``: log-mel statistics + class-balanced logistic regression
+  (``benchmarks/emodb_reference.py``) on the same folds; deterministic, one run.
+
+Everything after ``--`` goes to avemo-train's option parser (the same recipe for every part,
+the pretraining included): with none, the figures are avemo-train's defaults. Runs go to
+``--jobs`` worker processes (on one GPU when there is one); finished runs are kept, so the
+same command resumes. UAR and WAR per part: the mean over folds for each seed, then the mean
+and standard deviation of those over seeds; seconds per training run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avemo.batching import collate, to_device  # noqa: E402
+from avemo.model import load_model  # noqa: E402
+from avemo.model.frontend import load_frontend  # noqa: E402
+from emodb_reference import log_mel_stats, logistic_regression  # noqa: E402
+from train.cli import SplitOptions, build_parser, options_from_args, run_training  # noqa: E402
+from train.data import TrainingData, load_training_data  # noqa: E402
+from train.metrics import classification_metrics  # noqa: E402
+
+PARTS = ("ravdess", "emodb", "cross", "reference")
+
+
+def ensure_cache(src: Path, scheme: str, out: Path) -> Path:
+    if (src / "manifest.csv").is_file():
+        return src
+    exe = shutil.which("avemo-extract") or str(Path(sys.executable).parent / "avemo-extract")
+    cache = out / "caches" / scheme
+    subprocess.run([exe, str(src), "--out", str(cache), "--label-from", scheme, "--quiet"], check=True)
+    return cache
+
+
+def ravdess_folds(speakers: list[str | None], k: int = 4) -> list[list[str]]:
+    """k groups of consecutive actors (RAVDESS alternates men and women, so each group has both)."""
+    unique = sorted({s for s in speakers if s})
+    size = len(unique) // k
+    return [unique[i * size:(i + 1) * size] if i < k - 1 else unique[i * size:] for i in range(k)]
+
+
+# ----------------------------------------------------------------------------- worker tasks
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def task_fit(cache: str, out: str, model: dict, cfg, split: SplitOptions) -> dict:
+    t0 = time.perf_counter()
+    report = run_training(cache, out, model, cfg, split, resume=True)
+    return {"report": report, "seconds": time.perf_counter() - t0, "out": out}
+
+
+def task_pretrain(cache: str, out: str, model: dict, cfg) -> dict:
+    from train.audio.cli import train_frontend
+    t0 = time.perf_counter()
+    if not (Path(out) / "frontend.pt").is_file():
+        train_frontend([cache], out, ["ravdess"], model, cfg, command="benchmarks/speech_bench.py", resume=True)
+    return {"frontend": str(Path(out) / "frontend.pt"), "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def logits_on(model, data: TrainingData, device: torch.device, batch: int = 64) -> np.ndarray:
+    model.to(device).eval()
+    out = []
+    for i in range(0, len(data), batch):
+        b = to_device(collate(data.clips[i:i + batch], data.n_mels, 0), device)
+        out.append(model(b)["logits"].float().cpu())
+    return torch.cat(out).numpy()
+
+
+def shared_class_metrics(logits: np.ndarray, model_classes: list[str], data: TrainingData) -> dict:
+    """Scores on the classes both the model and the data have: other clips are left out, and the
+    prediction is the best of the shared classes (a model cannot be right about a class it never saw)."""
+    shared = [c for c in data.classes if c in model_classes]
+    keep = np.array([data.classes[y] in shared for y in data.labels])
+    truth = np.array([shared.index(data.classes[y]) for y in data.labels[keep]])
+    pred = logits[keep][:, [model_classes.index(c) for c in shared]].argmax(1)
+    return classification_metrics(truth, pred, shared)
+
+
+def fold_mean(reports: list[dict]) -> tuple[float, float]:
+    return float(np.mean([r["uar"] for r in reports])), float(np.mean([r["accuracy"] for r in reports]))
+
+
+def summarise(per_seed: list[tuple[float, float]], seconds: list[float]) -> dict:
+    u, w = np.array([p[0] for p in per_seed]), np.array([p[1] for p in per_seed])
+    return {"uar_mean": float(u.mean()), "uar_std": float(u.std()), "war_mean": float(w.mean()),
+            "war_std": float(w.std()), "seeds": len(per_seed), "uar_per_seed": u.round(4).tolist(),
+            "seconds_per_run": float(np.mean(seconds)) if seconds else 0.0}
+
+
+# ----------------------------------------------------------------------------- reference
+
+def reference_rows(rav: TrainingData | None, emo: TrainingData | None) -> dict:
+    def feats(d):
+        return np.stack([log_mel_stats(c.arrays["mel"]) for c in d.clips])
+
+    rows, l2 = {}, 1e-2
+    t0 = time.perf_counter()
+    if rav is not None:
+        x, spk = feats(rav), np.array(rav.speakers)
+        reps = []
+        for group in ravdess_folds(rav.speakers):
+            test = np.isin(spk, group)
+            pred = logistic_regression(x[~test], rav.labels[~test], x[test], len(rav.classes), l2)
+            reps.append(classification_metrics(rav.labels[test], pred, rav.classes))
+        rows["ravdess"] = summarise([fold_mean(reps)], [])
+    if emo is not None:
+        x, spk = feats(emo), np.array(emo.speakers)
+        reps = []
+        for s in sorted(set(emo.speakers)):
+            test = spk == s
+            pred = logistic_regression(x[~test], emo.labels[~test], x[test], len(emo.classes), l2)
+            reps.append(classification_metrics(emo.labels[test], pred, emo.classes))
+        rows["emodb"] = summarise([fold_mean(reps)], [])
+    if rav is not None and emo is not None:
+        for name, src, dst in (("ravdess->emodb", rav, emo), ("emodb->ravdess", emo, rav)):
+            xs, xd = feats(src), feats(dst)
+            # decision scores per class: a one-hot of each prediction is enough to restrict to shared classes
+            pred = logistic_regression(xs, src.labels, xd, len(src.classes), l2)
+            scores = np.eye(len(src.classes))[pred]
+            m = shared_class_metrics(scores, src.classes, dst)
+            rows[name] = summarise([(m["uar"], m["accuracy"])], [])
+    rows["seconds"] = time.perf_counter() - t0
+    return rows
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ravdess", type=Path, help="RAVDESS speech: avemo cache or folder of Actor_*/ files")
+    p.add_argument("--emodb", type=Path, help="EmoDB: avemo cache or folder of wav files")
+    p.add_argument("--out", type=Path, default=Path("bench-out/speech"))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (worker processes, 1 torch thread each)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    args = p.parse_args(argv)
+    parts = [s for s in args.parts.split(",") if s]
+    if set(parts) - set(PARTS):
+        raise SystemExit(f"unknown parts {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
+    if {"ravdess", "emodb", "cross"} & set(parts) and args.ravdess is None:
+        raise SystemExit("--ravdess is needed for the parts ravdess, emodb (its pretraining) and cross")
+    if {"emodb", "cross"} & set(parts) and args.emodb is None:
+        raise SystemExit("--emodb is needed for the parts emodb and cross")
+    torch.set_num_threads(1)
+    rav_cache = ensure_cache(args.ravdess, "ravdess", args.out) if args.ravdess else None
+    emo_cache = ensure_cache(args.emodb, "emodb", args.out) if args.emodb else None
+    base = build_parser().parse_args(["CACHE", "--out", "OUT", "--modalities", "audio", "--quiet", *extra])
+    model, cfg, _ = options_from_args(base)
+    cfg_scratch = _replace(cfg, audio_init="none")
+    rav = load_training_data(rav_cache) if rav_cache else None
+    emo = load_training_data(emo_cache) if emo_cache else None
+    out = args.out
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"avemo-train options: {' '.join(extra) or '(defaults)'}; device {device}; {args.seeds} seeds; "
+          f"{args.jobs} jobs", flush=True)
+
+    results: dict = {"options": extra, "device": str(device), "seeds": args.seeds, "parts": {}}
+    t_start = time.perf_counter()
+    runs: dict[str, list] = {}           # part -> [(seed, report(s), seconds)]
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        pending = {}
+
+        def submit(key, fn, *a):
+            pending[pool.submit(fn, *a)] = key
+
+        for seed in range(args.seeds):
+            c = _replace(cfg_scratch, seed=seed)
+            if "ravdess" in parts:
+                for k, group in enumerate(ravdess_folds(rav.speakers)):
+                    submit(("ravdess", seed, k), task_fit, str(rav_cache), str(out / f"ravdess/seed{seed}/fold{k + 1}"),
+                           model, c, SplitOptions(test_speakers=",".join(group)))
+            if "emodb" in parts:
+                n = len({s for s in emo.speakers if s})
+                submit(("emodb-scratch", seed, None), task_fit, str(emo_cache), str(out / f"emodb-scratch/seed{seed}"),
+                       model, c, SplitOptions(folds=n, fold_val="none"))
+            if {"emodb", "cross"} & set(parts):
+                submit(("pretrain", seed, None), task_pretrain, str(rav_cache), str(out / f"frontend-ravdess/seed{seed}"),
+                       model, c)
+            if "cross" in parts:
+                submit(("emodb-all", seed, None), task_fit, str(emo_cache), str(out / f"emodb-all/seed{seed}"),
+                       model, c, SplitOptions(no_split=True))
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                part, seed, k = pending.pop(fut)
+                res = fut.result()
+                runs.setdefault(part, []).append((seed, k, res))
+                print(f"  {time.perf_counter() - t_start:7.0f}s  {part} seed {seed}"
+                      + (f" fold {k + 1}" if k is not None else "") + f": {res['seconds']:.0f}s"
+                      + (f", UAR {res['report'].get('uar', res['report'].get('uar_mean')):.3f}"
+                         if "report" in res else ""), flush=True)
+                if part == "pretrain" and "emodb" in parts:
+                    n = len({s for s in emo.speakers if s})
+                    submit(("emodb-pretrained", seed, None), task_fit, str(emo_cache),
+                           str(out / f"emodb-pretrained/seed{seed}"), model,
+                           _replace(cfg, seed=seed, audio_init=res["frontend"]), SplitOptions(folds=n, fold_val="none"))
+
+    table = {}
+    if "ravdess" in runs:
+        by_seed = {}
+        for seed, k, res in runs["ravdess"]:
+            by_seed.setdefault(seed, []).append(res)
+        table["RAVDESS 4 folds x 4 actors, 8 classes (from scratch)"] = summarise(
+            [fold_mean([r["report"] for r in rs]) for rs in by_seed.values()],
+            [r["seconds"] for rs in by_seed.values() for r in rs])
+    for part, label in (("emodb-scratch", "EmoDB leave-one-speaker-out, 7 classes (from scratch)"),
+                        ("emodb-pretrained", "EmoDB leave-one-speaker-out, 7 classes (front-end pretrained on RAVDESS)")):
+        if part in runs:
+            rs = [res for _, _, res in runs[part]]
+            table[label] = summarise([(r["report"]["uar_mean"], r["report"]["accuracy_mean"]) for r in rs],
+                                     [r["seconds"] / len(r["report"]["folds"]) for r in rs])
+    if "cross" in parts:
+        fwd, back = [], []
+        for _, _, res in runs.get("pretrain", []):
+            front = load_frontend(res["frontend"])
+            m = shared_class_metrics(logits_on(front.model(), emo, device), front.classes, emo)
+            fwd.append((m["uar"], m["accuracy"]))
+        for _, _, res in runs.get("emodb-all", []):
+            net, ckpt = load_model(Path(res["out"]) / "best.pt")
+            m = shared_class_metrics(logits_on(net, rav, device), ckpt["classes"], rav)
+            back.append((m["uar"], m["accuracy"]))
+        shared = [c for c in emo.classes if c in rav.classes]
+        table[f"cross-corpus RAVDESS -> EmoDB ({len(shared)} shared classes)"] = summarise(
+            fwd, [r["seconds"] for _, _, r in runs.get("pretrain", [])])
+        table[f"cross-corpus EmoDB -> RAVDESS ({len(shared)} shared classes)"] = summarise(
+            back, [r["seconds"] for _, _, r in runs.get("emodb-all", [])])
+    reference = reference_rows(rav, emo) if "reference" in parts else {}
+    results["table"], results["reference"] = table, reference
+    results["wall_seconds"] = time.perf_counter() - t_start
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(table, reference, results["wall_seconds"])
+
+
+def _replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def print_table(table: dict, reference: dict, wall: float) -> None:
+    ref_key = {"RAVDESS": "ravdess", "EmoDB leave": "emodb", "cross-corpus RAVDESS": "ravdess->emodb",
+               "cross-corpus EmoDB": "emodb->ravdess"}
+    print(f"\n{'':<78}{'UAR':>14}{'WAR':>14}{'s/run':>7}{'reference UAR':>15}")
+    for name, row in table.items():
+        ref = next((reference.get(v) for k, v in ref_key.items() if name.startswith(k)), None)
+        ref_text = f"{ref['uar_mean']:.3f}" if ref else ""
+        print(f"{name:<78}{row['uar_mean']:>8.3f} +-{row['uar_std']:.3f}{row['war_mean']:>8.3f} +-{row['war_std']:.3f}"
+              f"{row['seconds_per_run']:>7.0f}{ref_text:>15}")
+    print(f"(mean over folds per seed, then mean +- std over {next(iter(table.values()))['seeds'] if table else 0} "
+          f"seeds; reference: log-mel statistics + logistic regression, same folds; wall {wall:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
