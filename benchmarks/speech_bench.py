@@ -2,7 +2,7 @@
 pretrained front-end, cross-corpus, and a classic reference on the same folds. Prints tables.
 
     python benchmarks/speech_bench.py --ravdess DIR --emodb DIR [--out DIR] [--seeds 3] [--jobs N]
-                                      [--parts ravdess,emodb,cross,reference] [-- avemo-train flags]
+                                      [--parts ravdess,emodb,pretrained,cross,reference] [-- avemo-train flags]
 
 DIR is an avemo cache (has manifest.csv) or a folder of the corpus's audio files, which is
 first extracted with ``avemo-extract --label-from ravdess|emodb`` into OUT/caches. Never is one
@@ -11,9 +11,10 @@ speaker in both training and test:
 - ``ravdess``: 4 folds of 4 consecutive actors (01-04, 05-08, ...; two women and two men each),
   train on the other 12, 8 classes, front-end from scratch (``--audio-init none``: the shipped
   front-end has heard these actors).
-- ``emodb``: leave one speaker out over the cache's speakers; the FCN from scratch, and
-  initialised from a front-end that ``avemo-train-audio``'s code pretrains on all of RAVDESS
-  (one per seed), so that no EmoDB speaker leaks in.
+- ``emodb``: leave one speaker out over the cache's speakers, the FCN from scratch;
+  ``pretrained``: the same folds, the FCN initialised from a front-end that
+  ``avemo-train-audio``'s code pretrains on all of RAVDESS (one per seed), so that no EmoDB
+  speaker leaks in.
 - ``cross``: that RAVDESS-trained model on EmoDB, and a model trained on all of EmoDB on
   RAVDESS, each scored on the classes the two corpora share (predictions restricted to them).
 - ``reference``: log-mel statistics + class-balanced logistic regression
@@ -51,7 +52,7 @@ from train.cli import SplitOptions, build_parser, options_from_args, run_trainin
 from train.data import TrainingData, load_training_data  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 
-PARTS = ("ravdess", "emodb", "cross", "reference")
+PARTS = ("ravdess", "emodb", "pretrained", "cross", "reference")
 
 
 def ensure_cache(src: Path, scheme: str, out: Path) -> Path:
@@ -176,10 +177,10 @@ def main() -> None:
     parts = [s for s in args.parts.split(",") if s]
     if set(parts) - set(PARTS):
         raise SystemExit(f"unknown parts {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
-    if {"ravdess", "emodb", "cross"} & set(parts) and args.ravdess is None:
-        raise SystemExit("--ravdess is needed for the parts ravdess, emodb (its pretraining) and cross")
-    if {"emodb", "cross"} & set(parts) and args.emodb is None:
-        raise SystemExit("--emodb is needed for the parts emodb and cross")
+    if {"ravdess", "pretrained", "cross"} & set(parts) and args.ravdess is None:
+        raise SystemExit("--ravdess is needed for the parts ravdess, pretrained and cross")
+    if {"emodb", "pretrained", "cross"} & set(parts) and args.emodb is None:
+        raise SystemExit("--emodb is needed for the parts emodb, pretrained and cross")
     torch.set_num_threads(1)
     rav_cache = ensure_cache(args.ravdess, "ravdess", args.out) if args.ravdess else None
     emo_cache = ensure_cache(args.emodb, "emodb", args.out) if args.emodb else None
@@ -213,7 +214,7 @@ def main() -> None:
                 n = len({s for s in emo.speakers if s})
                 submit(("emodb-scratch", seed, None), task_fit, str(emo_cache), str(out / f"emodb-scratch/seed{seed}"),
                        model, c, SplitOptions(folds=n, fold_val="none"))
-            if {"emodb", "cross"} & set(parts):
+            if {"pretrained", "cross"} & set(parts):
                 submit(("pretrain", seed, None), task_pretrain, str(rav_cache), str(out / f"frontend-ravdess/seed{seed}"),
                        model, c)
             if "cross" in parts:
@@ -229,7 +230,7 @@ def main() -> None:
                       + (f" fold {k + 1}" if k is not None else "") + f": {res['seconds']:.0f}s"
                       + (f", UAR {res['report'].get('uar', res['report'].get('uar_mean')):.3f}"
                          if "report" in res else ""), flush=True)
-                if part == "pretrain" and "emodb" in parts:
+                if part == "pretrain" and "pretrained" in parts:
                     n = len({s for s in emo.speakers if s})
                     submit(("emodb-pretrained", seed, None), task_fit, str(emo_cache),
                            str(out / f"emodb-pretrained/seed{seed}"), model,
