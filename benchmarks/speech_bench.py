@@ -204,6 +204,19 @@ def main() -> None:
         def submit(key, fn, *a):
             pending[pool.submit(fn, *a)] = key
 
+        n_emo = len({s for s in emo.speakers if s}) if emo is not None else 0
+
+        def emodb_folds(part, seed, c):
+            # one task per fold, so that folds run side by side
+            for k in range(n_emo):
+                submit((part, seed, k), task_fit, str(emo_cache), str(out / f"{part}/seed{seed}"), model, c,
+                       SplitOptions(folds=n_emo, fold=k + 1, fold_val="none"))
+
+        # the pretraining first: the pretrained EmoDB folds wait for it
+        for seed in range(args.seeds):
+            if {"pretrained", "cross"} & set(parts):
+                submit(("pretrain", seed, None), task_pretrain, str(rav_cache),
+                       str(out / f"frontend-ravdess/seed{seed}"), model, _replace(cfg_scratch, seed=seed))
         for seed in range(args.seeds):
             c = _replace(cfg_scratch, seed=seed)
             if "ravdess" in parts:
@@ -211,12 +224,7 @@ def main() -> None:
                     submit(("ravdess", seed, k), task_fit, str(rav_cache), str(out / f"ravdess/seed{seed}/fold{k + 1}"),
                            model, c, SplitOptions(test_speakers=",".join(group)))
             if "emodb" in parts:
-                n = len({s for s in emo.speakers if s})
-                submit(("emodb-scratch", seed, None), task_fit, str(emo_cache), str(out / f"emodb-scratch/seed{seed}"),
-                       model, c, SplitOptions(folds=n, fold_val="none"))
-            if {"pretrained", "cross"} & set(parts):
-                submit(("pretrain", seed, None), task_pretrain, str(rav_cache), str(out / f"frontend-ravdess/seed{seed}"),
-                       model, c)
+                emodb_folds("emodb-scratch", seed, c)
             if "cross" in parts:
                 submit(("emodb-all", seed, None), task_fit, str(emo_cache), str(out / f"emodb-all/seed{seed}"),
                        model, c, SplitOptions(no_split=True))
@@ -228,28 +236,22 @@ def main() -> None:
                 runs.setdefault(part, []).append((seed, k, res))
                 print(f"  {time.perf_counter() - t_start:7.0f}s  {part} seed {seed}"
                       + (f" fold {k + 1}" if k is not None else "") + f": {res['seconds']:.0f}s"
-                      + (f", UAR {res['report'].get('uar', res['report'].get('uar_mean')):.3f}"
+                      + (f", UAR {res['report']['uar']:.3f} WAR {res['report']['accuracy']:.3f}"
                          if "report" in res else ""), flush=True)
                 if part == "pretrain" and "pretrained" in parts:
-                    n = len({s for s in emo.speakers if s})
-                    submit(("emodb-pretrained", seed, None), task_fit, str(emo_cache),
-                           str(out / f"emodb-pretrained/seed{seed}"), model,
-                           _replace(cfg, seed=seed, audio_init=res["frontend"]), SplitOptions(folds=n, fold_val="none"))
+                    emodb_folds("emodb-pretrained", seed, _replace(cfg, seed=seed, audio_init=res["frontend"]))
 
     table = {}
-    if "ravdess" in runs:
-        by_seed = {}
-        for seed, k, res in runs["ravdess"]:
-            by_seed.setdefault(seed, []).append(res)
-        table["RAVDESS 4 folds x 4 actors, 8 classes (from scratch)"] = summarise(
-            [fold_mean([r["report"] for r in rs]) for rs in by_seed.values()],
-            [r["seconds"] for rs in by_seed.values() for r in rs])
-    for part, label in (("emodb-scratch", "EmoDB leave-one-speaker-out, 7 classes (from scratch)"),
+    for part, label in (("ravdess", "RAVDESS 4 folds x 4 actors, 8 classes (from scratch)"),
+                        ("emodb-scratch", "EmoDB leave-one-speaker-out, 7 classes (from scratch)"),
                         ("emodb-pretrained", "EmoDB leave-one-speaker-out, 7 classes (front-end pretrained on RAVDESS)")):
         if part in runs:
-            rs = [res for _, _, res in runs[part]]
-            table[label] = summarise([(r["report"]["uar_mean"], r["report"]["accuracy_mean"]) for r in rs],
-                                     [r["seconds"] / len(r["report"]["folds"]) for r in rs])
+            by_seed: dict[int, list] = {}
+            for seed, _, res in runs[part]:
+                by_seed.setdefault(seed, []).append(res)
+            table[label] = summarise([fold_mean([r["report"] for r in rs]) for rs in by_seed.values()],
+                                     [r["seconds"] for rs in by_seed.values() for r in rs])
+            table[label]["folds_per_seed"] = [len(rs) for rs in by_seed.values()]
     if "cross" in parts:
         fwd, back = [], []
         for _, _, res in runs.get("pretrain", []):

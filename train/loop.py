@@ -282,7 +282,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     if resume and last_path.is_file():
         state = _load_resume(last_path, data)
         split = Split.from_dict(state["split"])
-        model_cfg = state["config"]
+        model_cfg = ModelConfig.from_stored(state["config"])
         log.info("resuming %s after epoch %d", out, state["resume"]["epoch"])
     elif resume:
         log.info("nothing to resume in %s: starting fresh", out)

@@ -129,7 +129,7 @@ def load_frontend(name_or_path: str | os.PathLike = "default") -> AudioFrontend:
     if missing:
         raise CheckpointError(f"{path}: front-end file lacks {', '.join(missing)}")
     try:
-        cfg = ModelConfig.from_dict(data["config"])
+        cfg = ModelConfig.from_stored(data["config"])
         build_model(cfg).load_state_dict(data["state_dict"])
     except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the front-end cannot be rebuilt: {str(e).splitlines()[0]}") from None

@@ -87,9 +87,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        # a field missing from a stored config was written before the field existed: take the
-        # value that rebuilds the network of that time, not today's default
-        return dataclass_from_dict(cls, {**LEGACY_MODEL_FIELDS, **d}, "model settings")
+        return dataclass_from_dict(cls, d, "model settings")
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> "ModelConfig":
+        """A config read back from a file: a field it lacks was written before the field existed,
+        so it takes the value that rebuilds the network of that time, not today's default."""
+        return cls.from_dict({**LEGACY_MODEL_FIELDS, **d})
 
 
 def build_video_stream(cfg: ModelConfig) -> nn.Module:
@@ -261,9 +265,9 @@ def load_model(path: str | os.PathLike,
     try:
         members = ckpt.get("members")
         if members:
-            model = Ensemble([build_model(ckpt["config"]) for _ in range(int(members))])
+            model = Ensemble([build_model(ModelConfig.from_stored(ckpt["config"])) for _ in range(int(members))])
         else:
-            model = build_model(ckpt["config"])
+            model = build_model(ModelConfig.from_stored(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the model in this checkpoint cannot be rebuilt: {e}") from None
