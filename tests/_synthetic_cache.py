@@ -13,11 +13,11 @@ N_MELS, VIDEO_DIM = 16, 8
 
 def make_cache(root: Path, classes=("ang", "hap", "sad"), speakers=("s1", "s2", "s3", "s4"), per_class: int = 4,
                seed: int = 0, audio: bool = True, video: bool = True, settings: ExtractionSettings | None = None,
-               with_labels: bool = True, audio_only_every: int = 0) -> Path:
+               with_labels: bool = True, audio_only_every: int = 0, n_mels: int = N_MELS) -> Path:
     """A cache whose classes are separable in both modalities: class c lights up its own mel band
     and shifts the face features along its own direction; lengths vary so padding is exercised."""
     rng = np.random.default_rng(seed)
-    settings = settings or ExtractionSettings(n_mels=N_MELS, feature_dim=VIDEO_DIM)
+    settings = settings or ExtractionSettings(n_mels=n_mels, feature_dim=VIDEO_DIM)
     rows, k = [], 0
     for spk in speakers:
         for ci, label in enumerate(classes):
@@ -26,7 +26,7 @@ def make_cache(root: Path, classes=("ang", "hap", "sad"), speakers=("s1", "s2", 
                 arrays = {}
                 if audio:
                     t_a = int(rng.integers(24, 48))
-                    mel = rng.normal(-4.0, 1.0, (N_MELS, t_a)).astype(np.float32)
+                    mel = rng.normal(-4.0, 1.0, (settings.n_mels, t_a)).astype(np.float32)
                     band = slice(ci * 4, ci * 4 + 4)
                     mel[band] += 1.5
                     arrays["mel"] = mel

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from train.augment import AugmentConfig, BatchAugment, mix_clips, random_crop
+from train.augment import AugmentConfig, BatchAugment, mix_clips, random_crop, tempo_stretch
 
 
 def _padded_batch(lengths, n_mels=6, t=12):
@@ -61,3 +61,17 @@ def test_spec_augment_and_crops_leave_padding_at_zero(cfg):
     out = BatchAugment(cfg, mel_frames_per_second=100.0)(b, torch.full((6,), -4.0))
     assert torch.all(out["mel"] * ~out["mel_mask"][:, None, :] == 0)
     assert out["mel_mask"].sum(1).tolist() == ([12, 5, 9] if cfg.crop == 0 else [5, 5, 5])
+
+
+def test_tempo_stretch_resamples_each_clip_in_time_and_keeps_padding_out():
+    b = _padded_batch([12, 9, 0])
+    mel, mask = tempo_stretch(b["mel"], b["mel_mask"], torch.tensor([1.0, 2.0, 1.5]))
+    assert mask.sum(1).tolist() == [12, 4, 0]                  # 9 steps at double speed -> 4 (floor 9 / 2)
+    torch.testing.assert_close(mel[0], b["mel"][0])            # rate 1: the clip itself
+    torch.testing.assert_close(mel[1, :, :4], b["mel"][1][:, [0, 2, 4, 6]])
+    assert torch.all(mel[1, :, 4:] == 0) and torch.all(mel[2] == 0)
+    slow, smask = tempo_stretch(b["mel"][:1], b["mel_mask"][:1], torch.tensor([0.5]))
+    assert int(smask.sum()) == 24
+    # half speed: every other step is the mean of two neighbours, never a value from the padding
+    torch.testing.assert_close(slow[0, :, 1], (b["mel"][0, :, 0] + b["mel"][0, :, 1]) / 2)
+    torch.testing.assert_close(slow[0, :, 23], b["mel"][0, :, 11])

@@ -96,10 +96,11 @@ def test_fan_relation_attention_is_optional():
     assert with_rel.out_dim == 16 and without.out_dim == 8
 
 
+@pytest.mark.parametrize("convs", [1, 2])
 @pytest.mark.parametrize("training", [False, True])
-def test_audio_fcn_padding_invariance_in_eval_and_training(training):
+def test_audio_fcn_padding_invariance_in_eval_and_training(training, convs):
     torch.manual_seed(0)
-    fcn = FCNAudioStream(n_mels=16, channels=(4, 8, 8), attention_hidden=8).train(training)
+    fcn = FCNAudioStream(n_mels=16, channels=(4, 8, 8), attention_hidden=8, convs_per_block=convs).train(training)
     mel = torch.randn(1, 16, 37)
     ref, ref_w = fcn(mel, torch.ones(1, 37, dtype=torch.bool))
     padded = torch.cat([mel, torch.zeros(1, 16, 20)], dim=2)
@@ -257,3 +258,23 @@ def test_masked_batchnorm_statistics_hold_in_bf16_for_large_means():
         yc = y[:, c][valid[:, c]]
         assert abs(float(yc.mean())) < 0.05
         assert float(yc.std()) == pytest.approx(1.0, abs=0.03), (c, float(yc.std()))
+
+
+def test_checkpoints_from_before_convs_per_block_still_load(tmp_path):
+    # a one-conv-per-block model saved the way earlier versions wrote it: no audio_convs_per_block
+    # in the config, and the layers named blocks.i.conv / blocks.i.bn
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=3, n_mels=16, modalities="audio", audio_channels=(4, 8), audio_convs_per_block=1)
+    model = build_model(cfg).eval()
+    batch = collate([_clip(0, 20, 5, video=False), _clip(1, 9, 3, video=False)], 16, 0)
+    save_model(tmp_path / "new.pt", model, ["a", "b", "c"], {"n_mels": 16})
+    old = torch.load(tmp_path / "new.pt", weights_only=True)
+    del old["config"]["audio_convs_per_block"]
+    old["model"] = {k.replace(".convs.0.", ".conv.").replace(".bns.0.", ".bn."): v for k, v in old["model"].items()}
+    assert "audio.blocks.1.conv.weight" in old["model"]
+    save_checkpoint(tmp_path / "old.pt", old, MODEL_KIND, MODEL_VERSION)
+    loaded, _ = load_model(tmp_path / "old.pt")
+    assert loaded.cfg.audio_convs_per_block == 1
+    torch.testing.assert_close(loaded(batch)["logits"], model(batch)["logits"])
+    # a fresh config takes today's default, two convolutions per block
+    assert ModelConfig.from_dict({"n_classes": 3, "modalities": "audio"}).audio_convs_per_block == 2

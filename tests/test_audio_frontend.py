@@ -1,0 +1,124 @@
+"""The pretrained audio front-end: avemo-train-audio's file, --audio-init, and the shipped default."""
+import json
+
+import pytest
+import torch
+
+from _synthetic_cache import make_cache
+from avemo.checkpoint import CheckpointError
+from avemo.features import AUDIO_SETTING_KEYS, ExtractionSettings
+from avemo.model import load_model
+from avemo.model.frontend import FRONTEND_KIND, load_frontend, resolve_frontend_path
+from train.audio.cli import main as train_audio_main, train_frontend
+from train.augment import AugmentConfig
+from train.cli import SplitOptions, cli, run_training
+from train.loop import TrainConfig, TrainError
+
+torch.set_num_threads(1)
+SPLIT = SplitOptions(val_speakers="s3", test_speakers="s4")
+TINY = dict(audio_channels=(4, 8), audio_convs_per_block=2, audio_attention_hidden=8, dropout=0.1)
+
+
+def quick(**kw):
+    base = dict(epochs=8, batch_size=8, lr=1e-2, progress=False, augment=AugmentConfig(2, 5, 1, 0.0))
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def frontend(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    a = make_cache(root / "corpus_a", classes=("ang", "hap", "sad"), video=False, per_class=3)
+    b = make_cache(root / "corpus_b", classes=("ang", "neu"), speakers=("s1", "s9"), video=False, per_class=3, seed=1)
+    info = train_frontend([a, b], root / "run", ["a", "b"], dict(TINY), quick(), holdout="a:s4,b:s9",
+                          licence="research use only (test)", command="avemo-train-audio test")
+    return root / "run" / "frontend.pt", info
+
+
+def test_frontend_file_is_self_describing_and_loads_without_code(frontend):
+    path, info = frontend
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == FRONTEND_KIND and raw["licence"] == "research use only (test)"
+    assert raw["command"] == "avemo-train-audio test"
+    assert [d["name"] for d in raw["data"]] == ["a", "b"] and raw["data"][0]["clips"] == 36
+    assert set(raw["audio_settings"]) == set(AUDIO_SETTING_KEYS) and raw["audio_settings"]["n_mels"] == 16
+    # classes united by name over both corpora; speakers kept apart by corpus
+    assert raw["classes"] == ["ang", "hap", "neu", "sad"]
+    held = raw["metrics"]["heldout"]
+    assert held["speakers"] == ["a:s4", "b:s9"] and set(held["per_corpus"]) == {"a", "b"}
+    assert held["n"] == 9 + 6 and 0.0 <= held["uar"] <= 1.0
+    assert raw["training"]["parameters"] > 0 and raw["training"]["train_config"]["audio_init"] == "none"
+    front = load_frontend(path)
+    assert front.arch()["audio_channels"] == [4, 8] and front.config.audio_convs_per_block == 2
+    # the file holds the whole audio-only classifier: rebuilt, it is the network that was trained
+    trained, _ = load_model(path.parent / "all" / "best.pt")
+    batch = {"mel": torch.randn(2, 16, 30), "mel_mask": torch.ones(2, 30, dtype=torch.bool)}
+    torch.testing.assert_close(front.model()(batch)["logits"], trained(batch)["logits"])
+
+
+def test_audio_init_copies_stream_and_normalisation_and_trains_a_new_head(frontend, tmp_path):
+    path, _ = frontend
+    cache = make_cache(tmp_path / "c", classes=("x", "y", "z"), seed=3)     # other classes, with video
+    report = run_training(cache, tmp_path / "run", {"video_hidden": 8, "fbp_o": 16},
+                          quick(epochs=1, lr=0.0, audio_init=str(path)), SPLIT)
+    model, ckpt = load_model(tmp_path / "run" / "best.pt")
+    front = load_frontend(path)
+    assert ckpt["audio_init"]["sha256"] == front.sha256 and ckpt["train_config"]["audio_init"] == str(path)
+    assert model.cfg.audio_channels == (4, 8) and model.classifier.out_features == 3 and report["n"] == 12
+    # lr 0: nothing moved, so the audio stream and its normalisation are exactly the front-end's
+    for k, v in front.state.items():
+        if k.startswith("audio.") and not k.endswith("num_batches_tracked") and "running" not in k:
+            torch.testing.assert_close(model.state_dict()[k], v, msg=k)
+    torch.testing.assert_close(model.mel_mean, front.state["mel_mean"])
+
+
+def test_audio_init_refuses_other_spectrograms_and_contradicting_settings(frontend, tmp_path):
+    path, _ = frontend
+    other = make_cache(tmp_path / "hop", video=False, per_class=2,
+                       settings=ExtractionSettings(n_mels=16, feature_dim=8, hop_length=320))
+    with pytest.raises(TrainError, match="hop_length 320"):
+        run_training(other, tmp_path / "r1", {}, quick(epochs=1, audio_init=str(path)), SPLIT)
+    same = make_cache(tmp_path / "same", video=False, per_class=2)
+    with pytest.raises(TrainError, match=r"audio_channels \[8, 8\] \(front-end: \[4, 8\]\)"):
+        run_training(same, tmp_path / "r2", {"audio_channels": (8, 8)}, quick(epochs=1, audio_init=str(path)), SPLIT)
+    assert cli([str(same), "--out", str(tmp_path / "r3"), "--audio-init", str(tmp_path / "nope.pt"), "--quiet"]) == 2
+    with pytest.raises(CheckpointError, match="not found"):
+        load_frontend(tmp_path / "nope.pt")
+    assert resolve_frontend_path("default").name == "audio_default.pt"
+
+
+def test_train_audio_cli_writes_the_file_and_reports_errors(tmp_path, capsys):
+    a = make_cache(tmp_path / "a", video=False, per_class=2)
+    out = tmp_path / "run"
+    rc = train_audio_main([str(a), "--out", str(out), "--audio-channels", "4", "--epochs", "1", "--batch-size", "8",
+                           "--quiet", "--licence", "test licence"])
+    assert rc == 0
+    front = load_frontend(out / "frontend.pt")
+    assert front.info["licence"] == "test licence" and front.info["command"].startswith("avemo-train-audio ")
+    assert "heldout" not in front.info["metrics"] and front.info["metrics"]["training_set"]["n"] == 24
+    other = make_cache(tmp_path / "b", video=False, per_class=2,
+                       settings=ExtractionSettings(n_mels=16, feature_dim=8, sample_rate=8000))
+    assert train_audio_main([str(a), str(other), "--out", str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "sample_rate" in capsys.readouterr().err
+
+
+def test_shipped_default_frontend_describes_itself():
+    front = load_frontend("default")
+    assert front.path.stat().st_size < 5 * 2 ** 20
+    assert front.audio_settings == {k: ExtractionSettings().to_dict()[k] for k in AUDIO_SETTING_KEYS}
+    assert "non-commercial" in front.info["licence"].lower() and "RAVDESS" in front.info["licence"]
+    assert {d["name"] for d in front.info["data"]} >= {"ravdess", "emodb"}
+    assert front.info["command"].startswith("avemo-train-audio ") and front.info["metrics"]["heldout"]["n"] > 0
+    json.dumps(front.info)                                    # plain values only
+
+
+@pytest.mark.parametrize("init", ["default", "none"])
+def test_a_handful_of_clips_trains_above_chance_with_and_without_the_pretrained_frontend(tmp_path, init):
+    # the default recipe as it is (one-cycle, label smoothing, SpecAugment), on the shipped network's
+    # spectrogram shape; only the epochs are few
+    cache = make_cache(tmp_path / "c", video=False, n_mels=64, per_class=4)
+    report = run_training(cache, tmp_path / "run", {}, TrainConfig(epochs=12, batch_size=8, progress=False,
+                                                                     audio_init=init), SPLIT)
+    assert report["evaluated_on"] == "test" and report["n"] == 12
+    assert report["uar"] >= 0.67, report          # chance is 1/3
+    _, ckpt = load_model(tmp_path / "run" / "best.pt")
+    assert (ckpt["audio_init"] is None) == (init == "none")
