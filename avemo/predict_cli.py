@@ -2,13 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from avemo.checkpoint import CheckpointError
 from avemo.extraction import ClipError
-from avemo.prediction import Prediction, load_model, media_files
+from avemo.io import display_name, first_line
+from avemo.prediction import MIN_WINDOW_S, Prediction, load_model, media_files
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got '{text}'") from None
+    if not math.isfinite(v) or v < MIN_WINDOW_S:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_WINDOW_S} s, got '{text}'")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,28 +36,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="OUT.png",
                    help="write a PNG of the attention over face crops and spectrogram (a timeline with "
                         "--window); with several clips, the clip name is added to OUT")
-    p.add_argument("--window", type=float, metavar="S", help="slide a window of S seconds over each file")
-    p.add_argument("--hop", type=float, metavar="S", help="seconds between window starts (default: --window)")
+    p.add_argument("--window", type=_seconds, metavar="S", help="slide a window of S seconds over each file")
+    p.add_argument("--hop", type=_seconds, metavar="S", help="seconds between window starts (default: --window)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--face-encoder", metavar="PATH",
                    help="where the face encoder the model was trained with lives, if not where it was")
     return p
 
 
-def _explain_path(base: str, clip: Path, several: bool) -> Path:
+def _explain_path(base: str, clip: Path, several: bool, used: set[str]) -> Path:
+    """OUT.png for one clip; with several, OUT.<clip name>.png, made unique when two clips share a name."""
     base = Path(base)
     if not several:
         return base
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in clip.stem)
-    return base.with_name(f"{base.stem}.{safe}{base.suffix or '.png'}")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in display_name(clip.name))
+    name = f"{base.stem}.{safe}{base.suffix or '.png'}"
+    if name in used:    # a/x.mp4 and b/x.mp4: tell them apart by their whole path
+        tag = hashlib.sha1(os.fsencode(clip)).hexdigest()[:8]
+        name = f"{base.stem}.{safe}.{tag}{base.suffix or '.png'}"
+    used.add(name)
+    return base.with_name(name)
+
+
+def _explain_folder_problem(base: str) -> str | None:
+    """Why pictures cannot be written at ``base`` (checked before any clip is processed), or None."""
+    parent = Path(base).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--explain {display_name(base)}: {display_name(parent)} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"--explain {display_name(base)}: cannot write in {display_name(parent)}"
+    return None
 
 
 def _human(pred: Prediction) -> str:
     where = f" [{pred.start:7.2f}-{pred.end:7.2f} s]" if pred.start is not None else ""
+    clip = display_name(pred.clip)
     if pred.emotion is None:
-        return f"{pred.clip}{where}: no prediction ({'; '.join(pred.warnings)})"
+        return f"{clip}{where}: no prediction ({'; '.join(pred.warnings)})"
     cover = "" if pred.face_coverage is None else f", face in {100 * pred.face_coverage:.0f}% of frames"
-    lines = [f"{pred.clip}{where}: {pred.emotion} ({pred.probabilities[pred.emotion]:.2f}) "
+    lines = [f"{clip}{where}: {pred.emotion} ({pred.probabilities[pred.emotion]:.2f}) "
              f"from {' + '.join(pred.modalities)}{cover}"]
     ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])
     lines.append("    " + "  ".join(f"{c} {p:.2f}" for c, p in ranked))
@@ -51,10 +84,17 @@ def _human(pred: Prediction) -> str:
     return "\n".join(lines)
 
 
+def _emit(pred: Prediction, as_json: bool) -> None:
+    print(json.dumps(pred.to_dict(), ensure_ascii=False, allow_nan=False) if as_json else _human(pred), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.hop is not None and args.window is None:
         print("avemo-predict: --hop needs --window", file=sys.stderr)
+        return 2
+    if args.explain and (problem := _explain_folder_problem(args.explain)):
+        print(f"avemo-predict: {problem}", file=sys.stderr)
         return 2
     try:
         model = load_model(args.model, args.device, args.face_encoder)
@@ -63,34 +103,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = media_files(args.paths)
     if not paths:
-        print("avemo-predict: no media files found in " + ", ".join(args.paths), file=sys.stderr)
+        print("avemo-predict: no media files found in " + ", ".join(map(display_name, args.paths)), file=sys.stderr)
         return 2
-    failed = 0
+    failed, pictures = 0, set()
     for path in paths:
         try:
             if args.window:
                 preds = []
                 for pred in model.predict_timeline(path, args.window, args.hop):
                     preds.append(pred)
-                    print(json.dumps(pred.to_dict(), ensure_ascii=False) if args.json else _human(pred), flush=True)
+                    _emit(pred, args.json)
                 if args.explain and preds:
                     from avemo.explain import plot_timeline
-                    plot_timeline(preds, _explain_path(args.explain, path, len(paths) > 1))
+                    _picture(plot_timeline, preds, _explain_path(args.explain, path, len(paths) > 1, pictures))
             else:
                 pred = model.predict(path)
-                print(json.dumps(pred.to_dict(), ensure_ascii=False) if args.json else _human(pred), flush=True)
+                _emit(pred, args.json)
                 if args.explain:
                     from avemo.explain import plot_prediction
-                    plot_prediction(pred, _explain_path(args.explain, path, len(paths) > 1))
+                    _picture(plot_prediction, pred, _explain_path(args.explain, path, len(paths) > 1, pictures))
         except ClipError as e:
             failed += 1
             if args.json:
-                print(json.dumps({"clip": str(path), "emotion": None, "error": str(e)}, ensure_ascii=False))
-            print(f"avemo-predict: {path}: {e}", file=sys.stderr)
+                print(json.dumps({"clip": display_name(path), "emotion": None, "error": str(e)}, ensure_ascii=False))
+            print(f"avemo-predict: {display_name(path)}: {e}", file=sys.stderr)
         except CheckpointError as e:   # the extraction the model needs cannot be set up here
             print(f"avemo-predict: {e}", file=sys.stderr)
             return 2
     return 1 if failed else 0
+
+
+def _picture(plot, what, out: Path) -> None:
+    """Write one explanation picture; a failure is reported and the remaining clips go on."""
+    try:
+        plot(what, out)
+    except OSError as e:
+        print(f"avemo-predict: could not write {display_name(out)}: {first_line(e)}", file=sys.stderr)
 
 
 def cli() -> None:

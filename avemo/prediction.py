@@ -9,6 +9,7 @@ time, so memory stays bounded however long the file is.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,15 @@ import torch
 
 from avemo.batching import collate, to_device
 from avemo.checkpoint import CheckpointError
+from avemo.encoders import is_shipped_name
 from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, default_device
 from avemo.features import ClipFeatures, ExtractionSettings
+from avemo.io import display_name
 from avemo.model import load_model as load_network
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
+MIN_WINDOW_S = 0.1   # shortest --window / --hop: a few spectrogram frames; shorter only multiplies windows
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (attention as per-frame weights with their times)."""
         d: dict[str, Any] = {
-            "clip": self.clip, "emotion": self.emotion,
+            "clip": display_name(self.clip), "emotion": self.emotion,
             "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
             "modalities": self.modalities,
             "face_coverage": None if self.face_coverage is None else round(self.face_coverage, 4),
@@ -66,6 +70,7 @@ class EmotionRecognizer:
 
     def __init__(self, path: str | os.PathLike, device: str | None = None, face_encoder: str | None = None):
         self.path = Path(path)
+        self._encoder_refusal: str | None = None
         self.device = torch.device(device or default_device())
         self.network, ckpt = load_network(self.path, map_location="cpu")
         self.network.to(self.device)
@@ -79,6 +84,12 @@ class EmotionRecognizer:
         if face_encoder is not None:
             # same encoder (the hash is checked on load), another place on this machine
             settings = dataclasses.replace(settings, encoder=face_encoder)
+        elif self.cfg.uses_video and not is_shipped_name(settings.encoder):
+            # a checkpoint is data from elsewhere: the files it names are not opened on its word
+            self._encoder_refusal = (
+                f"{self.path}: this model was trained with the face encoder file '{settings.encoder}'; avemo "
+                "opens only encoders shipped with it by name, or a file you name yourself: pass "
+                "--face-encoder PATH (its sha256 must match the one the model was trained with)")
         # crops are kept so that an explanation can show the faces; the cache identity is unchanged
         self.settings = dataclasses.replace(settings, keep_crops=True)
         self._extractor: ClipExtractor | None = None
@@ -87,6 +98,8 @@ class EmotionRecognizer:
     def extractor(self) -> ClipExtractor:
         """The training-time extraction, set up on first use (an audio-only model loads no face models)."""
         if self._extractor is None:
+            if self._encoder_refusal:
+                raise CheckpointError(self._encoder_refusal)
             try:
                 self._extractor = ClipExtractor(self.settings, str(self.device), with_video=self.cfg.uses_video)
             except (ValueError, FileNotFoundError, CheckpointError) as e:
@@ -125,6 +138,9 @@ class EmotionRecognizer:
         batch = collate([feats], self.cfg.n_mels, self.cfg.video_dim if self.cfg.uses_video else 0)
         out = self.network(to_device(batch, self.device))
         probs = torch.softmax(out["logits"].float(), dim=-1)[0].cpu().numpy()
+        if not np.isfinite(probs).all():
+            raise ClipError("the model gave NaN or infinite probabilities for this clip (its features hold "
+                            "non-finite values)")
         attention = {}
         if "video" in used:
             attention["video"] = out["video_attention"][0].float().cpu().numpy()
@@ -139,9 +155,10 @@ class EmotionRecognizer:
     def predict_timeline(self, path: str | os.PathLike, window: float, hop: float | None = None,
                          clip_id: str | None = None) -> Iterator[Prediction]:
         """One prediction per window of ``window`` seconds every ``hop`` seconds, decoded lazily."""
-        hop = hop or window
-        if not window > 0 or not hop > 0:
-            raise ValueError(f"window and hop must be positive seconds (got {window}, {hop})")
+        hop = window if hop is None else hop
+        for name, v in (("window", window), ("hop", hop)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= MIN_WINDOW_S):
+                raise ValueError(f"{name} must be at least {MIN_WINDOW_S} s, got {v}")
         clip_id = clip_id or str(path)
         duration = clip_duration(path)
         start = 0.0

@@ -164,13 +164,15 @@ class Cache:
     def write_manifest(self, clips: list[str]) -> pd.DataFrame:
         """manifest.csv with the finished row of every clip in ``clips`` (sorted); returns it.
 
-        The returned frame keeps clip ids as found; the file shows names that are not
-        UTF-8 with ``\\x`` escapes and neutralises spreadsheet formulas (``avemo.tables``).
+        Names that are not UTF-8 appear with ``\\x`` escapes (in the file and the frame);
+        the file also neutralises spreadsheet formulas (``avemo.tables``).
         """
-        rows = [{k: r.get(k) for k in COLUMNS} for r in (self.read_row(c) for c in sorted(clips)) if r is not None]
+        # text as it is shown: a lone surrogate from a non-UTF-8 name cannot even enter an
+        # Arrow-backed pandas string column
+        rows = [{k: display_name(v) if isinstance(v, str) else v for k, v in ((k, r.get(k)) for k in COLUMNS)}
+                for r in (self.read_row(c) for c in sorted(clips)) if r is not None]
         df = pd.DataFrame(rows, columns=COLUMNS)
-        shown = df.assign(clip=df["clip"].map(display_name))
-        write_csv_atomic(self.manifest_path, shown, index=False)
+        write_csv_atomic(self.manifest_path, df, index=False)
         return df
 
 

@@ -173,5 +173,5 @@ class WorkerPool:
         if item is None:
             raise RuntimeError(f"an extraction worker did not start within {STARTUP_LIMIT_S:.0f} s")
         limit = clip_time_limit(w.duration, self.timeout)
-        finished(self._failed(item, f"timed out: extraction took longer than {limit:.0f} s "
+        finished(self._failed(item, f"timed out: extraction took longer than {limit:g} s "
                                     f"(--clip-timeout to change the limit); the worker was stopped"))

@@ -42,13 +42,13 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     enc = mediagen.random_encoder(root / "enc.pt")
     settings = ClipExtractor(ExtractionSettings(frames=6, encoder=str(enc)), "cpu").settings
-    return {"root": root, "settings": settings,
+    return {"root": root, "settings": settings, "enc": str(enc),
             "av": _checkpoint(root / "av.pt", settings), "audio": _checkpoint(root / "audio.pt", settings, "audio")}
 
 
 @pytest.fixture(scope="module")
 def av_model(work):
-    return load_model(work["av"], "cpu")
+    return load_model(work["av"], "cpu", work["enc"])
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_an_ensemble_checkpoint_predicts_its_members_mean(work, av_model, tmp_pa
             p.add_(0.2 * torch.randn_like(p))
     path = tmp_path / "ens.pt"
     save_model(path, Ensemble([member_a, member_b]), CLASSES, work["settings"].to_dict())
-    ens = load_model(path, "cpu")
+    ens = load_model(path, "cpu", work["enc"])
     pred = ens.predict(FLV)
     feats = pred.features
     one = av_model.predict_features(feats).probabilities
@@ -130,7 +130,7 @@ def test_video_without_a_face_uses_the_audio(av_model, media):
 
 
 def test_audio_model_loads_no_face_models_and_ignores_the_video(work):
-    model = load_model(work["audio"], "cpu")
+    model = load_model(work["audio"], "cpu", work["enc"])
     pred = model.predict(FLV)
     assert model.extractor.detector is None and model.extractor.encoder is None
     assert pred.modalities == ["audio"] and "video" not in pred.attention
@@ -138,7 +138,7 @@ def test_audio_model_loads_no_face_models_and_ignores_the_video(work):
 
 
 def test_audio_model_on_silent_video_is_a_clear_error(work, media):
-    model = load_model(work["audio"], "cpu")
+    model = load_model(work["audio"], "cpu", work["enc"])
     with pytest.raises(ClipError, match="needs audio"):
         model.predict(media["silent_video"])
 
@@ -174,7 +174,7 @@ def test_cli_json_lines_for_a_folder(work, capsys, tmp_path):
     for src in (FLV, MP3):
         (folder / src.name).write_bytes(src.read_bytes())
     (folder / "notes.txt").write_text("not media: skipped when expanding a folder")
-    rc = main([str(folder.parent), "--model", str(work["av"]), "--json", "--device", "cpu",
+    rc = main([str(folder.parent), "--model", str(work["av"]), "--face-encoder", work["enc"], "--json", "--device", "cpu",
                "--explain", str(tmp_path / "x.png")])
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -186,13 +186,13 @@ def test_cli_json_lines_for_a_folder(work, capsys, tmp_path):
 
 
 def test_cli_human_output_and_window(work, capsys):
-    assert main([str(FLV), "--model", str(work["av"]), "--window", "1", "--device", "cpu"]) == 0
+    assert main([str(FLV), "--model", str(work["av"]), "--face-encoder", work["enc"], "--window", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("[") == 2 and "happy" in out
 
 
 def test_cli_bad_clip_exits_nonzero_and_goes_on(work, media, capsys):
-    rc = main([str(media["garbage"]), str(MP3), "--model", str(work["av"]), "--json", "--device", "cpu"])
+    rc = main([str(media["garbage"]), str(MP3), "--model", str(work["av"]), "--face-encoder", work["enc"], "--json", "--device", "cpu"])
     captured = capsys.readouterr()
     assert rc == 1
     rows = [json.loads(line) for line in captured.out.splitlines()]

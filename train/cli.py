@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from avemo.io import write_json_atomic
+from avemo.checkpoint import CheckpointError
+from avemo.io import NoSpaceError, write_json_atomic
 from avemo.model import FUSIONS, LOSSES, MODALITIES, VIDEO_STREAMS, ModelConfig
 from train.augment import AugmentConfig
 from train.data import CacheError, TrainingData, load_training_data
@@ -290,9 +291,13 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         model, cfg, split = options_from_args(args)
         run_training(args.cache, args.out, model, cfg, split, args.labels, args.resume)
-    except (CacheError, SplitError, TrainError, ValueError) as e:
+    except (CacheError, SplitError, TrainError, CheckpointError, ValueError) as e:
         log.error("avemo-train: error: %s", e)
         return 2
+    except NoSpaceError as e:
+        log.error("avemo-train: error: %s; the last finished epoch is kept in %s/last.pt: free some space and "
+                  "run the same command with --resume", e.strerror, args.out)
+        return 3
     return 0
 
 

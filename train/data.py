@@ -1,14 +1,15 @@
 """Reading a feature cache (``CACHE/manifest.csv`` + one ``.npz`` per clip) for training."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, ExtractionSettings
+from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, ExtractionSettings, FeatureFileError
+from avemo.tables import TableError, read_csv_text, read_strict_csv
 
 log = logging.getLogger("avemo.train")
 USABLE_STATUS = ("ok", "partial")
@@ -41,16 +42,20 @@ class TrainingData:
         return np.array([c.has_video for c in self.clips], bool)
 
 
-def _read_labels(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise CacheError(f"{path}: no such labels file")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "clip" not in df.columns or "label" not in df.columns:
-        raise CacheError(f"{path}: a labels file needs columns 'clip' and 'label' "
-                         f"(optional: 'speaker', 'split'); found {list(df.columns)}")
-    if df["clip"].duplicated().any():
-        raise CacheError(f"{path}: clip '{df['clip'][df['clip'].duplicated()].iloc[0]}' is listed twice")
-    return df.set_index("clip")
+def _read_labels(path: Path) -> dict[str, dict[str, str]]:
+    try:
+        rows = read_strict_csv(path, ("clip", "label"), ("speaker", "split"), key="clip")
+    except TableError as e:
+        raise CacheError(f"labels file {e}") from None
+    return {r["clip"]: r for _, r in rows}
+
+
+def _cache_settings(cache: Path) -> dict | None:
+    """The settings the cache was made with (settings.json), if it says."""
+    try:
+        return json.loads((cache / "settings.json").read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_training_data(cache: str | Path, labels: str | Path | None = None) -> TrainingData:
@@ -59,7 +64,7 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
     manifest_path = cache / "manifest.csv"
     if not manifest_path.is_file():
         raise CacheError(f"{cache}: no manifest.csv here; is this a cache written by avemo-extract?")
-    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    manifest = read_csv_text(manifest_path)
     for col in ("clip", "status", "feature_file"):
         if col not in manifest.columns:
             raise CacheError(f"{manifest_path}: column '{col}' is missing (found {list(manifest.columns)})")
@@ -70,9 +75,14 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
     if len(usable) < len(manifest):
         log.info("skipping %d failed clips of %d", len(manifest) - len(usable), len(manifest))
     table = _read_labels(Path(labels)) if labels is not None else None
+    # the cache's own record of its settings decides; without one, the first clip does
+    settings = _cache_settings(cache)
+    try:
+        digest = ExtractionSettings.from_dict(settings).digest() if settings is not None else None
+    except (TypeError, ValueError):
+        settings = digest = None
 
     clips, names, speakers, splits = [], [], [], []
-    settings = None
     unlabelled = 0
     for row in usable.itertuples(index=False):
         path = Path(row.feature_file)
@@ -80,27 +90,37 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
         if not path.is_file():
             raise CacheError(f"{path}: feature file listed in the manifest for '{row.clip}' is missing; "
                              "re-run avemo-extract on this cache to repair it")
-        clip = ClipFeatures.load(path)
+        try:
+            clip = ClipFeatures.load(path)
+            clip_digest = ExtractionSettings.from_dict(clip.settings).digest()
+        except (FeatureFileError, ValueError, TypeError) as e:
+            log.warning("skipping %s: %s (avemo-extract on this cache redoes it)", path, e)
+            continue
+        bad = clip.nonfinite()
+        if bad:
+            log.warning("skipping %s: %s hold NaN or infinite values", path, " and ".join(bad))
+            continue
+        if digest is None:
+            settings, digest = clip.settings, clip_digest
+        elif clip_digest != digest:
+            raise CacheError(f"{path} (clip '{row.clip}') was extracted with other settings than the rest of "
+                             f"{cache}; a cache must come from one avemo-extract configuration: remove that file "
+                             "and run avemo-extract on the cache again")
         label, speaker, split = clip.label, clip.speaker, None
         mrow = row._asdict()
         label = mrow.get("label") or label
         speaker = mrow.get("speaker") or speaker
         if table is not None:
-            if row.clip not in table.index:
+            t = table.get(row.clip)
+            if t is None:
                 unlabelled += 1
                 continue
-            t = table.loc[row.clip]
             label = t["label"] or None
-            speaker = (t["speaker"] if "speaker" in table.columns and t["speaker"] else speaker)
-            split = (t["split"] if "split" in table.columns and t["split"] else None)
+            speaker = t.get("speaker") or speaker
+            split = t.get("split") or None
         if not label:
             unlabelled += 1
             continue
-        if settings is None:
-            settings = clip.settings
-        elif ExtractionSettings.from_dict(clip.settings).digest() != ExtractionSettings.from_dict(settings).digest():
-            raise CacheError(f"{row.clip}: extracted with different settings from the rest of the cache; "
-                             "a cache must come from one avemo-extract configuration")
         clips.append(clip)
         names.append(str(label))
         speakers.append(str(speaker) if speaker else None)

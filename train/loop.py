@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -363,7 +364,12 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
             optimizer.step()
             if cfg.schedule == "onecycle":
                 scheduler.step()
-            total += float(loss.detach()) * len(idx)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                # stop before this step reaches a checkpoint: best.pt and last.pt keep the last finite epoch
+                raise TrainError(f"the training loss became {value} in epoch {epoch + 1}; no checkpoint was written "
+                                 "for it. Lower --lr, or check the cache for extreme feature values")
+            total += value * len(idx)
             seen += len(idx)
         if cfg.schedule == "cosine":
             scheduler.step()
@@ -473,8 +479,19 @@ def _load_resume(path: Path, data: TrainingData) -> dict:
         _, ckpt = load_model(path)
     except CheckpointError as e:
         raise TrainError(f"cannot resume: {e}") from None
-    if "resume" not in ckpt:
-        raise TrainError(f"{path}: not a resumable checkpoint (no optimizer state)")
+    r = ckpt.get("resume")
+    kinds = {"epoch": int, "optimizer": dict, "scheduler": dict, "history": list, "best_uar": (int, float),
+             "since_best": int, "finished": bool}
+    if not isinstance(r, dict) or any(not isinstance(r.get(k), t) for k, t in kinds.items()):
+        raise TrainError(f"cannot resume: {path} is not a resumable checkpoint (its optimizer state is missing "
+                         "or incomplete); start a new run with another --out")
+    try:
+        split = Split.from_dict(ckpt["split"])
+        parts = [getattr(split, part) for part in ("train", "val", "test")]
+        if not all(isinstance(i, int) and 0 <= i < len(data) for part in parts for i in part):
+            raise ValueError("clip indices outside this cache")
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainError(f"cannot resume: {path} holds no usable split for this cache ({e})") from None
     theirs = ExtractionSettings.from_dict(ckpt["extraction_settings"]).digest()
     ours = ExtractionSettings.from_dict(data.settings).digest()
     if theirs != ours:

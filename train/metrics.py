@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from avemo.io import atomic_path
+from avemo.tables import write_csv_atomic
 
 
 def _labels(y) -> np.ndarray:
@@ -65,8 +66,7 @@ def write_confusion(out_dir: str | Path, cm: np.ndarray | list, classes: list[st
     out_dir = Path(out_dir)
     cm = np.asarray(cm)
     df = pd.DataFrame(cm, index=pd.Index(classes, name="true"), columns=classes)
-    with atomic_path(out_dir / "confusion.csv") as tmp:
-        df.to_csv(tmp)
+    write_csv_atomic(out_dir / "confusion.csv", df)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,6 +13,7 @@ network's input tensor; training (``train.face``) uses the same ``to_model_pixel
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avemo.checkpoint import CheckpointError, load_checkpoint, require, save_checkpoint
+from avemo.io import first_line
 
 ENCODER_FORMAT = "avemo-face-encoder"
 ENCODER_FORMAT_VERSION = 1
@@ -143,9 +145,15 @@ def available_encoders() -> list[str]:
 def resolve_encoder_path(name_or_path: str | os.PathLike) -> Path:
     """A bare name ("default") means ``avemo/encoders/weights/NAME.pt``; anything else is a path."""
     text = os.fspath(name_or_path)
-    if _BARE_NAME.match(text) and not text.endswith(".pt") and os.sep not in text:
+    if is_shipped_name(text):
         return WEIGHTS_DIR / f"{text}.pt"
     return Path(text).expanduser()
+
+
+def is_shipped_name(name: str | os.PathLike) -> bool:
+    """True for a bare encoder name (resolved inside the package), False for anything path-like."""
+    text = os.fspath(name)
+    return bool(_BARE_NAME.match(text)) and not text.endswith(".pt") and os.sep not in text
 
 
 class FaceEncoder:
@@ -208,19 +216,49 @@ def load_encoder(name_or_path: str | os.PathLike = "default", device: str | torc
         hint = f"; shipped encoders: {', '.join(names)}" if names else "; no encoders are shipped in this install"
         raise CheckpointError(f"face encoder '{os.fspath(name_or_path)}' not found (looked for {path}){hint}")
     data = load_checkpoint(path, ENCODER_FORMAT, (ENCODER_FORMAT_VERSION,))
-    missing = [k for k in ("arch", "arch_cfg", "classes", "input_size", "grayscale", "mean", "std", "state_dict")
-               if k not in data]
-    if missing:
-        raise CheckpointError(f"{path}: encoder file lacks {', '.join(missing)}")
+    _validate_encoder(data, path)
     try:
+        with torch.device("meta"):     # shapes first, allocating nothing: a tampered arch_cfg cannot exhaust memory
+            expected = {k: tuple(v.shape) for k, v in
+                        build_encoder(data["arch"], len(data["classes"]), **data["arch_cfg"]).state_dict().items()}
+        stored = {k: tuple(v.shape) for k, v in data["state_dict"].items()}
+        if stored != expected:
+            k = sorted(set(stored) ^ set(expected) or {k for k in expected if stored[k] != expected[k]})[0]
+            raise ValueError(f"'{k}': stored {stored.get(k, 'missing')}, expected {expected.get(k, 'none')}")
         model = build_encoder(data["arch"], len(data["classes"]), **data["arch_cfg"])
         model.load_state_dict(data["state_dict"])
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the architecture they name: {str(e).splitlines()[0]}") from None
+    except (ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the architecture they name: {first_line(e)}") from None
     return FaceEncoder(model, name=path.stem, sha256=file_sha256(path), classes=data["classes"],
                        input_size=data["input_size"], grayscale=data["grayscale"], mean=data["mean"],
                        std=data["std"], metrics=data.get("metrics"), training=data.get("training"),
                        arch=data["arch"], arch_cfg=data["arch_cfg"], device=device)
+
+
+def _validate_encoder(data: dict, path) -> None:
+    """Types and values an encoder file must have, checked before anything is built from it."""
+    missing = [k for k in ("arch", "arch_cfg", "classes", "input_size", "grayscale", "mean", "std", "state_dict")
+               if k not in data]
+    require(not missing, path, f"encoder file lacks {', '.join(missing)}")
+    require(data["arch"] in ARCHITECTURES, path, f"unknown architecture {first_line(data['arch'])!r}")
+    require(isinstance(data["arch_cfg"], dict), path, "'arch_cfg' must be a table of settings")
+    require(isinstance(data["classes"], list) and len(data["classes"]) >= 2
+            and all(isinstance(c, str) for c in data["classes"]), path, "'classes' must be a list of class names")
+    require(isinstance(data["input_size"], int) and 8 <= data["input_size"] <= 1024, path,
+            "'input_size' must be a side in pixels (8 to 1024)")
+    channels = 1 if data["grayscale"] else 3
+    for key in ("mean", "std"):
+        v = data[key]
+        require(isinstance(v, list) and len(v) == channels and all(isinstance(x, (int, float)) for x in v),
+                path, f"'{key}' must hold {channels} number(s)")
+    # a zero or non-finite std divides every pixel into NaN or inf features
+    require(all(math.isfinite(x) for x in data["mean"]) and all(math.isfinite(x) and x > 0 for x in data["std"]),
+            path, "'mean' must be finite and 'std' finite and above zero")
+    state = data["state_dict"]
+    require(isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values()), path,
+            "its weights ('state_dict') are not tensors")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    require(not bad, path, f"its weights hold NaN or infinite values ('{bad[0] if bad else ''}')")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -39,6 +39,20 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         return torch.addcmul(shift[None, :, None, None], xf, scale[None, :, None, None]).to(x.dtype)
 
 
+def rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before blocks had ``n_convs`` named their single layer ``blocks.i.conv`` / ``.bn``;
+    today that layer is ``blocks.i.convs.0`` / ``.bns.0``. Other keys pass unchanged."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for i in range(len(parts) - 2):
+            if parts[i] == "blocks" and parts[i + 1].isdigit() and parts[i + 2] in ("conv", "bn"):
+                parts[i + 2:i + 3] = [parts[i + 2] + "s", "0"]
+                break
+        out[".".join(parts)] = value
+    return out
+
+
 class ConvBlock(nn.Module):
     """``n_convs`` x (3x3 conv -> masked BN -> ReLU) -> 2x2 max-pool, re-zeroing padded time steps.
 
@@ -54,13 +68,6 @@ class ConvBlock(nn.Module):
                                    for i in range(n_convs))
         self.bns = nn.ModuleList(MaskedBatchNorm2d(c_out) for _ in range(n_convs))
         self.pool = pool
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints from before ``n_convs`` named the single layer ``conv`` / ``bn``
-        for old, new in (("conv.", "convs.0."), ("bn.", "bns.0.")):
-            for key in [k for k in state_dict if k.startswith(prefix + old)]:
-                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         keep = mask[:, None, None, :].to(x.dtype) if padded else None          # [B, 1, 1, T]

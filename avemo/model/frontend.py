@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avemo.checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, require, save_checkpoint
 from avemo.encoders import _plain, file_sha256
 from avemo.features import AUDIO_SETTING_KEYS
-from avemo.model.net import AVEmoNet, ModelConfig, build_model
+from avemo.model.net import AVEmoNet, ModelConfig, build_model, validate_model_checkpoint
 
 FRONTEND_KIND = "avemo-audio-frontend"
 FRONTEND_VERSION = 1
@@ -128,13 +128,14 @@ def load_frontend(name_or_path: str | os.PathLike = "default") -> AudioFrontend:
     missing = [k for k in ("config", "classes", "state_dict", "audio_settings") if k not in data]
     if missing:
         raise CheckpointError(f"{path}: front-end file lacks {', '.join(missing)}")
-    try:
-        cfg = ModelConfig.from_stored(data["config"])
-        build_model(cfg).load_state_dict(data["state_dict"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: the front-end cannot be rebuilt: {str(e).splitlines()[0]}") from None
-    info = {k: v for k, v in data.items()
-            if k not in ("config", "classes", "state_dict", "audio_settings", "format", "format_version")}
+    require(isinstance(data["audio_settings"], dict), path, "its audio settings are not a table")
+    # the same checks as a model checkpoint's (bounds, tensor shapes on the meta device, finite weights)
+    cfg, _ = validate_model_checkpoint({"config": data["config"], "classes": data["classes"],
+                                        "extraction_settings": data["audio_settings"], "model": data["state_dict"]},
+                                       path)
+    require(cfg.modalities == "audio", path, f"a front-end is an audio-only model, this one is '{cfg.modalities}'")
+    info = {k: v for k, v in data.items() if k not in ("config", "classes", "state_dict", "audio_settings",
+                                                       "format", "format_version", DIGEST_KEY)}
     return AudioFrontend(name=path.stem.removeprefix("audio_"), path=path, sha256=file_sha256(path), config=cfg,
                          classes=list(data["classes"]), state=data["state_dict"],
                          audio_settings=dict(data["audio_settings"]), info=info)

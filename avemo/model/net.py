@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from avemo.io import dataclass_from_dict
-from avemo.model.audio import FCNAudioStream
+from avemo.checkpoint import CheckpointError, load_checkpoint, require, save_checkpoint
+from avemo.features import ExtractionSettings
+from avemo.io import dataclass_from_dict, first_line
+from avemo.model.audio import FCNAudioStream, rename_legacy_keys
 from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling
 from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttentionStream,
                                SpatioTemporalStream)
@@ -24,6 +25,8 @@ from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttenti
 MODEL_KIND = "avemo-model"
 MODEL_VERSION = 1
 MODALITIES = ("audio", "video", "av")
+MAX_MEMBERS = 64                           # ensemble members a checkpoint may hold
+MAX_WIDTH = 1 << 16                        # any channel count, hidden size or feature size
 AUDIO_NORMS = ("global", "utterance")
 LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1}
 
@@ -67,8 +70,20 @@ class ModelConfig:
             raise ValueError(f"unknown fusion '{self.fusion}'; choose one of {', '.join(FUSIONS)}")
         if self.uses_video and self.video_dim < 1:
             raise ValueError("a model that uses video needs video_dim >= 1 (the cache's face-feature size)")
-        if self.audio_convs_per_block < 1:
-            raise ValueError(f"audio_convs_per_block must be >= 1, got {self.audio_convs_per_block}")
+        sizes = {"n_classes": self.n_classes, "n_mels": self.n_mels, "video_dim": self.video_dim,
+                 "audio_attention_hidden": self.audio_attention_hidden, "video_hidden": self.video_hidden,
+                 "video_attention_hidden": self.video_attention_hidden, "stt_layers": self.stt_layers,
+                 "stt_heads": self.stt_heads, "stt_max_frames": self.stt_max_frames, "fbp_k": self.fbp_k,
+                 "fbp_o": self.fbp_o, **{f"audio_channels[{i}]": c for i, c in enumerate(self.audio_channels)}}
+        for name, v in sizes.items():
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_WIDTH:
+                raise ValueError(f"{name} must be a whole number from 0 to {MAX_WIDTH}, got {v!r}")
+        if not 1 <= len(self.audio_channels) <= 16 or self.fbp_k * self.fbp_o > MAX_WIDTH * 16:
+            raise ValueError("audio_channels must list 1 to 16 blocks, and fbp_k * fbp_o be at most "
+                             f"{MAX_WIDTH * 16}")
+        if not isinstance(self.audio_convs_per_block, int) or not 1 <= self.audio_convs_per_block <= 16:
+            raise ValueError(f"audio_convs_per_block must be a whole number from 1 to 16, got "
+                             f"{self.audio_convs_per_block!r}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 
@@ -260,16 +275,68 @@ def save_model(path: str | os.PathLike, model: AVEmoNet | Ensemble, classes: lis
 def load_model(path: str | os.PathLike,
                map_location: str | torch.device = "cpu") -> tuple[AVEmoNet | Ensemble, dict[str, Any]]:
     """Rebuild the model (or ensemble) from a checkpoint alone, on ``map_location``; returns (model in eval
-    mode, the checkpoint dict)."""
+    mode, the checkpoint dict). Everything is validated before anything is built."""
     ckpt = load_checkpoint(path, MODEL_KIND, (MODEL_VERSION,), map_location=map_location)
+    if isinstance(ckpt.get("model"), dict):
+        ckpt["model"] = rename_legacy_keys(ckpt["model"])
+    cfg, members = validate_model_checkpoint(ckpt, path)
     try:
-        members = ckpt.get("members")
         if members:
-            model = Ensemble([build_model(ModelConfig.from_stored(ckpt["config"])) for _ in range(int(members))])
+            model = Ensemble([AVEmoNet(cfg) for _ in range(members)])
         else:
-            model = build_model(ModelConfig.from_stored(ckpt["config"]))
+            model = AVEmoNet(cfg)
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: the model in this checkpoint cannot be rebuilt: {e}") from None
+        raise CheckpointError(f"{path}: the model in this checkpoint cannot be rebuilt: {first_line(e)}") from None
     # load_state_dict copies into the modules where they are built (the CPU): move them too
     return model.to(map_location).eval(), ckpt
+
+
+def validate_model_checkpoint(ckpt: dict[str, Any], path) -> tuple[ModelConfig, int]:
+    """(config, ensemble members or 0) of a loaded checkpoint, or ``CheckpointError`` saying what is wrong.
+
+    The config is checked against sane bounds and against the shapes of the stored tensors
+    (a network built on the meta device allocates nothing), so a tampered file cannot make
+    this process build 100,000 networks or allocate gigabytes before being refused.
+    """
+    require(isinstance(ckpt.get("config"), dict), path, "its model settings ('config') are missing or not a table")
+    try:
+        cfg = ModelConfig.from_stored(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model settings are not valid: {first_line(e)}") from None
+    classes = ckpt.get("classes")
+    require(isinstance(classes, list) and all(isinstance(c, str) and c for c in classes), path,
+            "'classes' must be a list of class names")
+    require(len(classes) == cfg.n_classes, path, f"{len(classes)} class names for a {cfg.n_classes}-class model")
+    settings = ckpt.get("extraction_settings")
+    require(isinstance(settings, dict), path, "its extraction settings are missing or not a table")
+    try:
+        n_mels = ExtractionSettings.from_dict(settings).n_mels
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its extraction settings are not valid: {first_line(e)}") from None
+    require(not cfg.uses_audio or n_mels == cfg.n_mels, path,
+            f"the model reads {cfg.n_mels} mel bins but its extraction settings make {n_mels}")
+    require(isinstance(ckpt.get("metrics", {}), dict), path, "'metrics' must be a table")
+    state = ckpt.get("model")
+    require(isinstance(state, dict) and bool(state)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()),
+            path, "its weights ('model') are missing or are not tensors")
+    members = ckpt.get("members") or 0
+    stored_members = {k.split(".")[1] for k in state if k.startswith("members.")}
+    require(isinstance(members, int) and not isinstance(members, bool) and 0 <= members <= MAX_MEMBERS, path,
+            f"'members' must be a whole number from 1 to {MAX_MEMBERS}")
+    require(len(stored_members) == members, path,
+            f"it says {members} ensemble member(s) but holds weights for {len(stored_members)}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AVEmoNet(cfg).state_dict().items()}
+    for prefix in ([f"members.{i}." for i in range(members)] if members else [""]):
+        got = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        if got != expected:
+            diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+            k = diff[0]
+            raise CheckpointError(f"{path}: its weights do not fit the model its settings describe "
+                                  f"('{prefix}{k}': stored {got.get(k, 'missing')}, expected {expected.get(k, 'none')})")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    require(not bad, path, f"its weights hold NaN or infinite values ('{bad[0] if bad else ''}'): the training "
+                           "that wrote it diverged")
+    return cfg, members

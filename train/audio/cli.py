@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 import avemo
+from avemo.checkpoint import CheckpointError
 from avemo.features import ExtractionSettings
+from avemo.io import NoSpaceError
 from avemo.model import load_model
 from avemo.model.frontend import export_frontend
 from train.cli import (_setup_logging, add_augmentation_args, add_model_args, add_optimisation_args, add_run_args,
@@ -161,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg, _ = options_from_args(args)
         train_frontend(args.caches, args.out, args.names.split(",") if args.names else None, model, cfg,
                        args.holdout_speakers, args.licence, command, args.resume)
-    except (CacheError, SplitError, TrainError, ValueError) as e:
+    except (CacheError, SplitError, TrainError, CheckpointError, ValueError) as e:
         log.error("avemo-train-audio: error: %s", e)
         return 2
+    except NoSpaceError as e:
+        log.error("avemo-train-audio: error: %s; finished epochs are kept in %s: free some space and run the "
+                  "same command with --resume", e.strerror, args.out)
+        return 3
     return 0
 
 
