@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from _synthetic_cache import make_cache
-from avemo.checkpoint import CheckpointError
+from avemo.checkpoint import CheckpointError, save_checkpoint
 from avemo.features import AUDIO_SETTING_KEYS, ExtractionSettings
 from avemo.model import load_model
-from avemo.model.frontend import FRONTEND_KIND, load_frontend, resolve_frontend_path
+from avemo.model.frontend import FRONTEND_KIND, FRONTEND_VERSION, load_frontend, resolve_frontend_path
 from train.audio.cli import main as train_audio_main, train_frontend
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
@@ -122,3 +122,26 @@ def test_a_handful_of_clips_trains_above_chance_with_and_without_the_pretrained_
     assert report["uar"] >= 0.67, report          # chance is 1/3
     _, ckpt = load_model(tmp_path / "run" / "best.pt")
     assert (ckpt["audio_init"] is None) == (init == "none")
+
+
+def test_a_damaged_or_foreign_frontend_file_is_refused_with_the_reason(frontend, tmp_path):
+    path, _ = frontend
+    raw = torch.load(path, weights_only=True)
+    payload = {k: v for k, v in raw.items() if k not in ("format", "format_version", "sha256")}
+
+    def saved(name, **change):
+        p = tmp_path / name
+        save_checkpoint(p, payload | change, FRONTEND_KIND, FRONTEND_VERSION)
+        return p
+
+    wider = dict(payload["config"], audio_channels=[4, 16])
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_frontend(saved("wider.pt", config=wider))
+    nan = dict(payload["state_dict"])
+    nan["audio.blocks.0.convs.0.weight"] = torch.full_like(nan["audio.blocks.0.convs.0.weight"], float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_frontend(saved("nan.pt", state_dict=nan))
+    with pytest.raises(CheckpointError, match="audio-only"):
+        load_frontend(saved("av.pt", config=dict(payload["config"], modalities="av", video_dim=4)))
+    with pytest.raises(CheckpointError, match="expected 'avemo-audio-frontend'"):
+        load_frontend(path.parent / "all" / "best.pt")

@@ -129,11 +129,12 @@ def load_frontend(name_or_path: str | os.PathLike = "default") -> AudioFrontend:
     if missing:
         raise CheckpointError(f"{path}: front-end file lacks {', '.join(missing)}")
     require(isinstance(data["audio_settings"], dict), path, "its audio settings are not a table")
+    modalities = data["config"].get("modalities") if isinstance(data["config"], dict) else None
+    require(modalities == "audio", path, f"a front-end is an audio-only model, this one is {modalities!r}")
     # the same checks as a model checkpoint's (bounds, tensor shapes on the meta device, finite weights)
     cfg, _ = validate_model_checkpoint({"config": data["config"], "classes": data["classes"],
                                         "extraction_settings": data["audio_settings"], "model": data["state_dict"]},
                                        path)
-    require(cfg.modalities == "audio", path, f"a front-end is an audio-only model, this one is '{cfg.modalities}'")
     info = {k: v for k, v in data.items() if k not in ("config", "classes", "state_dict", "audio_settings",
                                                        "format", "format_version", DIGEST_KEY)}
     return AudioFrontend(name=path.stem.removeprefix("audio_"), path=path, sha256=file_sha256(path), config=cfg,
