@@ -200,7 +200,9 @@ def add_model_args(p: argparse.ArgumentParser, video: bool) -> None:
     g.add_argument("--modality-dropout", type=float, default=0.2, help="training: chance a clip loses one modality")
 
 
-def add_optimisation_args(p: argparse.ArgumentParser) -> None:
+def add_optimisation_args(p: argparse.ArgumentParser, runs_of_avemo_train: bool = True) -> None:
+    """Optimisation flags; without ``runs_of_avemo_train`` (avemo-train-audio: no validation part, one
+    model) early stopping and ensembles are left out."""
     t = _defaults(TrainConfig)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=t["epochs"])
@@ -209,16 +211,18 @@ def add_optimisation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=t["weight_decay"])
     g.add_argument("--schedule", choices=SCHEDULES, default=t["schedule"],
                    help="onecycle: warm-up then anneal, per batch; cosine: per epoch from --lr")
-    g.add_argument("--patience", type=int, default=t["patience"],
-                   help="early stop after this many epochs without a better val UAR (0: off)")
+    if runs_of_avemo_train:
+        g.add_argument("--patience", type=int, default=t["patience"],
+                       help="early stop after this many epochs without a better val UAR (0: off)")
     g.add_argument("--loss", choices=LOSSES, default=t["loss"])
     g.add_argument("--label-smoothing", type=float, default=t["label_smoothing"])
     g.add_argument("--compact-beta", type=float, default=t["compact_beta"], help="weight of compact softmax's extra term")
     g.add_argument("--balance", action="store_true", help="class-balanced loss weights")
     g.add_argument("--seed", type=int, default=t["seed"])
-    g.add_argument("--ensemble", type=int, default=t["ensemble"], metavar="N",
-                   help="train N models (seeds seed..seed+N-1, in RUN/member1..N) and average their "
-                        "probabilities in RUN/best.pt")
+    if runs_of_avemo_train:
+        g.add_argument("--ensemble", type=int, default=t["ensemble"], metavar="N",
+                       help="train N models (seeds seed..seed+N-1, in RUN/member1..N) and average their "
+                            "probabilities in RUN/best.pt")
 
 
 def add_augmentation_args(p: argparse.ArgumentParser, video: bool) -> None:

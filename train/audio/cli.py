@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first train without these speakers and record the UAR on them in the file")
     p.add_argument("--licence", default=DEFAULT_LICENCE, help="the licence condition the weights carry")
     add_model_args(p, video=False)
-    add_optimisation_args(p)
+    add_optimisation_args(p, runs_of_avemo_train=False)
     add_augmentation_args(p, video=False)
     add_run_args(p)
     return p
