@@ -67,6 +67,14 @@ def plot_prediction(pred, path: str | os.PathLike) -> None:
     probs = np.array([pred.probabilities[n] for n in names])
     colors = ["tab:red" if n == pred.emotion else "tab:gray" for n in names]
     ax.barh(names, probs, color=colors)
+    # a late-fusion model (the shipped default) also shows what each modality says on its own
+    for m, (marker, colour) in (("audio", ("^", "tab:blue")), ("video", ("o", "tab:orange"))):
+        if m in pred.modality_probabilities:
+            alone = pred.modality_probabilities[m]
+            ax.plot([alone.get(n, np.nan) for n in names], range(len(names)), marker, color=colour, ms=5,
+                    ls="none", label=f"{'voice' if m == 'audio' else 'face'} alone")
+    if pred.modality_probabilities:
+        ax.legend(loc="lower right", fontsize=7)
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("probability")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from avemo.checkpoint import CheckpointError
+from avemo.cpu import set_torch_threads
 from avemo.extraction import ClipError
 from avemo.io import display_name, first_line
 from avemo.prediction import MIN_WINDOW_S, Prediction, load_model, media_files
@@ -31,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Say which emotion a clip shows, with every class probability and, on request, "
                     "a picture of the frames and sounds that drove the decision.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="clips (video or audio files) or folders of them")
-    p.add_argument("--model", required=True, metavar="CKPT", help="a trained checkpoint (RUN/best.pt)")
+    p.add_argument("--model", default="default", metavar="CKPT|NAME",
+                   help="a trained checkpoint (RUN/best.pt), or the name of a model shipped with avemo (default: "
+                        "default, audio-visual, trained on public speech and face corpora, for research use)")
     p.add_argument("--json", action="store_true", help="one JSON object per line per clip (per window with --window)")
     p.add_argument("--explain", metavar="OUT.png",
                    help="write a PNG of the attention over face crops and spectrogram (a timeline with "
@@ -80,6 +83,9 @@ def _human(pred: Prediction) -> str:
              f"from {' + '.join(pred.modalities)}{cover}"]
     ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])
     lines.append("    " + "  ".join(f"{c} {p:.2f}" for c, p in ranked))
+    for m, probs in pred.modality_probabilities.items():
+        top = max(probs, key=probs.get)
+        lines.append(f"    {'voice' if m == 'audio' else 'face'} alone: {top} ({probs[top]:.2f})")
     lines += [f"    warning: {w}" for w in pred.warnings]
     return "\n".join(lines)
 
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.explain and (problem := _explain_folder_problem(args.explain)):
         print(f"avemo-predict: {problem}", file=sys.stderr)
         return 2
+    set_torch_threads()
     try:
         model = load_model(args.model, args.device, args.face_encoder)
     except CheckpointError as e:

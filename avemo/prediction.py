@@ -1,7 +1,7 @@
 """One clip -> emotion, class probabilities, and the attention that explains them.
 
 ``load_model(path)`` reads a trained checkpoint once (the fused model plus the extraction
-settings it was trained on) and ``predict(path, model)`` runs the very same
+settings it was trained on; with no path, the ``default`` model shipped in the package) and ``predict(path, model)`` runs the very same
 ``ClipExtractor`` that built the training cache, with those settings, then the model.
 ``predict_timeline`` slides a window over a long recording, decoding one window at a
 time, so memory stays bounded however long the file is.
@@ -24,6 +24,7 @@ from avemo.encoders import is_shipped_name
 from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, default_device
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name
+from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
@@ -43,6 +44,8 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     start: float | None = None                # window bounds, seconds (timeline predictions only)
     end: float | None = None
+    # late-fusion models (the shipped default): what each modality says on its own
+    modality_probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
     # explanation: "video" [T_v] weight per sampled frame, "audio" [F', T'] weight per FCN cell
     attention: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     features: ClipFeatures | None = field(default=None, repr=False)
@@ -56,6 +59,9 @@ class Prediction:
             "face_coverage": None if self.face_coverage is None else round(self.face_coverage, 4),
             "warnings": self.warnings,
         }
+        if self.modality_probabilities:
+            d["modality_probabilities"] = {m: {k: round(float(v), 6) for k, v in p.items()}
+                                           for m, p in self.modality_probabilities.items()}
         if self.start is not None:
             d["start"], d["end"] = round(self.start, 3), round(self.end, 3)
         if "video" in self.attention and self.features is not None:
@@ -68,15 +74,17 @@ class Prediction:
 class EmotionRecognizer:
     """A trained model, loaded once, with the extractor configured as in training."""
 
-    def __init__(self, path: str | os.PathLike, device: str | None = None, face_encoder: str | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None,
+                 face_encoder: str | None = None):
+        self.path = resolve_model_path(path)
         self._encoder_refusal: str | None = None
         self.device = torch.device(device or default_device())
-        self.network, ckpt = load_network(self.path, map_location="cpu")
+        self.network, ckpt = load_network(path, map_location="cpu")
         self.network.to(self.device)
         self.cfg = self.network.cfg
         self.classes: list[str] = list(ckpt["classes"])
         self.metrics: dict[str, Any] = ckpt.get("metrics", {})
+        self.about: dict[str, Any] = ckpt.get("about", {})     # shipped models: data, commands, licence
         try:
             settings = ExtractionSettings.from_dict(ckpt["extraction_settings"])
         except (KeyError, TypeError, ValueError) as e:
@@ -141,6 +149,8 @@ class EmotionRecognizer:
         if not np.isfinite(probs).all():
             raise ClipError("the model gave NaN or infinite probabilities for this clip (its features hold "
                             "non-finite values)")
+        by_modality = {m: dict(zip(self.classes, torch.softmax(out[f"{m}_logits"][0].float(), -1).tolist()))
+                       for m in used if f"{m}_logits" in out}
         attention = {}
         if "video" in used:
             attention["video"] = out["video_attention"][0].float().cpu().numpy()
@@ -150,7 +160,7 @@ class EmotionRecognizer:
             clip=feats.clip, emotion=self.classes[int(np.argmax(probs))],
             probabilities={c: float(p) for c, p in zip(self.classes, probs)}, modalities=used,
             face_coverage=feats.face_coverage if feats.frames_sampled else None,
-            warnings=warnings, attention=attention, features=feats)
+            warnings=warnings, modality_probabilities=by_modality, attention=attention, features=feats)
 
     def predict_timeline(self, path: str | os.PathLike, window: float, hop: float | None = None,
                          clip_id: str | None = None) -> Iterator[Prediction]:
@@ -186,21 +196,22 @@ def clip_duration(path: str | os.PathLike) -> float:
     return float(d)
 
 
-def load_model(path: str | os.PathLike, device: str | None = None,
+def load_model(path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None,
                face_encoder: str | None = None) -> EmotionRecognizer:
-    """Load a trained checkpoint for repeated predictions (refuses files that would run code)."""
+    """Load a trained checkpoint, or a shipped model by name (``default``), for repeated predictions
+    (refuses files that would run code)."""
     return EmotionRecognizer(path, device, face_encoder)
 
 
-def predict(path: str | os.PathLike, model: EmotionRecognizer | str | os.PathLike) -> Prediction:
-    """The emotion in one clip. ``model`` is a loaded model or a checkpoint path."""
+def predict(path: str | os.PathLike, model: EmotionRecognizer | str | os.PathLike = DEFAULT_MODEL) -> Prediction:
+    """The emotion in one clip. ``model`` is a loaded model, a checkpoint path or a shipped model's name."""
     if not isinstance(model, EmotionRecognizer):
         model = load_model(model)
     return model.predict(path)
 
 
-def predict_timeline(path: str | os.PathLike, model: EmotionRecognizer | str | os.PathLike,
-                     window: float, hop: float | None = None) -> list[Prediction]:
+def predict_timeline(path: str | os.PathLike, model: EmotionRecognizer | str | os.PathLike = DEFAULT_MODEL,
+                     window: float = 2.0, hop: float | None = None) -> list[Prediction]:
     """Predictions over a long recording, window by window."""
     if not isinstance(model, EmotionRecognizer):
         model = load_model(model)

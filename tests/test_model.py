@@ -278,3 +278,22 @@ def test_checkpoints_from_before_convs_per_block_still_load(tmp_path):
     torch.testing.assert_close(loaded(batch)["logits"], model(batch)["logits"])
     # a fresh config takes today's default, two convolutions per block
     assert ModelConfig.from_dict({"n_classes": 3, "modalities": "audio"}).audio_convs_per_block == 2
+
+
+def test_product_fusion_is_the_normalised_product_and_a_missing_modality_drops_out():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=4, n_mels=16, video_dim=6, audio_channels=(4, 8), video_stream="mean",
+                      fusion="product", dropout=0.0)
+    model = build_model(cfg).eval()
+    assert not hasattr(model, "classifier") and not hasattr(model, "audio_standin")
+    clips = [_clip(0, 30, 5), _clip(1, 22, 3, video=False), _clip(2, 1, 4, audio=False)]
+    out = model(collate(clips, 16, 6))
+    pa, pv, p = (torch.softmax(out[k], -1) for k in ("audio_logits", "video_logits", "logits"))
+    both = pa[0] * pv[0]
+    torch.testing.assert_close(p[0], both / both.sum())                  # Bayes with a uniform prior
+    torch.testing.assert_close(p[1], pa[1])                              # no face: the voice alone
+    torch.testing.assert_close(p[2], pv[2])                              # no sound: the face alone
+    # the mean stream followed by a linear head is the mean of the frames' logits (face-masked frames left out)
+    v = torch.as_tensor(clips[0].arrays["video_features"])[torch.as_tensor(clips[0].arrays["face_mask"])]
+    frame_logits = model.fusion.video_head(v)
+    torch.testing.assert_close(out["video_logits"][0], torch.log_softmax(frame_logits.mean(0), -1))

@@ -51,8 +51,9 @@ SMALL = dict(audio_channels=(8, 16), video_hidden=16, fbp_o=32, stt_heads=2, dro
     (dict(modalities="video", video_stream="stt"), {}),
     (dict(modalities="av", video_stream="attention", fusion="concat", audio_lambda=0.0), dict(balance=True)),
     (dict(modalities="av"), dict(augment=AugmentConfig(2, 5, 1, 0.1, mixup=0.4, crop=0.3))),
+    (dict(modalities="av", video_stream="mean", fusion="product", modality_dropout=0.2), {}),
 ], ids=["av-attention-fbp", "av-fan-concat", "av-stt-fbp-compact", "audio-ls", "video-attention",
-        "video-fan-noreal-compact", "video-stt", "av-mean-concat-balanced", "av-mixup-crop"])
+        "video-fan-noreal-compact", "video-stt", "av-mean-concat-balanced", "av-mixup-crop", "av-framemean-product"])
 def test_every_stream_fusion_and_loss_learns_well_above_chance(cache, tmp_path, model, cfg):
     report = run_training(cache, tmp_path / "run", dict(SMALL, **model), quick(**cfg), SPLIT)
     assert report["evaluated_on"] == "test" and report["speakers"] == ["s4"] and report["n"] == 12

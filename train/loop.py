@@ -180,15 +180,22 @@ def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int) 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def predict_store(model: torch.nn.Module, store: FeatureStore, batch_size: int, amp: bool) -> np.ndarray:
+def predict_outputs(model: torch.nn.Module, store: FeatureStore, batch_size: int, amp: bool,
+                    keys: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+    """The model's outputs named in ``keys`` for every clip of ``store`` (float32, on the host)."""
     model.eval()
-    preds = []
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for start in range(0, len(store), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(store)))
         with _autocast(store.device, amp):
-            logits = model(store.batch(idx))["logits"]
-        preds.append(logits.argmax(1).cpu())
-    return torch.cat(preds).numpy()
+            out = model(store.batch(idx))
+        for k in keys:
+            outs[k].append(out[k].float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in outs.items()}
+
+
+def predict_store(model: torch.nn.Module, store: FeatureStore, batch_size: int, amp: bool) -> np.ndarray:
+    return predict_outputs(model, store, batch_size, amp)["logits"].argmax(1)
 
 
 def evaluate(model, store: FeatureStore, classes: list[str], batch_size: int, amp: bool) -> dict:

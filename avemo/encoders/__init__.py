@@ -191,9 +191,13 @@ class FaceEncoder:
         return self._run(crops, batch_size, self.model.forward_features)
 
     @torch.inference_mode()
+    def logits(self, crops, batch_size: int = 256) -> torch.Tensor:
+        """[N, len(classes)] classifier logits (CPU)."""
+        return self._run(crops, batch_size, self.model)
+
     def classify(self, crops, batch_size: int = 256) -> torch.Tensor:
         """[N, len(classes)] softmax probabilities (CPU)."""
-        return self._run(crops, batch_size, lambda x: self.model(x).float().softmax(-1))
+        return self.logits(crops, batch_size).softmax(-1)
 
     def _run(self, crops, batch_size: int, fn) -> torch.Tensor:
         if batch_size < 1:

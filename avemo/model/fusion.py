@@ -46,4 +46,33 @@ class ConcatFusion(nn.Module):
         return self.drop(torch.cat([a, v], dim=-1))
 
 
-FUSIONS = ("fbp", "concat")
+class ProductOfExperts(nn.Module):
+    """Late fusion: each modality its own classifier, their class posteriors multiplied.
+
+    If audio and face are independent given the emotion y, Bayes' rule gives
+    p(y | a, v) = p(y | a) p(y | v) / p(y); with the uniform prior of balanced classes the
+    fused log-probability is log p(y | a) + log p(y | v) up to a constant. A clip missing a
+    modality simply loses that term, so it is decided by what it has, with no stand-in. The
+    heads' logits are the experts' (tempered, prior-corrected) logits: a temperature and a
+    log-prior correction are a scale and a shift of a linear head, so calibrating a model
+    (see ``train.default_model``) rewrites the heads and adds no parameters.
+
+    Unlike fbp and concat it needs no clip with both modalities to learn from, which makes it
+    the sound fusion for modalities trained on different corpora (the shipped default model).
+    """
+
+    def __init__(self, audio_dim: int, video_dim: int, n_classes: int):
+        super().__init__()
+        self.audio_head = nn.Linear(audio_dim, n_classes)
+        self.video_head = nn.Linear(video_dim, n_classes)
+
+    def forward(self, a: torch.Tensor, v: torch.Tensor, has_audio: torch.Tensor,
+                has_video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fused log-probabilities, audio log-probabilities, video log-probabilities), each [B, n_classes]."""
+        log_a = F.log_softmax(self.audio_head(a).float(), dim=-1)
+        log_v = F.log_softmax(self.video_head(v).float(), dim=-1)
+        fused = log_a * has_audio[:, None].to(log_a.dtype) + log_v * has_video[:, None].to(log_v.dtype)
+        return F.log_softmax(fused, dim=-1), log_a, log_v
+
+
+FUSIONS = ("fbp", "concat", "product")

@@ -9,17 +9,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from avemo.checkpoint import CheckpointError, load_checkpoint, require, save_checkpoint
+from avemo.encoders import is_shipped_name
 from avemo.features import ExtractionSettings
 from avemo.io import dataclass_from_dict, first_line
 from avemo.model.audio import FCNAudioStream, rename_legacy_keys
-from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling
-from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttentionStream,
+from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling, ProductOfExperts
+from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttentionStream, MeanVideoStream,
                                SpatioTemporalStream)
 
 MODEL_KIND = "avemo-model"
@@ -29,6 +31,8 @@ MAX_MEMBERS = 64                           # ensemble members a checkpoint may h
 MAX_WIDTH = 1 << 16                        # any channel count, hidden size or feature size
 AUDIO_NORMS = ("global", "utterance")
 LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1}
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"   # shipped models (NAME.pt) and front-ends (audio_NAME.pt)
+DEFAULT_MODEL = "default"
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class ModelConfig:
     audio_attention_hidden: int = 64
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
     audio_norm: str = "global"             # global: training-set mean per bin; utterance: the clip's own mean
-    video_stream: str = "attention"        # attention | fan | stt
+    video_stream: str = "attention"        # attention | fan | stt | mean
     video_hidden: int = 128
     video_attention_hidden: int = 64
     video_lambda: float = 1.0
@@ -50,7 +54,7 @@ class ModelConfig:
     stt_layers: int = 2
     stt_heads: int = 4
     stt_max_frames: int = 256
-    fusion: str = "fbp"                    # fbp | concat
+    fusion: str = "fbp"                    # fbp | concat | product (late: each modality its own head)
     fbp_k: int = 4
     fbp_o: int = 256
     dropout: float = 0.3
@@ -116,6 +120,8 @@ def build_video_stream(cfg: ModelConfig) -> nn.Module:
     if cfg.video_stream == "attention":
         return AttentionVideoStream(cfg.video_dim, cfg.video_hidden, cfg.video_attention_hidden,
                                     cfg.video_lambda, cfg.dropout)
+    if cfg.video_stream == "mean":
+        return MeanVideoStream(cfg.video_dim)
     if cfg.video_stream == "fan":
         return FrameAttentionStream(cfg.video_dim, cfg.video_hidden, cfg.fan_relation, cfg.dropout)
     return SpatioTemporalStream(cfg.video_dim, cfg.video_hidden, cfg.stt_layers, cfg.stt_heads,
@@ -128,26 +134,34 @@ class AVEmoNet(nn.Module):
     Inputs are raw cached features (see ``avemo.batching``); the normalisation statistics of
     the training split live in buffers, so they travel inside the checkpoint. A clip missing
     a modality gets that stream's learned stand-in vector; in training, ``modality_dropout``
-    swaps the stand-in in on purpose so that the fused head learns to cope.
+    swaps the stand-in in on purpose so that the fused head learns to cope. With the late
+    ``product`` fusion each modality has its own head and a missing one is left out instead.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         dims = []
+        self.late = cfg.modalities == "av" and cfg.fusion == "product"
         if cfg.uses_audio:
             self.audio = FCNAudioStream(cfg.n_mels, cfg.audio_channels, cfg.audio_attention_hidden, cfg.audio_lambda,
                                         cfg.audio_convs_per_block)
-            self.audio_standin = nn.Parameter(torch.zeros(self.audio.out_dim))
+            if not self.late:
+                self.audio_standin = nn.Parameter(torch.zeros(self.audio.out_dim))
             self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
             self.register_buffer("mel_std", torch.ones(cfg.n_mels))
             dims.append(self.audio.out_dim)
         if cfg.uses_video:
             self.video = build_video_stream(cfg)
-            self.video_standin = nn.Parameter(torch.zeros(self.video.out_dim))
+            if not self.late:
+                self.video_standin = nn.Parameter(torch.zeros(self.video.out_dim))
             self.register_buffer("video_mean", torch.zeros(cfg.video_dim))
             self.register_buffer("video_std", torch.ones(cfg.video_dim))
             dims.append(self.video.out_dim)
+        self.head_drop = nn.Dropout(cfg.dropout)
+        if self.late:
+            self.fusion = ProductOfExperts(dims[0], dims[1], cfg.n_classes)
+            return
         if cfg.modalities == "av":
             if cfg.fusion == "fbp":
                 self.fusion = FactorizedBilinearPooling(dims[0], dims[1], cfg.fbp_k, cfg.fbp_o, cfg.dropout)
@@ -157,7 +171,6 @@ class AVEmoNet(nn.Module):
         else:
             self.fusion = None
             head_dim = dims[0]
-        self.head_drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(head_dim, cfg.n_classes)
 
     def set_normalisation(self, stats: dict[str, Any]) -> None:
@@ -197,19 +210,24 @@ class AVEmoNet(nn.Module):
             mel = self._normalise_mel(batch["mel"], mask)                              # [B, n_mels, T_a]
             a, out["audio_attention"] = self.audio(mel, mask)                          # [B, C], [B, F', T']
             has_audio = mask.any(1)
-            parts.append((a, has_audio, self.audio_standin))
+            parts.append((a, has_audio, getattr(self, "audio_standin", None)))
         if self.cfg.uses_video:
             mask = batch["video_mask"]                                                # [B, T_v]
             v = (batch["video"] - self.video_mean) / self.video_std                   # [B, T_v, D]
             v = v * mask[:, :, None].to(v.dtype)
             v, out["video_attention"] = self.video(v, mask)                            # [B, H], [B, T_v]
-            parts.append((v, mask.any(1), self.video_standin))
+            parts.append((v, mask.any(1), getattr(self, "video_standin", None)))
         if self.training and self.cfg.modality_dropout > 0 and len(parts) == 2:
             both = parts[0][1] & parts[1][1]
             drop = both & (torch.rand(both.shape, device=both.device) < self.cfg.modality_dropout)
             drop_audio = drop & (torch.rand(both.shape, device=both.device) < 0.5)
             parts[0] = (parts[0][0], parts[0][1] & ~drop_audio, parts[0][2])
             parts[1] = (parts[1][0], parts[1][1] & ~(drop & ~drop_audio), parts[1][2])
+        if self.late:
+            (a, has_a, _), (v, has_v, _) = parts
+            out["logits"], out["audio_logits"], out["video_logits"] = self.fusion(
+                self.head_drop(a), self.head_drop(v), has_a, has_v)
+            return out
         vecs = [self._with_standin(x, present, standin) for x, present, standin in parts]
         h = self.fusion(*vecs) if self.fusion is not None else vecs[0]
         out["logits"] = self.classifier(self.head_drop(h))                            # [B, n_classes]
@@ -272,10 +290,30 @@ def save_model(path: str | os.PathLike, model: AVEmoNet | Ensemble, classes: lis
     save_checkpoint(path, payload, MODEL_KIND, MODEL_VERSION)
 
 
-def load_model(path: str | os.PathLike,
+def available_models() -> list[str]:
+    """Names of the models shipped inside the package (``--model NAME``)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt") if not p.stem.startswith("audio_"))
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A bare name ("default") that is not a file in the working folder means the shipped
+    ``avemo/model/weights/NAME.pt``; anything else is a path."""
+    text = os.fspath(name_or_path)
+    if is_shipped_name(text) and not os.path.lexists(text):
+        return WEIGHTS_DIR / f"{text}.pt"
+    return Path(text).expanduser()
+
+
+def load_model(path: str | os.PathLike = DEFAULT_MODEL,
                map_location: str | torch.device = "cpu") -> tuple[AVEmoNet | Ensemble, dict[str, Any]]:
-    """Rebuild the model (or ensemble) from a checkpoint alone, on ``map_location``; returns (model in eval
-    mode, the checkpoint dict). Everything is validated before anything is built."""
+    """Rebuild the model (or ensemble) from a checkpoint alone (a path, or the name of a shipped model), on
+    ``map_location``; returns (model in eval mode, the checkpoint dict). Everything is validated before
+    anything is built."""
+    name, path = os.fspath(path), resolve_model_path(path)
+    if is_shipped_name(name) and not path.is_file():
+        names = available_models()
+        hint = f"shipped models: {', '.join(names)}" if names else "no model is shipped in this install"
+        raise CheckpointError(f"model '{name}' not found (looked for {path}); {hint}")
     ckpt = load_checkpoint(path, MODEL_KIND, (MODEL_VERSION,), map_location=map_location)
     if isinstance(ckpt.get("model"), dict):
         ckpt["model"] = rename_legacy_keys(ckpt["model"])

@@ -120,4 +120,23 @@ class SpatioTemporalStream(nn.Module):
         return self.norm(x[:, 0]), frame_w
 
 
-VIDEO_STREAMS = ("attention", "fan", "stt")
+class MeanVideoStream(nn.Module):
+    """The mean of the frame features over the frames with a face; no weights of its own.
+
+    Followed by a linear classifier this is a frame-level image classifier applied to video:
+    the clip's logits are the mean of each frame's logits. The shipped default model uses it
+    with the face encoder's own classifier, which was trained on still images (FER2013) and
+    has no temporal training data to learn attention from.
+    """
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.out_dim = in_dim
+
+    def forward(self, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = mask.to(v.dtype)
+        w = w / w.sum(1, keepdim=True).clamp_min(1.0)                              # [B, T], zero on masked frames
+        return torch.einsum("bt,btd->bd", w, v), w
+
+
+VIDEO_STREAMS = ("attention", "fan", "stt", "mean")
