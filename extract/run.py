@@ -25,6 +25,7 @@ from avemo.features import ExtractionSettings
 from avemo.io import NoSpaceError, display_name, first_line
 from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
+from avemo.cpu import threads_for
 from extract.workers import WorkerPool
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
@@ -237,7 +238,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
                 if it not in media:     # named and refused without decoding anything
                     finished(clip_row(it, None, cache, digest))
             if media:
-                threads = max(1, (os.cpu_count() or 1) // min(workers, len(media)))
+                threads = threads_for(min(workers, len(media)))
                 WorkerPool(workers, settings, device, threads, cache, digest, clip_timeout).run(media, finished)
             completed = True
         finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from avemo.checkpoint import CheckpointError
+from avemo.cpu import set_torch_threads
 from avemo.encoders import ARCHITECTURES, load_encoder
 from train.face.data import DataError, read_image_folder
 from train.metrics import classification_metrics
@@ -67,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(requested=args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.evaluate:

@@ -1,0 +1,103 @@
+"""How many CPUs this process may really use, and torch's threads set from that.
+
+Researchers run avemo on shared nodes, in containers and as several shards at once. torch
+sizes its thread pool from the machine's cores, not from the process's affinity mask or
+its cgroup CPU quota, and OpenMP threads that spin while waiting burn the cores another
+process needs: measured on a 2-core machine with another CPU-bound job running, the face
+encoder ran 2.2x faster with waiting threads that sleep (OMP_WAIT_POLICY=PASSIVE) than with
+spinning ones (``benchmarks/bench_encoder.py``). ``avemo/__init__.py`` asks for passive
+waiting before torch loads OpenMP, unless the user has chosen otherwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (at least 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        # a quota of 1.5 CPUs runs 2 threads throttled half the time: round down
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The tightest CPU quota (in CPUs) on this process's cgroup and its ancestors, or None if unlimited.
+
+    cgroup v2: ``cpu.max`` holds "QUOTA PERIOD" or "max PERIOD"; v1: ``cpu.cfs_quota_us`` (-1 when
+    unlimited) over ``cpu.cfs_period_us``.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":                                       # v2 unified hierarchy
+            base, read = root, _v2_quota
+        elif "cpu" in controllers.split(","):
+            base = next((root / name for name in (controllers, "cpu,cpuacct", "cpu") if (root / name).is_dir()), None)
+            if base is None:
+                continue
+            read = _v1_quota
+        else:
+            continue
+        path = base / rel.lstrip("/")
+        while True:
+            q = read(path)
+            if q is not None:
+                best = q if best is None else min(best, q)
+            if path == base or base not in path.parents:
+                break
+            path = path.parent
+    return best
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def threads_for(workers: int = 1, requested: int | None = None) -> int:
+    """torch threads per process: ``requested`` (a --threads flag), else OMP_NUM_THREADS if the user
+    set it, else the usable CPUs shared among ``workers`` processes (one each when they outnumber them)."""
+    if requested:
+        return max(1, int(requested))
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, usable_cpus() // max(1, workers))
+
+
+def set_torch_threads(workers: int = 1, requested: int | None = None) -> int:
+    """Size torch's intra-op pool from :func:`threads_for`; returns the thread count."""
+    import torch
+    n = threads_for(workers, requested)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -1,0 +1,60 @@
+"""CPU share: threads from affinity and cgroup quotas (files faked under tmp_path)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from avemo import cpu
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_is_the_tightest_on_the_path(tmp_path):
+    root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"
+    _write(proc, "0::/slurm/job1/step0\n")
+    _write(root / "cpu.max", "max 100000\n")
+    _write(root / "slurm" / "cpu.max", "400000 100000\n")
+    _write(root / "slurm" / "job1" / "cpu.max", "150000 100000\n")
+    _write(root / "slurm" / "job1" / "step0" / "cpu.max", "max 100000\n")
+    assert cpu.cgroup_cpu_quota(root, proc) == pytest.approx(1.5)
+
+
+def test_cgroup_v1_quota_and_unlimited(tmp_path):
+    root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"
+    _write(proc, "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n")
+    _write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    _write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    _write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "300000\n")
+    _write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    assert cpu.cgroup_cpu_quota(root, proc) == pytest.approx(3.0)
+    _write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "-1\n")
+    assert cpu.cgroup_cpu_quota(root, proc) is None
+    assert cpu.cgroup_cpu_quota(root, tmp_path / "missing") is None
+
+
+def test_threads_follow_affinity_quota_workers_and_explicit_choices(monkeypatch):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda *a, **k: 2.5)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu.usable_cpus() == 2                       # quota 2.5 CPUs: two threads, not eight
+    assert cpu.threads_for(workers=1) == 2
+    assert cpu.threads_for(workers=4) == 1              # more workers than CPUs: one thread each
+    assert cpu.threads_for(workers=4, requested=3) == 3
+    monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda *a, **k: None)
+    assert cpu.threads_for(workers=2) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cpu.threads_for(workers=2) == 5
+
+
+def test_importing_avemo_asks_openmp_to_sleep_not_spin_unless_the_user_chose():
+    code = "import os, avemo; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
