@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from facenet_pytorch import MTCNN
+
+from avemo.mtcnn import MTCNN
 
 # Canonical positions of eyes, nose tip and mouth corners in a 112 x 112 crop (the
 # template used by ArcFace-style alignment); scaled to other crop sizes.
@@ -28,32 +29,25 @@ class Detections:
 
 
 class FaceDetector:
-    """facenet-pytorch MTCNN run on batches of equally sized frames."""
+    """MTCNN (``avemo.mtcnn``, facenet-pytorch's detector) on batches of equally sized frames."""
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
                  min_prob: float = 0.9, min_face_frac: float = 0.0):
         self.min_prob = min_prob
         self.min_face_size, self.min_face_frac = min_face_size, min_face_frac
-        self.mtcnn = MTCNN(keep_all=True, select_largest=False, min_face_size=min_face_size,
-                           device=torch.device(device)).eval()
+        self.mtcnn = MTCNN(device, min_face_size)
 
     def detect(self, frames: np.ndarray) -> list[Detections]:
         """``frames``: uint8 RGB [N, H, W, 3] -> faces per frame with probability >= min_prob."""
         if len(frames) == 0:
             return []
         self.mtcnn.min_face_size = max(self.min_face_size, int(self.min_face_frac * min(frames.shape[1:3])))
-        boxes, probs, points = self.mtcnn.detect(frames, landmarks=True)
-        out = []
-        for b, p, l in zip(boxes, probs, points):
-            if b is None:
-                out.append(Detections.empty())
-                continue
-            p = np.asarray(p, dtype=np.float32)
-            keep = p >= self.min_prob
-            order = np.argsort(-p[keep], kind="stable")
-            out.append(Detections(np.asarray(b, np.float32)[keep][order], p[keep][order],
-                                  np.asarray(l, np.float32)[keep][order]))
-        return out
+        return [self._kept(*found) for found in self.mtcnn.detect(frames)]
+
+    def _kept(self, boxes: np.ndarray, probs: np.ndarray, landmarks: np.ndarray) -> Detections:
+        keep = probs >= self.min_prob
+        order = np.argsort(-probs[keep], kind="stable")
+        return Detections(boxes[keep][order], probs[keep][order], landmarks[keep][order])
 
 
 def track_primary_face(dets: list[Detections], max_jump: float = 0.6,
