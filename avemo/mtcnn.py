@@ -95,7 +95,8 @@ class ONet(nn.Module):
 def weights_dir() -> Path:
     """facenet-pytorch's ``data`` folder, found without importing the package (see the module doc)."""
     spec = importlib.util.find_spec("facenet_pytorch")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" if spec and spec.submodule_search_locations else None
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    folder = Path(roots[0]) / "data" if roots else None
     missing = [n for n in ("pnet.pt", "rnet.pt", "onet.pt") if folder is None or not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(

@@ -9,20 +9,11 @@ import torch
 
 import avemo.mtcnn
 from avemo.mtcnn import MTCNN, batched_nms, batched_nms_min, nms
-from avemo.video import VideoFrames, iter_frames_at, open_media, sample_times, video_span, video_stream
-from mediagen import astronaut, two_faces
+from mediagen import astronaut, sampled_frames, two_faces
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
 CLIPS = sorted((REPO / "examples" / "cremad").glob("1001_DFA_*_XX.flv"))
-
-
-def clip_frames(path, n: int, max_side: int = 640) -> np.ndarray:
-    """``n`` frames sampled over the clip, shrunk as extraction shrinks them for detection."""
-    with open_media(path) as c:
-        s = video_stream(c)
-        times = sample_times(0.0, video_span(path, c, s, []), n, None, 4096)
-        return np.stack([f for _, f in iter_frames_at(c, s, times, max_side, VideoFrames())])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def assert_same_detections(frames, min_face_size, facenet) -> list[int]:
 
 @pytest.mark.parametrize("clip", CLIPS, ids=lambda p: p.stem)
 def test_bundled_clips_give_facenets_faces(clip, facenet):
-    frames = clip_frames(clip, 4)
+    frames = sampled_frames(clip, 4)
     # the smallest face extraction asks for at this size (min_face_frac 0.08), and the default
     for size in (int(0.08 * min(frames.shape[1:3])), 20):
         assert assert_same_detections(frames, size, facenet) == [1] * len(frames)
@@ -125,15 +116,14 @@ def test_nms_matches_brute_force(n):
     b, s = boxes.double().tolist(), scores.double().tolist()
     for thr in (0.3, 0.5, 0.7):
         assert nms(boxes, scores, thr).tolist() == _brute_force_nms(b, s, thr, _iou)
-        expected = []
+        expected, expected_min = [], []
         for f in range(3):
             rows = np.flatnonzero(inds.numpy() == f)
-            expected += [rows[k] for k in _brute_force_nms([b[r] for r in rows], [s[r] for r in rows], thr, _iou)]
-        assert sorted(batched_nms(boxes, scores, inds, thr).tolist()) == sorted(expected)
-        expected_min = []
-        for f in range(3):
-            rows = np.flatnonzero(inds.numpy() == f)
-            expected_min += [rows[k] for k in _brute_force_nms([b[r] for r in rows], [s[r] for r in rows], thr, _over_min)]
+            bf, sf = [b[r] for r in rows], [s[r] for r in rows]
+            expected += [rows[k] for k in _brute_force_nms(bf, sf, thr, _iou)]
+            expected_min += [rows[k] for k in _brute_force_nms(bf, sf, thr, _over_min)]
+        keep = batched_nms(boxes, scores, inds, thr)
+        assert sorted(keep.tolist()) == sorted(expected) and bool((scores[keep].diff() <= 0).all())
         assert sorted(batched_nms_min(boxes, scores, inds, thr).tolist()) == sorted(expected_min)
 
 
