@@ -164,7 +164,8 @@ class MTCNN:
     def _propose(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage one: PNet over the pyramid -> square candidate boxes [M, 5] and their frames [M]."""
         h, w = imgs.shape[2:4]
-        boxes, inds = [], []
+        # a frame smaller than the smallest face has no scales (facenet-pytorch fails on it)
+        boxes, inds = [imgs.new_zeros((0, 9))], [torch.zeros(0, dtype=torch.int64, device=imgs.device)]
         for scale in self.scales(h, w):
             im = F.interpolate(imgs, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
             # facenet-pytorch's PNet input is channels-last (see _images), and convolutions round
@@ -187,7 +188,6 @@ class MTCNN:
 
     def _refined(self, imgs, boxes, inds):
         """Stages two and three from square candidates, then the per-frame lists."""
-        n, (h, w) = len(imgs), imgs.shape[2:4]
         points = torch.zeros(0, 5, 2, device=self.device)
         if len(boxes):
             crops, boxes, inds = _crops(imgs, boxes, inds, 24)
@@ -215,7 +215,7 @@ class MTCNN:
             pick = batched_nms_min(boxes[:, :4], boxes[:, 4], inds, 0.7)
             boxes, inds, points = boxes[pick], inds[pick], points[pick]
         boxes, points, inds = boxes.cpu().numpy(), points.cpu().numpy(), inds.cpu().numpy()
-        return [(boxes[inds == i, :4], boxes[inds == i, 4], points[inds == i]) for i in range(n)]
+        return [(boxes[inds == i, :4], boxes[inds == i, 4], points[inds == i]) for i in range(len(imgs))]
 
 
 def _run(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

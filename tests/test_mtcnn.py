@@ -54,14 +54,24 @@ def test_bundled_clips_give_facenets_faces(clip, facenet):
         assert assert_same_detections(frames, size, facenet) == [1] * len(frames)
 
 
-def test_two_faces_and_no_face(facenet):
-    pair = np.stack(two_faces(2, size=240))       # frame 0: one face, frame 1: two
-    assert assert_same_detections(pair, 20, facenet) == [1, 2]
+def test_two_faces_and_no_face(facenet, monkeypatch):
+    sizes = []
+    spied = avemo.mtcnn.batched_nms
+    monkeypatch.setattr(avemo.mtcnn, "batched_nms", lambda b, *a: sizes.append(len(b)) or spied(b, *a))
+    frames = np.stack(two_faces(16, size=320))   # one face, then two
+    assert assert_same_detections(frames, 20, facenet) == [1] * 8 + [2] * 8
+    assert max(sizes) > 1000                     # torchvision's other batched NMS was followed too
     rng = np.random.default_rng(0)
     blank = np.stack([np.full((180, 240, 3), 90, np.uint8),
                       rng.integers(0, 256, (180, 240, 3), dtype=np.uint8)])
     assert assert_same_detections(blank, 20, facenet) == [0, 0]
     assert assert_same_detections(astronaut(200)[None], 20, facenet) == [1]
+
+
+def test_a_frame_smaller_than_the_smallest_face_has_none():
+    # facenet-pytorch fails here (no pyramid scale at all)
+    (b, p, l), = MTCNN(min_face_size=20).detect(np.full((1, 16, 40, 3), 90, np.uint8))
+    assert b.shape == (0, 4) and p.shape == (0,) and l.shape == (0, 5, 2)
 
 
 def test_refine_finds_the_face_from_a_nearby_box():
