@@ -25,7 +25,7 @@ import torch
 
 from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_silence
 from avemo.encoders import load_encoder
-from avemo.faces import Detections, FaceDetector, align_face, track_primary_face
+from avemo.faces import Detections, FaceDetector, FaceTrack, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name, first_line
 from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
@@ -172,6 +172,7 @@ class ClipExtractor:
                 warnings.append(f"video: {s.fps} fps over {t1 - t0:.0f} s exceeds max_frames; "
                                 f"sampled {s.max_frames} frames evenly instead")
             frame_times, dets, feats, crops = [], [], [], []
+            track = FaceTrack() if s.track_faces else None
             batch: list[tuple[float, np.ndarray]] = []
             frames_iter = iter_frames_at(c, stream, times, s.detect_max_side, info)
             while True:
@@ -182,7 +183,7 @@ class ClipExtractor:
                 if batch and (item is None or len(batch) == self.batch_frames
                               or batch[-1][1].shape != batch[0][1].shape):
                     tail = [batch.pop()] if batch[-1][1].shape != batch[0][1].shape else []
-                    self._faces_of_batch(batch, frame_times, dets, feats, crops)
+                    self._faces_of_batch(batch, track, frame_times, dets, feats, crops)
                     batch = tail
                 if item is None:
                     break
@@ -204,12 +205,12 @@ class ClipExtractor:
             warnings.append(f"video: only {len(frame_times)} distinct frame(s) in the clip ({len(times)} asked)")
         return self._primary_face_arrays(frame_times, dets, feats, crops, info.scale, warnings)
 
-    def _faces_of_batch(self, batch, frame_times, dets, feats, crops) -> None:
+    def _faces_of_batch(self, batch, track: FaceTrack | None, frame_times, dets, feats, crops) -> None:
         """Detect, align and embed every face in a batch of frames (the primary is chosen later)."""
         s = self.settings
         frames = np.stack([f for _, f in batch])                       # [B, H, W, 3]
         with self._timed("detect"):
-            found = self.detector.detect(frames)
+            found = self.detector.detect(frames, track)
         with self._timed("align"):
             aligned = [np.stack([align_face(frames[i], lm, s.face_size) for lm in d.landmarks])
                        if len(d.probs) else None for i, d in enumerate(found)]

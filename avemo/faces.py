@@ -1,17 +1,21 @@
 """Faces: batched MTCNN detection, one primary face tracked over time, five-point alignment."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import torch
-from facenet_pytorch import MTCNN
+
+from avemo.mtcnn import MTCNN
 
 # Canonical positions of eyes, nose tip and mouth corners in a 112 x 112 crop (the
 # template used by ArcFace-style alignment); scaled to other crop sizes.
 TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                          [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
+# With tracking, the full detector still runs on one frame in this many (and wherever a face
+# is lost), so that a face coming into the picture is found within that many frames.
+KEYFRAME_INTERVAL = 8
 
 
 @dataclass
@@ -27,33 +31,98 @@ class Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
 
 
+@dataclass
+class FaceTrack:
+    """What detection carries from one batch of a clip's frames to the next (one per clip)."""
+
+    faces: Detections = field(default_factory=Detections.empty)   # in the last frame seen
+    shape: tuple[int, ...] = ()     # the size of the frames those faces are in
+    frames: int = 0                 # frames seen so far
+    full: int = 0                   # of which the full detector ran on
+
+
 class FaceDetector:
-    """facenet-pytorch MTCNN run on batches of equally sized frames."""
+    """MTCNN (``avemo.mtcnn``, facenet-pytorch's detector) on batches of equally sized frames."""
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
-                 min_prob: float = 0.9, min_face_frac: float = 0.0):
+                 min_prob: float = 0.9, min_face_frac: float = 0.0,
+                 keyframe_interval: int = KEYFRAME_INTERVAL):
         self.min_prob = min_prob
         self.min_face_size, self.min_face_frac = min_face_size, min_face_frac
-        self.mtcnn = MTCNN(keep_all=True, select_largest=False, min_face_size=min_face_size,
-                           device=torch.device(device)).eval()
+        self.keyframe_interval = keyframe_interval
+        self.mtcnn = MTCNN(device, min_face_size)
 
-    def detect(self, frames: np.ndarray) -> list[Detections]:
-        """``frames``: uint8 RGB [N, H, W, 3] -> faces per frame with probability >= min_prob."""
+    def detect(self, frames: np.ndarray, track: FaceTrack | None = None) -> list[Detections]:
+        """``frames``: uint8 RGB [N, H, W, 3] -> faces per frame with probability >= min_prob.
+
+        With ``track`` the frames are the next ones of a clip, in time order. The full
+        detector (the image pyramid and the many candidates it proposes: nearly all the
+        cost) then runs only on every ``keyframe_interval``-th frame of the clip; on the
+        others the last two MTCNN stages look again where the faces of the frame before
+        were. A frame with no face before it, or where a face followed is not found again
+        (probability under min_prob, moved too far, or smaller than the smallest face
+        looked for), gets the full detector too. A face coming into view is found at the
+        next keyframe, or as soon as the faces followed are lost.
+        """
         if len(frames) == 0:
             return []
         self.mtcnn.min_face_size = max(self.min_face_size, int(self.min_face_frac * min(frames.shape[1:3])))
-        boxes, probs, points = self.mtcnn.detect(frames, landmarks=True)
-        out = []
-        for b, p, l in zip(boxes, probs, points):
-            if b is None:
-                out.append(Detections.empty())
-                continue
-            p = np.asarray(p, dtype=np.float32)
-            keep = p >= self.min_prob
-            order = np.argsort(-p[keep], kind="stable")
-            out.append(Detections(np.asarray(b, np.float32)[keep][order], p[keep][order],
-                                  np.asarray(l, np.float32)[keep][order]))
-        return out
+        if track is None:
+            return [self._kept(*found) for found in self.mtcnn.detect(frames)]
+        if track.shape != frames.shape[1:]:
+            track.faces, track.shape = Detections.empty(), frames.shape[1:]
+        keys = [i for i in range(len(frames)) if (track.frames + i) % self.keyframe_interval == 0]
+        out = dict(zip(keys, self.detect(frames[keys]))) if keys else {}     # batched: cheaper on a GPU
+        track.full += len(keys)
+        for i in range(len(frames)):
+            if i not in out:
+                out[i] = self._follow(frames[i], track.faces)
+            if out[i] is None:
+                out[i] = self.detect(frames[i:i + 1])[0]
+                track.full += 1
+            track.faces = out[i]
+        track.frames += len(frames)
+        return [out[i] for i in range(len(frames))]
+
+    def _follow(self, frame: np.ndarray, before: Detections) -> Detections | None:
+        """The faces in ``frame`` near those of the frame ``before``; None if one is lost."""
+        if not len(before.probs):
+            return None
+        found = self._kept(*self.mtcnn.refine(frame[None], _squares(before.boxes), np.zeros(len(before.probs)))[0])
+        sides = np.maximum(found.boxes[:, 2] - found.boxes[:, 0], found.boxes[:, 3] - found.boxes[:, 1])
+        if (sides < self.mtcnn.min_face_size).any() or not _each_found_again(before.boxes, found.boxes):
+            return None
+        return found
+
+    def _kept(self, boxes: np.ndarray, probs: np.ndarray, landmarks: np.ndarray) -> Detections:
+        keep = probs >= self.min_prob
+        order = np.argsort(-probs[keep], kind="stable")
+        return Detections(boxes[keep][order], probs[keep][order], landmarks[keep][order])
+
+
+def _squares(boxes: np.ndarray) -> np.ndarray:
+    """Each box as a square on its longer side about the same centre: the shape MTCNN's
+    refinement stages are given."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = np.max(boxes[:, 2:] - boxes[:, :2], axis=1, keepdims=True) / 2
+    return np.concatenate([centre - half, centre + half], axis=1)
+
+
+def _each_found_again(before: np.ndarray, after: np.ndarray, min_iou: float = 0.3) -> bool:
+    """Whether every box ``before`` has a box of its own ``after`` that overlaps it (IoU > min_iou)."""
+    lo = np.maximum(before[:, None, :2], after[None, :, :2])
+    hi = np.minimum(before[:, None, 2:], after[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area_b = np.prod(before[:, 2:] - before[:, :2], axis=1)
+    area_a = np.prod(after[:, 2:] - after[:, :2], axis=1)
+    iou = inter / (area_b[:, None] + area_a[None, :] - inter)
+    taken: set[int] = set()
+    for row in iou:
+        match = next((j for j in np.argsort(-row) if row[j] > min_iou and j not in taken), None)
+        if match is None:
+            return False
+        taken.add(match)
+    return True
 
 
 def track_primary_face(dets: list[Detections], max_jump: float = 0.6,

@@ -50,6 +50,9 @@ ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "
 # the settings that shape the log-mel spectrogram: an audio model trained on one cache fits another
 # cache's audio only when these agree (the face-side settings may differ)
 AUDIO_SETTING_KEYS = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "trim_silence", "trim_top_db")
+# Stored settings that lack a field were written before it existed: the field takes the value
+# that reproduces what that avemo did, not today's default.
+LEGACY_SETTINGS = {"track_faces": False}
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class ExtractionSettings:
     min_face_frac: float = 0.08     # ...this share of the frame's shorter side: the face that
                                     # carries a clip is rarely tiny, and MTCNN's image pyramid
                                     # (its cost) shrinks with the square of the smallest face
+    track_faces: bool = True        # between keyframes, look for faces only where they just were
+                                    # (FaceDetector.detect): a fraction of the detection time
     face_size: int = 112            # side of the aligned crop (five-point template scaled)
     keep_crops: bool = False
     # face encoder identity: a cache made with another encoder is another cache
@@ -95,12 +100,20 @@ class ExtractionSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractionSettings":
-        return dataclass_from_dict(cls, d, "extraction settings")
+        """Settings read back from a cache or a checkpoint (see ``LEGACY_SETTINGS``)."""
+        return dataclass_from_dict(cls, {**LEGACY_SETTINGS, **d}, "extraction settings")
 
     def digest(self) -> str:
-        """Short stable hash of the settings (keep_crops excluded: it adds data, changes none)."""
+        """Short stable hash of the settings (keep_crops excluded: it adds data, changes none).
+
+        A field at its ``LEGACY_SETTINGS`` value is left out, so caches written before the
+        field existed keep their identity (their settings hash as they did then).
+        """
         d = self.to_dict()
         d.pop("keep_crops")
+        for k, v in LEGACY_SETTINGS.items():
+            if d[k] == v:
+                d.pop(k)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

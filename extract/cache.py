@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from avemo.features import ClipFeatures, ExtractionSettings, FeatureFileError, feature_filename
+from avemo.features import LEGACY_SETTINGS, ClipFeatures, ExtractionSettings, FeatureFileError, feature_filename
 from avemo.io import display_name, write_json_atomic
 from avemo.tables import restore, write_csv_atomic
 
@@ -92,12 +92,13 @@ class Cache:
         if self.settings_path.is_file():
             old = json.loads(self.settings_path.read_text(encoding="utf-8"))
             if old.get("digest") != settings.digest():
-                new = settings.to_dict()
-                diff = [f"{k}: {old['settings'].get(k)!r} in the cache, {new[k]!r} now"
-                        for k in new if k != "keep_crops" and old["settings"].get(k) != new[k]]
+                new, was = settings.to_dict(), {**LEGACY_SETTINGS, **old["settings"]}
+                diff = [f"{k}: {was.get(k)!r} in the cache, {new[k]!r} now"
+                        for k in new if k != "keep_crops" and was.get(k) != new[k]]
+                hint = " (--no-face-tracking for its face detection)" if was.get("track_faces") is False else ""
                 raise SettingsMismatch(
                     f"{self.root} was extracted with different settings ({'; '.join(diff) or 'unknown fields'}). "
-                    "One cache holds one set of settings: use another --out folder, or the same settings.")
+                    f"One cache holds one set of settings: use another --out folder, or the same settings{hint}.")
             return
         self.features_dir.mkdir(parents=True, exist_ok=True)
         self.rows_dir.mkdir(parents=True, exist_ok=True)

@@ -159,14 +159,16 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
                    fps: float | None = None, label_from: str | None = None,
                    labels: str | os.PathLike | None = None, face_encoder: str = "default",
                    device: str | None = None, workers: int = 1, shard: str | tuple[int, int] | None = None,
-                   keep_crops: bool = False, retry_failed: bool = False, clip_timeout: float | None = None,
+                   keep_crops: bool = False, track_faces: bool | None = None, retry_failed: bool = False,
+                   clip_timeout: float | None = None,
                    settings: ExtractionSettings | None = None, progress: bool = True,
                    log=None) -> pd.DataFrame:
     """Extract every clip under ``video_dir`` into the cache ``out``; returns the manifest.
 
     Finished clips with the same settings are skipped, so an interrupted run is resumed by
-    running it again. ``frames``/``fps``/``face_encoder``/``keep_crops`` override the
-    corresponding fields of ``settings`` (default ``ExtractionSettings()``, 16 frames a clip).
+    running it again. ``frames``/``fps``/``face_encoder``/``keep_crops``/``track_faces``
+    override the corresponding fields of ``settings`` (default ``ExtractionSettings()``, 16
+    frames a clip; None leaves a field as it is there).
     Clips are extracted in ``workers`` supervised processes; one that takes longer than
     ``clip_timeout`` seconds (default: scaled by its duration, ``extract.workers``) is
     stopped and recorded as failed. Raises ``UsageError`` for bad arguments,
@@ -189,6 +191,8 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
         if frames is not None or fps is not None:
             settings = dataclasses.replace(settings, frames=frames, fps=fps)
         settings = dataclasses.replace(settings, encoder=str(face_encoder), keep_crops=keep_crops)
+        if track_faces is not None:
+            settings = dataclasses.replace(settings, track_faces=track_faces)
         labeller = Labeller(label_from, labels)
         walk = walk_folder(root, [Path(out)] + ([Path(labels)] if labels else []), labeller)
     except ValueError as e:     # bad frames/fps values, a labels CSV that cannot be used

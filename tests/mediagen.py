@@ -111,3 +111,32 @@ def random_encoder(path) -> Path:
     export_encoder(path, model, "efficientface", {}, ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"],
                    input_size=112, grayscale=False, mean=[0.5] * 3, std=[0.5] * 3)
     return Path(path)
+
+
+def moving_face(n: int, start: tuple[float, float, float], end: tuple[float, float, float],
+                height: int = 240, width: int = 320, shown: range | None = None) -> list[np.ndarray]:
+    """n frames of a grey ``height`` x ``width`` scene with the astronaut photo in it, its top
+    left corner and side going linearly from ``start`` to ``end`` (x, y, side in pixels; it
+    may leave the frame); ``shown``: the frames it is in (default: all)."""
+    out = []
+    for i in range(n):
+        f = np.full((height, width, 3), 90, np.uint8)
+        if shown is None or i in shown:
+            a = i / max(n - 1, 1)
+            x, y, side = (round(s + a * (e - s)) for s, e in zip(start, end))
+            photo = astronaut(side)
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, width), min(y + side, height)
+            if x1 > x0 and y1 > y0:
+                f[y0:y1, x0:x1] = photo[y0 - y:y1 - y, x0 - x:x1 - x]
+        out.append(f)
+    return out
+
+
+def sampled_frames(path, n: int, max_side: int = 640) -> np.ndarray:
+    """``n`` frames sampled evenly over a video file, shrunk as extraction shrinks them for
+    face detection: uint8 RGB [n, H, W, 3]."""
+    from avemo.video import VideoFrames, iter_frames_at, open_media, sample_times, video_span, video_stream
+    with open_media(path) as c:
+        s = video_stream(c)
+        times = sample_times(0.0, video_span(path, c, s, []), n, None, 4096)
+        return np.stack([f for _, f in iter_frames_at(c, s, times, max_side, VideoFrames())])

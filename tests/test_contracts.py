@@ -1,4 +1,6 @@
 """The shared contracts: cached clips, settings identity, safe checkpoints, atomic writes."""
+import hashlib
+import json
 import os
 import pickle
 
@@ -46,6 +48,16 @@ def test_settings_digest_changes_with_numbers_not_with_keep_crops():
         ExtractionSettings(frames=None, fps=None)
     with pytest.raises(ValueError, match="unknown"):
         ExtractionSettings.from_dict({"nonsense": 1})
+
+
+def test_settings_stored_before_face_tracking_keep_their_meaning_and_identity():
+    stored = ExtractionSettings().to_dict()
+    del stored["track_faces"]                     # a cache or checkpoint from before the field
+    hashed = {k: v for k, v in stored.items() if k != "keep_crops"}
+    digest_then = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
+    s = ExtractionSettings.from_dict(stored)
+    assert s.track_faces is False and s.digest() == digest_then
+    assert ExtractionSettings().track_faces and ExtractionSettings().digest() != digest_then
 
 
 def test_feature_filenames_do_not_collide():
