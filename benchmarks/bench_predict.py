@@ -1,12 +1,14 @@
 """End-to-end latency of avemo-predict on one short clip, cold process and warm in-process.
 
-    python benchmarks/bench_predict.py --model demo-out/run/best.pt [--clip CLIP] [--repeats 5]
+    python benchmarks/bench_predict.py [--model default] [--clip CLIP] [--repeats 5] [--cold-repeats 3]
 
 Cold: a fresh ``avemo-predict CLIP --model M --json`` process (interpreter start, imports,
-model + detector + encoder loading, one prediction), timed from outside; each stage is
-timed inside a second fresh process. Warm: the loaded model in this process predicting
-the same clip again (median of --repeats), split by extraction stage. Targets on a
-2-core CPU: warm < 1 s, cold < 4 s.
+model + detector + encoder loading, one prediction), timed from outside, best of
+--cold-repeats, beside the baseline every Python user pays: a fresh ``python -c "import
+torch"`` on the same machine, timed the same way; each stage is timed inside another fresh
+process. Warm: the loaded model in this process predicting the same clip again (median of
+--repeats), split by extraction stage. Targets (issue 13): cold within 2x of importing
+torch, warm <= 0.15 s for a 2 s clip on the CPU.
 """
 from __future__ import annotations
 
@@ -39,15 +41,23 @@ print(json.dumps({"imports": t1 - t0, "load model": t2 - t1, "load detector+enco
 """
 
 
-def cold(model: str, clip: str, device: str) -> tuple[float, dict]:
+def _best_wall(cmd: list[str], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cold(model: str, clip: str, device: str, repeats: int) -> tuple[float, float, dict]:
+    """(avemo-predict wall, `import torch` wall, stages of a third process)."""
     exe = Path(sys.executable).with_name("avemo-predict")
-    t = time.perf_counter()
-    subprocess.run([str(exe), clip, "--model", model, "--json", "--device", device],
-                   check=True, capture_output=True)
-    total = time.perf_counter() - t
+    total = _best_wall([str(exe), clip, "--model", model, "--json", "--device", device], repeats)
+    torch_only = _best_wall([sys.executable, "-c", "import torch"], repeats)
     out = subprocess.run([sys.executable, "-c", COLD_STAGES, model, clip], check=True,
                          capture_output=True, text=True).stdout
-    return total, json.loads(out.strip().splitlines()[-1])
+    return total, torch_only, json.loads(out.strip().splitlines()[-1])
 
 
 def warm(model: str, clip: str, device: str, repeats: int) -> tuple[list[float], dict]:
@@ -66,14 +76,15 @@ def warm(model: str, clip: str, device: str, repeats: int) -> tuple[list[float],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a trained checkpoint (e.g. demo-out/run/best.pt)")
+    ap.add_argument("--model", default="default", help="a trained checkpoint or a shipped model's name")
     ap.add_argument("--clip", default=str(DEFAULT_CLIP))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cold-repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     import torch
-    total, cold_stages = cold(args.model, args.clip, args.device)
+    total, torch_only, cold_stages = cold(args.model, args.clip, args.device, args.cold_repeats)
     times, stages = warm(args.model, args.clip, args.device, args.repeats)
     w = statistics.median(times)
     extraction = sum(stages.values())
@@ -81,8 +92,11 @@ def main() -> None:
     print()
     print("| measure | seconds | target | ratio to target |")
     print("|---|---:|---:|---:|")
-    print(f"| cold: fresh `avemo-predict` process, wall | {total:.2f} | 4.0 | {total / 4.0:.2f} |")
-    print(f"| warm: in-process predict, median of {args.repeats} | {w:.3f} | 1.0 | {w / 1.0:.2f} |")
+    print(f"| baseline: fresh `python -c \"import torch\"`, wall | {torch_only:.2f} | | |")
+    print(f"| cold: fresh `avemo-predict` process, wall (best of {args.cold_repeats}) | {total:.2f} | "
+          f"{2 * torch_only:.2f} (2x import torch) | {total / (2 * torch_only):.2f} |")
+    print(f"| cold vs import torch | {total / torch_only:.2f}x | 2.00x | |")
+    print(f"| warm: in-process predict, median of {args.repeats} | {w:.3f} | 0.15 | {w / 0.15:.2f} |")
     print()
     print("| cold process stage | seconds |")
     print("|---|---:|")
