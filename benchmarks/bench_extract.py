@@ -168,10 +168,8 @@ def whole_process(clips: list[Path], copies: int, frames: int, contended: bool) 
                     hog.kill()
                     hog.wait()
             rows.append((condition, tb, to))
-    print(f"
-whole process, {n} clips ({len(clips)} distinct x {copies}), {frames} frames/clip, "
-          f"{os.cpu_count()} CPUs; imports and model loading included
-")
+    print(f"\nwhole process, {n} clips ({len(clips)} distinct x {copies}), {frames} frames/clip, "
+          f"{os.cpu_count()} CPUs; imports and model loading included\n")
     print(f"| {'condition':<10} | {'baseline s':>10} | {'avemo s':>8} | {'baseline clips/s':>16} | "
           f"{'avemo clips/s':>13} | {'avemo vs baseline':>17} |")
     print(f"|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 18}|{'-' * 15}|{'-' * 19}|")
@@ -179,8 +177,7 @@ whole process, {n} clips ({len(clips)} distinct x {copies}), {frames} frames/cli
         print(f"| {condition:<10} | {tb:>10.1f} | {to:>8.1f} | {n / tb:>16.2f} | {n / to:>13.2f} | {tb / to:>16.2f}x |")
     if len(rows) == 2:
         (_, qb, qo), (_, cb, co) = rows
-        print(f"
-slow-down under contention: baseline {cb / qb:.1f}x, avemo {co / qo:.1f}x")
+        print(f"\nslow-down under contention: baseline {cb / qb:.1f}x, avemo {co / qo:.1f}x")
 
 
 def main(argv=None) -> None:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The README's demo: extract -> train -> predict on the bundled CREMA-D clips.
+# The README's demo: the shipped default model on bundled clips, then extract -> train -> predict on them.
 set -euo pipefail
 out=${1:-demo-out}
 cd "$(dirname "$0")/.."
 bin=.venv/bin
 mkdir -p "$out"
+# the shipped default model, no training: one bundled video with sound, one audio-only clip
+$bin/avemo-predict examples/cremad/1001_DFA_HAP_XX.flv --explain "$out/default-explain.png"
+$bin/avemo-predict examples/cremad/1002_DFA_HAP_XX.mp3 --json
 # stage one: the 12 bundled clips -> $out/cache (features/*.npz + manifest.csv); resumes if re-run
 $bin/avemo-extract examples/cremad --out "$out/cache" --label-from cremad
 # stage two: fit the fused model on all 12 clips (--no-split: six clips per actor measure nothing,
@@ -14,4 +17,4 @@ $bin/avemo-train "$out/cache" --out "$out/run" --no-split --epochs 4 --batch-siz
 # stage three: ask the trained model about one bundled clip, with the explanation picture
 $bin/avemo-predict examples/cremad/1001_DFA_HAP_XX.flv --model "$out/run/best.pt" --explain "$out/explain.png"
 $bin/avemo-predict examples/cremad/1002_DFA_ANG_XX.mp3 --model "$out/run/best.pt" --json
-echo "demo: done. Cache in $out/cache, model in $out/run, explanation in $out/explain.png"
+echo "demo: done. Default model's explanation in $out/default-explain.png; cache in $out/cache, model in $out/run, explanation in $out/explain.png"

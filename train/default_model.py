@@ -88,7 +88,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         loss.backward()
         return loss
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def calibrated(logits: np.ndarray, prior: np.ndarray | None, temperature: float) -> np.ndarray:
@@ -103,8 +103,9 @@ def nll(logp: np.ndarray, labels: np.ndarray) -> float:
 
 def scores(labels: np.ndarray, logp: np.ndarray) -> dict[str, Any]:
     m = classification_metrics(labels, logp.argmax(1), list(BASIC))
-    return {"n": m["n"], "uar": round(m["uar"], 4), "war": round(m["accuracy"], 4), "nll": round(nll(logp, labels), 4),
-            "per_class_recall": {k: round(v, 4) for k, v in m["per_class_recall"].items()}}
+    return {"n": int(m["n"]), "uar": round(float(m["uar"]), 4), "war": round(float(m["accuracy"]), 4),
+            "nll": round(nll(logp, labels), 4),
+            "per_class_recall": {k: round(float(v), 4) for k, v in m["per_class_recall"].items()}}
 
 
 def mean_std(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from avemo.checkpoint import CheckpointError, load_checkpoint, require, save_checkpoint
-from avemo.encoders import is_shipped_name
+from avemo.encoders import _plain, is_shipped_name
 from avemo.features import ExtractionSettings
 from avemo.io import dataclass_from_dict, first_line
 from avemo.model.audio import FCNAudioStream, rename_legacy_keys
@@ -282,7 +282,7 @@ def save_model(path: str | os.PathLike, model: AVEmoNet | Ensemble, classes: lis
         "classes": list(classes),
         "extraction_settings": dict(extraction_settings),
         "normalisation": model.normalisation(),
-        "metrics": metrics or {},
+        "metrics": _plain(metrics or {}),     # a numpy number would make the file unloadable with weights_only
     }
     if isinstance(model, Ensemble):
         payload["members"] = len(model.members)

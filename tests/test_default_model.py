@@ -1,0 +1,122 @@
+"""The audio-visual model shipped as ``default``: `avemo-predict CLIP` with no --model."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import avemo
+import mediagen
+from avemo.checkpoint import CheckpointError
+from avemo.model import available_models, resolve_model_path
+from avemo.predict_cli import main
+from avemo.prediction import load_model
+
+SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "cremad"
+FLV = SAMPLES / "1001_DFA_ANG_XX.flv"
+MP3 = SAMPLES / "1002_DFA_HAP_XX.mp3"
+BASIC = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(device="cpu")
+
+
+def _product(p, q):
+    joint = {c: p[c] * q[c] for c in p}
+    total = sum(joint.values())
+    return {c: v / total for c, v in joint.items()}
+
+
+def test_default_model_ships_and_describes_itself(model):
+    assert "default" in available_models()
+    assert resolve_model_path("default").is_file() and resolve_model_path("default").stat().st_size < 8e6
+    assert model.classes == BASIC
+    assert model.cfg.fusion == "product" and model.cfg.video_stream == "mean" and model.cfg.modalities == "av"
+    about = model.about
+    assert "non-commercial" in about["licence"] and "research" in about["licence"].lower()
+    assert {"voice", "face"} <= set(about["data"]) and {"voice", "face", "model"} <= set(about["commands"])
+    # figures measured on data the measured weights did not train on
+    assert 0.3 < model.metrics["speech_heldout"]["all"]["uar"] < 1
+    assert 0.3 < model.metrics["face_fer2013"]["test"]["war"] < 1
+    assert {"voice", "face", "product"} <= set(model.metrics["pseudo_av"])
+
+
+def test_video_with_sound_fuses_both_experts(model):
+    pred = model.predict(FLV)
+    assert pred.modalities == ["audio", "video"] and pred.face_coverage > 0.5
+    assert set(pred.probabilities) == set(BASIC) and pred.emotion in BASIC
+    by = pred.modality_probabilities
+    assert set(by) == {"audio", "video"}
+    fused = _product(by["audio"], by["video"])
+    assert pred.probabilities == pytest.approx(fused, abs=1e-4)
+    assert pred.attention["video"].sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_audio_only_clip_is_decided_by_the_voice(model):
+    pred = model.predict(MP3)
+    assert pred.modalities == ["audio"] and pred.face_coverage is None
+    assert pred.probabilities == pytest.approx(pred.modality_probabilities["audio"], abs=1e-5)
+    assert any("no usable video" in w for w in pred.warnings)
+
+
+def test_silent_video_is_decided_by_the_face(model, tmp_path):
+    clip = mediagen.write_video(tmp_path / "silent.mp4", [mediagen.astronaut(224)] * 12, fps=10)
+    pred = model.predict(clip)
+    assert pred.modalities == ["video"] and pred.face_coverage > 0.5
+    assert pred.probabilities == pytest.approx(pred.modality_probabilities["video"], abs=1e-5)
+    assert any("no usable audio" in w for w in pred.warnings)
+
+
+def test_cli_and_python_api_need_no_model_argument(capsys, model):
+    assert main([str(MP3), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["emotion"] in BASIC and set(row["modality_probabilities"]) == {"audio"}
+    assert np.isclose(sum(row["probabilities"].values()), 1.0, atol=1e-4)
+    assert main([str(FLV)]) == 0
+    text = capsys.readouterr().out
+    assert "voice alone:" in text and "face alone:" in text
+    assert avemo.predict(MP3).emotion == row["emotion"]
+
+
+def test_unknown_model_name_lists_the_shipped_ones(capsys):
+    with pytest.raises(CheckpointError, match="shipped models: default"):
+        load_model("no_such_model")
+    assert main([str(MP3), "--model", "no_such_model"]) == 2
+    assert "shipped models: default" in capsys.readouterr().err
+
+
+def test_temperature_scaling_finds_the_nll_minimum():
+    from train.default_model import calibrated, fit_temperature, nll
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 400)
+    logits = rng.normal(size=(400, 7))
+    logits[np.arange(400), labels] += 1.0
+    logits *= 4.0                                    # over-confident: the best T is well above 1
+    t = fit_temperature(logits, labels)
+    grid = np.exp(np.linspace(np.log(0.2), np.log(20), 400))
+    best = grid[np.argmin([nll(calibrated(logits, None, g), labels) for g in grid])]
+    assert t > 1.5 and t == pytest.approx(best, rel=0.02)
+
+
+def test_calibration_folds_into_the_linear_heads():
+    import torch
+    from avemo.model import ModelConfig
+    from train.default_model import Expert, assemble, calibrated, log_prior
+    torch.manual_seed(0)
+    audio_cfg = ModelConfig(n_classes=7, modalities="audio", n_mels=16, audio_channels=(4, 8))
+    audio_state = __import__("avemo.model", fromlist=["build_model"]).build_model(audio_cfg).state_dict()
+    prior = log_prior(np.array([0, 0, 0, 1, 2, 3, 3, 4, 5, 6]), 7)
+    voice = Expert(torch.randn(7, 8), torch.randn(7), prior, 2.5)
+    face = Expert(torch.randn(7, 6), torch.randn(7), None, 0.7)
+    net = assemble(audio_state, audio_cfg, BASIC, voice, face, feature_dim=6)
+    frames = torch.randn(5, 6)
+    w, b = net.fusion.video_head.weight, net.fusion.video_head.bias
+    raw = (frames @ face.weight.T + face.bias).mean(0, keepdim=True).numpy()
+    got = torch.log_softmax((frames @ w.T + b).mean(0), -1).detach().numpy()
+    np.testing.assert_allclose(got, calibrated(raw, None, 0.7)[0], atol=1e-5)
+    emb = torch.randn(3, 8)
+    wa, ba = net.fusion.audio_head.weight, net.fusion.audio_head.bias
+    got = torch.log_softmax(emb @ wa.T + ba, -1).detach().numpy()
+    np.testing.assert_allclose(got, calibrated((emb @ voice.weight.T + voice.bias).numpy(), prior, 2.5), atol=1e-5)
