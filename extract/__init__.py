@@ -3,7 +3,15 @@
     from extract import extract_folder
     manifest = extract_folder("clips/", "cache/", label_from="cremad")
 """
-from extract.cache import SettingsMismatch, read_manifest
-from extract.run import UsageError, extract_folder
+import importlib
 
 __all__ = ["extract_folder", "read_manifest", "SettingsMismatch", "UsageError"]
+_WHERE = {"extract_folder": "extract.run", "UsageError": "extract.run", "read_manifest": "extract.cache",
+          "SettingsMismatch": "extract.cache"}
+
+
+def __getattr__(name):
+    # loaded on first use: `avemo-extract` starts its first worker before this process imports torch
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'extract' has no attribute {name!r}")

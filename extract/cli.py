@@ -5,9 +5,8 @@ import argparse
 import sys
 
 from avemo.io import NoSpaceError
-from extract.cache import CacheBusy, SettingsMismatch
 from extract.labels import SCHEMES
-from extract.run import UsageError, extract_folder
+from extract.workers import prestart
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 every clip failed, 2 usage error,
     3 no space left on the cache's disk, 4 the cache is in use by another run)."""
     args = build_parser().parse_args(argv)
+    # the first worker imports torch and the extractor while this process does the same
+    spare = prestart()
+    from extract.cache import CacheBusy, SettingsMismatch
+    from extract.run import UsageError, extract_folder
     try:
         manifest = extract_folder(
             args.video_dir, args.out, frames=args.frames, fps=args.fps, label_from=args.label_from,
             labels=args.labels, face_encoder=args.face_encoder, device=args.device, workers=args.workers,
             shard=args.shard, keep_crops=args.keep_crops, track_faces=args.track_faces, retry_failed=args.retry_failed,
-            clip_timeout=args.clip_timeout, progress=not args.quiet)
+            clip_timeout=args.clip_timeout, progress=not args.quiet, spare=spare)
     except (UsageError, SettingsMismatch, ValueError) as e:
         print(f"avemo-extract: error: {e}", file=sys.stderr)
         return 2

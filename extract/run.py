@@ -26,7 +26,7 @@ from avemo.io import NoSpaceError, display_name, first_line
 from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
 from avemo.cpu import threads_for
-from extract.workers import WorkerPool
+from extract.workers import WorkerPool, discard
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 
@@ -162,7 +162,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
                    keep_crops: bool = False, track_faces: bool | None = None, retry_failed: bool = False,
                    clip_timeout: float | None = None,
                    settings: ExtractionSettings | None = None, progress: bool = True,
-                   log=None) -> pd.DataFrame:
+                   log=None, spare=None) -> pd.DataFrame:
     """Extract every clip under ``video_dir`` into the cache ``out``; returns the manifest.
 
     Finished clips with the same settings are skipped, so an interrupted run is resumed by
@@ -174,7 +174,21 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
     stopped and recorded as failed. Raises ``UsageError`` for bad arguments,
     ``SettingsMismatch`` when ``out`` holds a cache made with other settings, ``CacheBusy``
     when another run holds it, and ``NoSpaceError`` when the disk fills (finished clips stay).
+    ``spare``: a worker from ``extract.workers.prestart()``, used first (stopped if not needed).
     """
+    spares = [spare] if spare is not None else []
+    try:
+        return _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encoder, device, workers,
+                               shard, keep_crops, track_faces, retry_failed, clip_timeout, settings, progress,
+                               log, spares)
+    finally:
+        for s in spares:
+            discard(s)
+
+
+def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encoder, device, workers, shard,
+                    keep_crops, track_faces, retry_failed, clip_timeout, settings, progress, log,
+                    spares: list) -> pd.DataFrame:
     log = log or sys.stderr
     root = Path(video_dir)
     if not root.is_dir():
@@ -243,7 +257,9 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
                     finished(clip_row(it, None, cache, digest))
             if media:
                 threads = threads_for(min(workers, len(media)))
-                WorkerPool(workers, settings, device, threads, cache, digest, clip_timeout).run(media, finished)
+                pool = WorkerPool(workers, settings, device, threads, cache, digest, clip_timeout,
+                                  spare=spares.pop() if spares else None)
+                pool.run(media, finished)
             completed = True
         finally:
             bar.close()

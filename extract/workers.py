@@ -45,7 +45,10 @@ def probe_duration(path: str) -> float | None:
         return None
 
 
-def _child(conn, settings: dict, device: str, threads: int, cache_root: str, digest: str) -> None:
+def _child(conn, *config) -> None:
+    """A worker: imports, then (unless given at spawn) waits for its configuration
+    (settings, device, threads, cache_root, digest), loads the models and takes clips."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
     # imported here: the spawned child starts from a bare interpreter
     import torch
 
@@ -53,7 +56,9 @@ def _child(conn, settings: dict, device: str, threads: int, cache_root: str, dig
     from extract.cache import Cache
     from extract.run import clip_row
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
+    if not config:
+        config = conn.recv()
+    settings, device, threads, cache_root, digest = config
     torch.set_num_threads(threads)
     ex = ClipExtractor(ExtractionSettings.from_dict(settings), device)
     cache = Cache(cache_root)
@@ -71,6 +76,29 @@ def _child(conn, settings: dict, device: str, threads: int, cache_root: str, dig
         conn.send(("done", row))
 
 
+def prestart() -> tuple[multiprocessing.Process, object]:
+    """A worker started before the run's settings are known, so that its start-up (importing torch
+    and the extractor, over a second on a CPU) overlaps the command's own; hand it to
+    ``WorkerPool(spare=...)``, which sends it the configuration, or to ``discard``."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(child,), daemon=True)
+    proc.start()
+    child.close()
+    return proc, parent
+
+
+def discard(spare: tuple[multiprocessing.Process, object] | None) -> None:
+    """Stop a pre-started worker that was not used."""
+    if spare is None:
+        return
+    proc, conn = spare
+    if proc.is_alive():
+        proc.kill()         # it has done nothing but import: nothing to lose, no reason to wait for it
+    proc.join(5)
+    conn.close()
+
+
 @dataclasses.dataclass
 class _Worker:
     proc: multiprocessing.Process
@@ -85,13 +113,18 @@ class WorkerPool:
     """``n`` supervised extraction processes; ``run(items, finished)`` calls ``finished(row)`` per clip."""
 
     def __init__(self, n: int, settings: ExtractionSettings, device: str, threads: int, cache, digest: str,
-                 timeout: float | None = None):
+                 timeout: float | None = None, spare: tuple[multiprocessing.Process, object] | None = None):
         self.n, self.args = n, (settings.to_dict(), device, threads, str(cache.root), digest)
+        self.spare = spare                                # a worker from ``prestart``, used first
         self.cache, self.digest, self.timeout = cache, digest, timeout
         self.ctx = multiprocessing.get_context("spawn")   # fork + torch/OpenMP threads can deadlock
         self.workers: list[_Worker] = []
 
     def _start(self) -> _Worker:
+        if self.spare is not None:
+            (proc, parent), self.spare = self.spare, None
+            parent.send(self.args)
+            return _Worker(proc, parent, deadline=time.monotonic() + STARTUP_LIMIT_S)
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_child, args=(child, *self.args), daemon=True)
         proc.start()
@@ -105,6 +138,8 @@ class WorkerPool:
         w.conn.close()
 
     def close(self) -> None:
+        discard(self.spare)
+        self.spare = None
         for w in self.workers:
             if w.proc.is_alive() and w.ready and w.item is None:
                 try:
