@@ -83,6 +83,22 @@ def _v1_quota(folder: Path) -> float | None:
         return None
 
 
+# Extraction workers when none are asked for: each holds its own detector and encoder (some
+# 0.4 GB of memory), so even a large node gets at most this many by default.
+MAX_AUTO_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Extraction processes when not asked for: one per usable CPU, each with one torch thread.
+
+    A clip's work is many small steps (decoding, MTCNN's small networks on a few crops, one
+    encoder batch) that intra-op threads barely speed up, while processes keep every core
+    busy: on 2 cores, 2 workers of 1 thread extracted 36 clips in 5.5 s against 7.1 s for one
+    worker of 2 threads.
+    """
+    return max(1, min(usable_cpus(), MAX_AUTO_WORKERS))
+
+
 def threads_for(workers: int = 1, requested: int | None = None) -> int:
     """torch threads per process: ``requested`` (a --threads flag), else OMP_NUM_THREADS if the user
     set it, else the usable CPUs shared among ``workers`` processes (one each when they outnumber them)."""

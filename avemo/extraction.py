@@ -12,9 +12,6 @@ A missing modality is data: its reason goes into ``ClipFeatures.warnings`` as
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
-import stat
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -27,22 +24,11 @@ from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_sil
 from avemo.encoders import load_encoder
 from avemo.faces import Detections, FaceDetector, FaceTrack, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
-from avemo.io import display_name, first_line
+from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_video, unreadable_reason  # noqa: F401
 from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
                          sample_times, scan_ends, video_span, video_stream)
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg"})
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
 STAGES = ("decode", "detect", "align", "embed", "audio")
-
-
-class ClipError(Exception):
-    """A file from which nothing usable can be extracted; ``str(e)`` is the reason in words."""
-
-
-def expects_video(path) -> bool:
-    """Audio files (by extension) are complete without video; anything else should have both."""
-    return Path(path).suffix.lower() not in AUDIO_EXTENSIONS
 
 
 def default_device() -> str:
@@ -57,26 +43,6 @@ def with_encoder_identity(settings: ExtractionSettings, encoder) -> ExtractionSe
             f"face encoder '{settings.encoder}' is not the one these settings were made with "
             f"(sha256 {encoder.sha256[:12]}... vs {settings.encoder_sha256[:12]}...)")
     return dataclasses.replace(settings, encoder_sha256=encoder.sha256, feature_dim=encoder.feature_dim)
-
-
-def unreadable_reason(path: Path) -> str | None:
-    """Why ``path`` cannot be opened as a regular file (broken link, link loop, FIFO, ...), or None."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            return f"broken symbolic link (its target {display_name(os.readlink(path))} does not exist)"
-        return "file not found (removed after the folder was listed?)"
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "symbolic link loop (the link points, through other links, back to itself)"
-        return f"cannot read the file: {e.strerror or first_line(e)}"
-    if not stat.S_ISREG(st.st_mode):
-        # opening a FIFO or a device would wait for a writer forever
-        return "not a regular file (a folder, pipe or device)"
-    if not os.access(path, os.R_OK):
-        return "permission denied (the file is not readable by this user)"
-    return None
 
 
 class ClipExtractor:

@@ -16,6 +16,11 @@ TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.73
 # With tracking, the full detector still runs on one frame in this many (and wherever a face
 # is lost), so that a face coming into the picture is found within that many frames.
 KEYFRAME_INTERVAL = 8
+# A followed face is the same face when its box overlaps the box of the frame before by this
+# much; within a batched run of frames (``FaceDetector._follow_run``) each must overlap the
+# run's starting box by the stricter RUN_IOU, or it is followed again from the frame before.
+FOLLOW_IOU = 0.3
+RUN_IOU = 0.6
 
 
 @dataclass
@@ -74,23 +79,61 @@ class FaceDetector:
         keys = [i for i in range(len(frames)) if (track.frames + i) % self.keyframe_interval == 0]
         out = dict(zip(keys, self.detect(frames[keys]))) if keys else {}     # batched: cheaper on a GPU
         track.full += len(keys)
-        for i in range(len(frames)):
-            if i not in out:
-                out[i] = self._follow(frames[i], track.faces)
-            if out[i] is None:
-                out[i] = self.detect(frames[i:i + 1])[0]
-                track.full += 1
-            track.faces = out[i]
+        i = 0
+        while i < len(frames):
+            if i in out:
+                track.faces = out[i]
+                i += 1
+                continue
+            start, stop = i, min([k for k in keys if k > i] + [len(frames)])
+            for found in self._follow_run(frames[i:stop], track.faces):
+                out[i] = track.faces = found
+                i += 1
+            if i < stop:            # lost, or moved away from where the run looked
+                # from the frame before, unless that is where the run started (then it is lost)
+                found = self._follow(frames[i], track.faces) if i > start else None
+                if found is None:
+                    found = self.detect(frames[i:i + 1])[0]
+                    track.full += 1
+                out[i] = track.faces = found
+                i += 1
         track.frames += len(frames)
         return [out[i] for i in range(len(frames))]
+
+    def _follow_run(self, frames: np.ndarray, before: Detections) -> list[Detections]:
+        """The faces in each of ``frames`` near those ``before`` (the frame before the first),
+        all looked for in one batch; stops before the first frame where a face is lost or has
+        moved from where it was looked for.
+
+        One batched call of the last two stages costs little more than one frame's, and a
+        talking face mostly stays put. The first frame is followed from the frame right before
+        it (as ``_follow`` would); a later one is kept only while its faces still overlap
+        ``before`` closely (IoU > ``RUN_IOU``), so that a moving face is followed frame by frame
+        from where it last was and never from a stale place.
+        """
+        if not len(before.probs) or not len(frames):
+            return []
+        n, m = len(frames), len(before.probs)
+        found = self.mtcnn.refine(frames, np.tile(_squares(before.boxes), (n, 1)), np.repeat(np.arange(n), m))
+        out = []
+        for k, faces in enumerate(found):
+            kept = self._checked(self._kept(*faces), before, FOLLOW_IOU if k == 0 else RUN_IOU)
+            if kept is None:
+                break
+            out.append(kept)
+        return out
 
     def _follow(self, frame: np.ndarray, before: Detections) -> Detections | None:
         """The faces in ``frame`` near those of the frame ``before``; None if one is lost."""
         if not len(before.probs):
             return None
-        found = self._kept(*self.mtcnn.refine(frame[None], _squares(before.boxes), np.zeros(len(before.probs)))[0])
+        found = self.mtcnn.refine(frame[None], _squares(before.boxes), np.zeros(len(before.probs)))[0]
+        return self._checked(self._kept(*found), before, FOLLOW_IOU)
+
+    def _checked(self, found: Detections, before: Detections, min_iou: float) -> Detections | None:
+        """``found`` if it holds each face ``before`` again (IoU > min_iou) at a size looked for."""
         sides = np.maximum(found.boxes[:, 2] - found.boxes[:, 0], found.boxes[:, 3] - found.boxes[:, 1])
-        if (sides < self.mtcnn.min_face_size).any() or not _each_found_again(before.boxes, found.boxes):
+        if (sides < self.mtcnn.min_face_size).any() or not _each_found_again(before.boxes, found.boxes, min_iou):
             return None
         return found
 

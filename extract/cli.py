@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-encoder", default="default", metavar="NAME|PATH",
                    help="shipped encoder name or encoder file (default: default)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel extraction processes (default 1)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="parallel extraction processes (default: one per usable CPU, at most 8)")
     p.add_argument("--shard", metavar="I/N", help="do only shard I of N (1-based), e.g. $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("--keep-crops", action="store_true", help="also store the aligned face crops (uint8)")
     p.add_argument("--no-face-tracking", dest="track_faces", action="store_false", default=None,

@@ -14,19 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from avemo.checkpoint import CheckpointError
-from avemo.encoders import load_encoder
-from avemo.extraction import (AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, expects_video,
-                              with_encoder_identity)
+# no torch here: this process only supervises, and the workers' start-up must not wait for its imports
+from avemo.cpu import default_workers, threads_for
 from avemo.features import ExtractionSettings
 from avemo.io import NoSpaceError, display_name, first_line
+from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_video
 from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
-from avemo.cpu import threads_for
-from extract.workers import WorkerPool, discard
+from extract.workers import UnusableSettings, WorkerPool, discard
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 
@@ -88,6 +85,10 @@ def walk_folder(root: Path, exclude: list[Path], labeller: Labeller) -> Walk:
     return Walk(items, hidden)
 
 
+def is_media(item: Item) -> bool:
+    return Path(item.path).suffix.lower() in MEDIA_EXTENSIONS
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """"I/N" (1-based, as SLURM array indices 1..N) -> (I, N)."""
     if text is None:
@@ -129,7 +130,7 @@ def failed_row(item: Item, cache: Cache, digest: str, reason: str) -> dict:
     return row
 
 
-def clip_row(item: Item, ex: ClipExtractor | None, cache: Cache, digest: str) -> dict:
+def clip_row(item: Item, ex: "ClipExtractor | None", cache: Cache, digest: str) -> dict:
     """Extract one file, write its features and then its row; never raises for a bad file
     (a full disk raises ``NoSpaceError``: every later clip would fail the same way)."""
     suffix = Path(item.path).suffix.lower()
@@ -158,7 +159,7 @@ def clip_row(item: Item, ex: ClipExtractor | None, cache: Cache, digest: str) ->
 def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, frames: int | None = None,
                    fps: float | None = None, label_from: str | None = None,
                    labels: str | os.PathLike | None = None, face_encoder: str = "default",
-                   device: str | None = None, workers: int = 1, shard: str | tuple[int, int] | None = None,
+                   device: str | None = None, workers: int | None = None, shard: str | tuple[int, int] | None = None,
                    keep_crops: bool = False, track_faces: bool | None = None, retry_failed: bool = False,
                    clip_timeout: float | None = None,
                    settings: ExtractionSettings | None = None, progress: bool = True,
@@ -169,9 +170,9 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
     running it again. ``frames``/``fps``/``face_encoder``/``keep_crops``/``track_faces``
     override the corresponding fields of ``settings`` (default ``ExtractionSettings()``, 16
     frames a clip; None leaves a field as it is there).
-    Clips are extracted in ``workers`` supervised processes; one that takes longer than
-    ``clip_timeout`` seconds (default: scaled by its duration, ``extract.workers``) is
-    stopped and recorded as failed. Raises ``UsageError`` for bad arguments,
+    Clips are extracted in ``workers`` supervised processes (default: one per usable CPU, at
+    most 8); one that takes longer than ``clip_timeout`` seconds (default: scaled by its
+    duration, ``extract.workers``) is stopped and recorded as failed. Raises ``UsageError`` for bad arguments,
     ``SettingsMismatch`` when ``out`` holds a cache made with other settings, ``CacheBusy``
     when another run holds it, and ``NoSpaceError`` when the disk fills (finished clips stay).
     ``spare``: a worker from ``extract.workers.prestart()``, used first (stopped if not needed).
@@ -195,6 +196,7 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
         raise UsageError(f"{root} is not a folder" if root.exists() else f"{root}: no such folder")
     if frames is not None and fps is not None:
         raise UsageError("give --frames or --fps, not both")
+    workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
     if clip_timeout is not None and not (math.isfinite(clip_timeout) and clip_timeout > 0):
@@ -211,18 +213,31 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
         walk = walk_folder(root, [Path(out)] + ([Path(labels)] if labels else []), labeller)
     except ValueError as e:     # bad frames/fps values, a labels CSV that cannot be used
         raise UsageError(str(e)) from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
     if not walk.items:
         raise UsageError(f"no files found under {root}" + (f" ({walk.hidden} hidden ones ignored)" if walk.hidden else ""))
+    media = [it for it in walk.items if in_shard(it.clip, shard) and is_media(it)]
     t_load = time.perf_counter()
-    try:
-        settings = with_encoder_identity(settings, load_encoder(settings.encoder))   # part of the cache identity
-    except (CheckpointError, ValueError) as e:
-        raise UsageError(f"cannot use face encoder: {e}") from None
-    digest = settings.digest()
+    n_workers = min(workers, max(len(media), 1))
     cache = Cache(out)
+    # the workers load the models while this process reads the cache; the first one ready says
+    # which encoder file (its hash: part of the cache identity) and device they use
+    pool = WorkerPool(n_workers, settings, device, threads_for(n_workers), cache, clip_timeout,
+                      spare=spares.pop() if spares else None)
+    try:
+        try:
+            settings, device = pool.start()
+        except UnusableSettings as e:
+            raise UsageError(str(e)) from None
+        return _extract_with(pool, root, walk, cache, settings, device, shard, workers, keep_crops, retry_failed,
+                             progress, log, t_load)
+    finally:
+        pool.close()
+
+
+def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settings: ExtractionSettings,
+                  device: str, shard, workers: int, keep_crops: bool, retry_failed: bool, progress: bool, log,
+                  t_load: float) -> pd.DataFrame:
+    digest = settings.digest()
     with cache.locked(exclusive=shard is None):
         cache.claim(settings)
         cache.remove_stale_temporaries(all_of_them=shard is None)
@@ -234,7 +249,7 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
         print(f"avemo-extract: {len(walk.items)} files under {display_name(root)}"
               + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")
               + f"; {len(done)} already done, {len(todo)} to extract on {device}"
-              + (f" with {workers} workers" if workers > 1 else ""), file=log)
+              + (f" with {n} workers" if (n := min(workers, sum(map(is_media, todo)))) > 1 else ""), file=log)
 
         rows: list[dict] = []
         t0 = time.perf_counter()
@@ -249,16 +264,13 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
             bar.set_postfix(counts, refresh=False)
             bar.update(1)
 
-        media = [it for it in todo if Path(it.path).suffix.lower() in MEDIA_EXTENSIONS]
+        media = [it for it in todo if is_media(it)]
         completed = False
         try:
             for it in todo:
                 if it not in media:     # named and refused without decoding anything
                     finished(clip_row(it, None, cache, digest))
             if media:
-                threads = threads_for(min(workers, len(media)))
-                pool = WorkerPool(workers, settings, device, threads, cache, digest, clip_timeout,
-                                  spare=spares.pop() if spares else None)
                 pool.run(media, finished)
             completed = True
         finally:

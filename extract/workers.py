@@ -45,24 +45,39 @@ def probe_duration(path: str) -> float | None:
         return None
 
 
+class UnusableSettings(ValueError):
+    """The workers cannot extract with the settings asked for (no such encoder, no CUDA device)."""
+
+
 def _child(conn, *config) -> None:
     """A worker: imports, then (unless given at spawn) waits for its configuration
-    (settings, device, threads, cache_root, digest), loads the models and takes clips."""
+    (settings, device, threads, cache_root), loads the models, reports the settings it
+    extracts with (the encoder's identity filled in) and its device, and takes clips."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
-    # imported here: the spawned child starts from a bare interpreter
+    # imported here: the spawned child starts from a bare interpreter, and the parent never loads torch
     import torch
 
-    from avemo.extraction import ClipExtractor
+    from avemo.checkpoint import CheckpointError
+    from avemo.extraction import ClipExtractor, default_device
     from extract.cache import Cache
     from extract.run import clip_row
 
     if not config:
         config = conn.recv()
-    settings, device, threads, cache_root, digest = config
+    settings, device, threads, cache_root = config
     torch.set_num_threads(threads)
-    ex = ClipExtractor(ExtractionSettings.from_dict(settings), device)
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        conn.send(("unusable", f"--device {device} was asked for but no CUDA device is available"))
+        return
+    device = device or default_device()
+    try:
+        ex = ClipExtractor(ExtractionSettings.from_dict(settings), device)
+    except (CheckpointError, ValueError) as e:
+        conn.send(("unusable", f"cannot use face encoder: {e}"))
+        return
+    digest = ex.settings.digest()
     cache = Cache(cache_root)
-    conn.send(("ready", None))
+    conn.send(("ready", (ex.settings.to_dict(), device)))
     while True:
         item = conn.recv()
         if item is None:
@@ -110,15 +125,31 @@ class _Worker:
 
 
 class WorkerPool:
-    """``n`` supervised extraction processes; ``run(items, finished)`` calls ``finished(row)`` per clip."""
+    """``n`` supervised extraction processes. ``start()`` starts them and returns the settings
+    they extract with, once the first has loaded its models; ``run(items, finished)`` then
+    calls ``finished(row)`` per clip."""
 
-    def __init__(self, n: int, settings: ExtractionSettings, device: str, threads: int, cache, digest: str,
+    def __init__(self, n: int, settings: ExtractionSettings, device: str | None, threads: int, cache,
                  timeout: float | None = None, spare: tuple[multiprocessing.Process, object] | None = None):
-        self.n, self.args = n, (settings.to_dict(), device, threads, str(cache.root), digest)
+        self.n, self.args = n, (settings.to_dict(), device, threads, str(cache.root))
         self.spare = spare                                # a worker from ``prestart``, used first
-        self.cache, self.digest, self.timeout = cache, digest, timeout
+        self.cache, self.timeout = cache, timeout
+        self.identity: tuple[dict, str] | None = None     # (settings, device) the workers reported
+        self.digest = ""
         self.ctx = multiprocessing.get_context("spawn")   # fork + torch/OpenMP threads can deadlock
         self.workers: list[_Worker] = []
+
+    def start(self) -> tuple[ExtractionSettings, str]:
+        """Start the workers; once the first is ready, the settings it extracts with (the face
+        encoder's hash and feature size filled in: the cache's identity) and its device.
+        Raises ``UnusableSettings`` when a worker cannot load what the settings name."""
+        if not self.workers:
+            self.workers = [self._start() for _ in range(self.n)]
+        while self.identity is None:
+            self._wait_once(None)
+        settings = ExtractionSettings.from_dict(self.identity[0])
+        self.digest = settings.digest()
+        return settings, self.identity[1]
 
     def _start(self) -> _Worker:
         if self.spare is not None:
@@ -156,24 +187,30 @@ class WorkerPool:
 
     def run(self, items: list, finished: Callable[[dict], None]) -> None:
         todo = deque(items)
-        self.workers = [self._start() for _ in range(min(self.n, len(todo)))]
         try:
+            self.start()
+            for w in self.workers[len(todo):]:        # more workers than clips
+                self._stop(w)
+            self.workers = self.workers[:max(len(todo), 1)]
             while todo or any(w.item is not None for w in self.workers):
                 for w in self.workers:
                     if w.ready and w.item is None and todo:
                         w.item, w.duration = todo.popleft(), None
                         w.conn.send(w.item)
                         w.deadline = time.monotonic() + clip_time_limit(None, self.timeout)
-                now = time.monotonic()
-                ready = wait([w.conn for w in self.workers],
-                             timeout=max(0.0, min(w.deadline for w in self.workers) - now))
-                for i, w in enumerate(list(self.workers)):
-                    if w.conn in ready:
-                        self._receive(i, w, finished)
-                    elif time.monotonic() > w.deadline:
-                        self._expire(i, w, finished)
+                self._wait_once(finished)
         finally:
             self.close()
+
+    def _wait_once(self, finished: Callable[[dict], None] | None) -> None:
+        """Handle what the workers have said, or the first deadline to pass."""
+        now = time.monotonic()
+        ready = wait([w.conn for w in self.workers], timeout=max(0.0, min(w.deadline for w in self.workers) - now))
+        for i, w in enumerate(list(self.workers)):
+            if w.conn in ready:
+                self._receive(i, w, finished)
+            elif time.monotonic() > w.deadline:
+                self._expire(i, w, finished)
 
     def _replace(self, i: int, w: _Worker) -> None:
         self._stop(w)
@@ -192,7 +229,13 @@ class WorkerPool:
             finished(self._failed(w.item, f"the extraction process crashed on this file ({how})"))
             return
         if kind == "ready":
+            if self.identity is None:
+                self.identity = value
+            elif value != self.identity:   # the encoder file changed while the run started its workers
+                raise RuntimeError(f"extraction workers disagree on the settings: {value} vs {self.identity}")
             w.ready = True
+        elif kind == "unusable":
+            raise UnusableSettings(value)
         elif kind == "started":
             w.duration = value
             w.deadline = time.monotonic() + clip_time_limit(value, self.timeout)

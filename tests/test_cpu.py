@@ -50,6 +50,16 @@ def test_threads_follow_affinity_quota_workers_and_explicit_choices(monkeypatch)
     assert cpu.threads_for(workers=2) == 5
 
 
+def test_extraction_workers_default_to_one_per_usable_cpu_within_a_cap(monkeypatch):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda *a, **k: 3.0)
+    assert cpu.default_workers() == 3
+    monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda *a, **k: None)
+    assert cpu.default_workers() == cpu.MAX_AUTO_WORKERS      # each holds its own models
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {5})
+    assert cpu.default_workers() == 1
+
+
 def test_importing_avemo_asks_openmp_to_sleep_not_spin_unless_the_user_chose():
     code = "import os, avemo; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
