@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from avemo.checkpoint import CheckpointError, save_checkpoint
-from avemo.encoders import (ENCODER_FORMAT, WEIGHTS_DIR, FaceEncoder, build_encoder, export_encoder, load_encoder,
-                            normalize, resolve_encoder_path, to_model_pixels)
+from avemo.encoders import (ARCH_PRESETS, ENCODER_FORMAT, WEIGHTS_DIR, FaceEncoder, build_encoder, export_encoder,
+                            load_encoder, normalize, resolve_arch_cfg, resolve_encoder_path, to_model_pixels)
 from avemo.encoders.efficientface import ChannelSpatialModulator, LocalFeatureExtractor
 from avemo.encoders.transfer import MSADAttention, MultiAttentionDropping
 
@@ -110,6 +110,74 @@ def test_build_encoder_errors():
         build_encoder("efficientface", 7, no_such_option=1)
     with pytest.raises(ValueError, match="at least 2 classes"):
         build_encoder("efficientface", 1)
+
+
+def _ir_unit_params(c_in, c_out, stride):
+    """One improved residual unit counted by hand: BN-conv3x3-BN-PReLU-conv3x3-BN, plus a
+    1x1-conv + BN shortcut where the shape changes (ArcFace's IR unit)."""
+    body = 2 * c_in + 9 * c_in * c_out + 2 * c_out + c_out + 9 * c_out * c_out + 2 * c_out
+    shortcut = c_in * c_out + 2 * c_out if stride != 1 or c_in != c_out else 0
+    return body + shortcut
+
+
+def _ir_stages_params(in_chans, widths, units):
+    """The IR input layer (conv3x3 + BN + PReLU) and stages whose first unit halves the map."""
+    n, c = 9 * in_chans * widths[0] + 3 * widths[0], widths[0]
+    for w, k in zip(widths, units):
+        n += _ir_unit_params(c, w, 2) + (k - 1) * _ir_unit_params(w, w, 1)
+        c = w
+    return n
+
+
+def test_transfer_paper_preset_is_ir50s_first_three_stages_and_the_papers_encoder():
+    cfg = resolve_arch_cfg("transfer", "paper")
+    with torch.device("meta"):                                   # shapes only: nothing allocated
+        m = build_encoder("transfer", 7, **cfg)
+    # IR-50 is 3/4/14/3 units at 64/128/256/512; TransFER taps the output of stage 3
+    stem = _ir_stages_params(3, [64, 128, 256], [3, 4, 14])
+    assert n_params(m.stem) == stem
+    d, mlp, tokens = 768, 3 * 768, 14 * 14                        # 112-px face -> 14x14 cells
+    lanets = 2 * (256 * 16 + 16 + 16 * 1 + 1)                     # two LANets, 1x1 convs with reduction 16
+    embed = 256 * d + d + d + (tokens + 1) * d                    # 1x1 projection, class token, positions
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d)
+    head = 2 * d + d * 7 + 7                                      # final LayerNorm, classifier
+    assert n_params(m) == stem + lanets + embed + 8 * block + head
+    # later comparisons quote TransFER at 65.2M parameters; the authors' release differs from this
+    # count by ~31k (no qkv bias, no BN between a unit's convs, a strided identity shortcut in
+    # the first unit, BN inside LANet), well inside that rounding
+    assert 65.15e6 < n_params(m) < 65.3e6
+    assert m.feature_dim == 768 and m.max_tokens == 196 and len(m.blocks) == 8 and m.blocks[0].attn.heads == 8
+    assert m.mad.p == 0.6 and m.blocks[0].attn.p == 0.3 and len(m.lanets) == 2
+
+
+def test_transfer_paper_preset_runs_at_the_papers_input_size():
+    cfg = {**resolve_arch_cfg("transfer", "paper"), "depth": 1}  # one encoder block keeps this cheap
+    m = build_encoder("transfer", 7, **cfg).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 112, 112)).shape == (1, 7)     # 196 tokens: exactly max_tokens
+
+
+def test_presets_by_name_and_settings_over_the_default_preset():
+    assert resolve_arch_cfg("transfer") == resolve_arch_cfg("transfer", {}) == ARCH_PRESETS["transfer"]["small"]
+    assert n_params(build_encoder("transfer", 7, **resolve_arch_cfg("transfer"))) == n_params(build_encoder("transfer", 7))
+    assert resolve_arch_cfg("transfer", {"depth": 1})["embed_dim"] == 128
+    assert resolve_arch_cfg("efficientface") == {"stem_stride": 1}
+    # EfficientFace's paper preset is the official network (zengqunzhao/EfficientFace), the class default
+    assert n_params(build_encoder("efficientface", 7, **resolve_arch_cfg("efficientface", "paper"))) == \
+        n_params(build_encoder("efficientface", 7))
+    resolve_arch_cfg("transfer", "paper")["depth"] = 1               # a copy: the table stays as it is
+    assert ARCH_PRESETS["transfer"]["paper"]["depth"] == 8
+    with pytest.raises(ValueError, match="unknown preset 'huge' for 'transfer'.*small, paper"):
+        resolve_arch_cfg("transfer", "huge")
+
+
+def test_an_exported_preset_model_reloads_from_its_recorded_settings(tmp_path, monkeypatch):
+    cfg = {**resolve_arch_cfg("transfer", "small"), "stem_channels": [8, 16, 32], "embed_dim": 16, "heads": 2}
+    m = build_encoder("transfer", 2, in_chans=1, **cfg)
+    export_encoder(tmp_path / "t.pt", m, "transfer", {**cfg, "in_chans": 1}, ["a", "b"], 32, True, [0.5], [0.2])
+    monkeypatch.setitem(ARCH_PRESETS, "transfer", {})              # no preset table at load time
+    enc = load_encoder(tmp_path / "t.pt")
+    assert enc.arch_cfg["embed_dim"] == 16 and enc.arch_cfg["depth"] == 2 and enc.feature_dim == 16
 
 
 @pytest.fixture

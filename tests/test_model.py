@@ -1,4 +1,5 @@
 """The fused model's parts: the paper identities, masking, padding invariance, checkpoints."""
+import math
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,43 @@ def test_compact_softmax_ce_adds_nothing_for_uniform_non_targets_and_penalises_p
     torch.testing.assert_close(loss(uniform, target), F.cross_entropy(uniform, target))
     peaked = torch.tensor([[3.0, 2.0, 0.0, 0.0], [0.0, 2.0, 0.0, -3.0]])
     assert loss(peaked, target) > F.cross_entropy(peaked, target) + 0.05
+
+
+def _compact_softmax_by_hand(z, y, beta):
+    """(A1)-(A4) of CompactSoftmaxCE written out element by element, in float64."""
+    total = 0.0
+    for zi, yi in zip(z.tolist(), y.tolist()):
+        e = [math.exp(v) for v in zi]
+        p = [v / sum(e) for v in e]                                   # (A1)
+        ce = -math.log(p[yi])
+        q = [p[j] / (1 - p[yi]) for j in range(len(p)) if j != yi]    # (A2)
+        u = 1 / len(q)
+        kl = sum(qj * math.log(qj / u) for qj in q) + sum(u * math.log(u / qj) for qj in q)   # (A3)
+        total += ce + beta * kl                                       # (A4), then the batch mean
+    return total / len(y)
+
+
+def test_compact_softmax_matches_its_formula_in_value_and_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(4, 5, dtype=torch.float64) * 2
+    y = torch.tensor([0, 3, 3, 1])
+    loss_fn = CompactSoftmaxCE(beta=0.7)
+    z1 = z.clone().requires_grad_(True)
+    loss = loss_fn(z1, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(_compact_softmax_by_hand(z, y, 0.7), rel=1e-6)
+    h = 1e-6                                                           # central differences of the by-hand loss
+    grad = torch.zeros_like(z)
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            up, down = z.clone(), z.clone()
+            up[i, j] += h
+            down[i, j] -= h
+            grad[i, j] = (_compact_softmax_by_hand(up, y, 0.7) - _compact_softmax_by_hand(down, y, 0.7)) / (2 * h)
+    torch.testing.assert_close(z1.grad, grad, rtol=1e-5, atol=1e-7)
+    # the target logit gets the cross-entropy's gradient only, (p_y - 1) / B: (A2) does not depend on it
+    rows = torch.arange(4)
+    torch.testing.assert_close(z1.grad[rows, y], (z.softmax(-1)[rows, y] - 1) / 4)
 
 
 def test_model_checkpoint_rebuilds_from_the_file_alone(tmp_path):

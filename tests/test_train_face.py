@@ -14,7 +14,8 @@ from train.face.augment import AugmentConfig, augment
 from train.face.cli import evaluate, main
 from train.face.data import DataError, read_dataset, read_image_folder
 from train.metrics import classification_metrics
-from train.face.trainer import (LabelDistributionGenerator, TrainConfig, distribution_cross_entropy, lr_at,
+from train.face.trainer import (LabelDistributionGenerator, TrainConfig, distribution_cross_entropy,
+                                label_distribution_loss, lr_at,
                                 make_targets, run_training)
 
 torch.set_num_threads(1)
@@ -75,6 +76,35 @@ def test_distribution_loss_is_cross_entropy_for_one_hot_targets():
     soft = torch.softmax(torch.randn(6, 5), -1)
     expected = -(soft * torch.log_softmax(logits, -1)).sum(-1).mean()
     torch.testing.assert_close(distribution_cross_entropy(logits, soft), expected)
+
+
+def test_ldg_loss_is_the_papers_mean_over_images_and_classes():
+    # EfficientFace: L = -1/(N c) sum_i sum_j d_ij log p_ij (official code: torch.mean(-d * log p))
+    logits = torch.tensor([[0.0, 0.0, 0.0], [math.log(2.0), 0.0, 0.0]], requires_grad=True)
+    d = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    # by hand: p_1 = (1/3, 1/3, 1/3) -> -sum d log p = log 3; p_2 = (1/2, 1/4, 1/4) -> log 2; N = 2, c = 3
+    loss = label_distribution_loss(logits, d)
+    assert loss.item() == pytest.approx((math.log(3) + math.log(2)) / (2 * 3))
+    loss.backward()
+    p = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25]])
+    torch.testing.assert_close(logits.grad, (p - d) / 6)          # dL/dz = (p - d) / (N c)
+    # the hard-label path stays the standard cross-entropy, c times larger
+    y = torch.tensor([0, 0])
+    torch.testing.assert_close(distribution_cross_entropy(logits.detach(), make_targets(y, 3, 0.0)),
+                               F.cross_entropy(logits.detach(), y))
+
+
+def test_arch_cfg_presets_by_name_resolve_into_the_recorded_settings(dataset, capsys):
+    cfg = TrainConfig(arch="transfer", arch_cfg="paper", input_size=112, grayscale=False)
+    resolved = cfg.model_cfg()
+    assert resolved["stem_depth"] == [3, 4, 14] and resolved["embed_dim"] == 768 and resolved["in_chans"] == 3
+    assert TrainConfig(arch="efficientface").model_cfg() == {"stem_stride": 1, "in_chans": 1}
+    assert TrainConfig(arch="efficientface", arch_cfg={"stem_pool": False}).model_cfg() == \
+        {"stem_stride": 1, "stem_pool": False, "in_chans": 1}
+    # an unknown name is refused before any data is read, with the choices
+    assert main([str(dataset), "--out", str(dataset.parent / "run"), "--arch", "transfer", "--arch-cfg", "big"]) == 2
+    assert "unknown preset 'big' for 'transfer' (choose from small, paper" in capsys.readouterr().err
+    assert not (dataset.parent / "run" / "last.pt").exists()
 
 
 def test_label_distribution_generator_targets_are_its_softmax(tmp_path):

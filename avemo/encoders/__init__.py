@@ -49,6 +49,48 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# Named architecture settings (``avemo-train-face --arch-cfg NAME``). An exported encoder
+# records the resolved settings, never the name, so it reloads without this table.
+ARCH_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "efficientface": {
+        # the paper's widths (stages 4/8/4, channels 29/116/232/464/1024) with a stride-1 stem,
+        # so a 48-px face keeps a 24x24 map after the pool (the paper has 56x56 at 224 px)
+        "fer48": {"stem_stride": 1},
+        # the official network as published (zengqunzhao/EfficientFace): stride-2 stem and
+        # max-pool, for 224-px input (--input-size 224 --color)
+        "paper": {"stages_repeats": [4, 8, 4], "stages_out_channels": [29, 116, 232, 464, 1024],
+                  "stem_stride": 2, "stem_pool": True},
+    },
+    "transfer": {
+        # three IR units at 32/64/128 and a 2-block, 128-d encoder: trains on a CPU
+        "small": {"stem_channels": [32, 64, 128], "stem_depth": 1, "embed_dim": 128, "depth": 2, "heads": 4,
+                  "mlp_ratio": 2.0, "max_tokens": 256, "lanet_reduction": 8},
+        # Xue et al. (ICCV 2021) as the authors' release builds it: IR-50's first three stages
+        # (3/4/14 units at 64/128/256; 14x14 cells from a 112-px face, --input-size 112 --color),
+        # 2 LANets (channel reduction 16), MAD p = 0.6, an 8-block encoder of width 768 with
+        # 8 heads and MLP ratio 3, MSAD p = 0.3, no dropout, 196 tokens + the class token
+        "paper": {"stem_channels": [64, 128, 256], "stem_depth": [3, 4, 14], "num_lanets": 2,
+                  "lanet_reduction": 16, "mad_p": 0.6, "embed_dim": 768, "depth": 8, "heads": 8,
+                  "mlp_ratio": 3.0, "msad_p": 0.3, "dropout": 0.0, "max_tokens": 196},
+    },
+}
+DEFAULT_PRESET = {"efficientface": "fer48", "transfer": "small"}
+
+
+def resolve_arch_cfg(arch: str, arch_cfg: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Settings for ``build_encoder``: a preset NAME, or a table of settings laid over the
+    architecture's default preset (``None``: the default preset itself)."""
+    presets = ARCH_PRESETS.get(arch, {})
+    if isinstance(arch_cfg, str):
+        if arch_cfg not in presets:
+            raise ValueError(f"unknown preset '{arch_cfg}' for '{arch}' "
+                             f"(choose from {', '.join(presets) or 'none'}, or give a JSON table of settings)")
+        return dict(presets[arch_cfg])
+    if arch_cfg is not None and not isinstance(arch_cfg, dict):
+        raise ValueError(f"architecture settings must be a preset name or a table, got {type(arch_cfg).__name__}")
+    return {**presets.get(DEFAULT_PRESET.get(arch, ""), {}), **(arch_cfg or {})}
+
+
 def build_encoder(arch: str, num_classes: int, **arch_cfg) -> nn.Module:
     """A fresh network by name; it has ``.feature_dim``, ``.num_classes``, ``.forward_features(x) -> [B, D]``
     and ``.forward(x) -> [B, num_classes]`` logits."""

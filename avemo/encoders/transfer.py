@@ -1,7 +1,9 @@
 """TransFER (Xue et al., ICCV 2021): local CNN attention + a transformer over face patches.
 
-- stem: an IR-style residual CNN (the paper uses IR-50); its depth and widths are
-  settings so it trains on a CPU;
+- stem: an IR-style residual CNN; the paper taps the first three stages of IR-50
+  (3/4/14 units at 64/128/256 channels, 14x14 cells at 112 px), the ``paper`` preset
+  (``avemo.encoders.ARCH_PRESETS``); the depth and widths are settings, and the ``small``
+  default (3 units at 32/64/128) trains on a CPU;
 - local CNNs: several LANet branches, each two 1x1 convs and a sigmoid giving one
   attention map; the maps are merged by element-wise max and re-weight the stem features;
 - Multi-Attention Dropping (MAD): in training, with probability p, one whole attention
@@ -38,6 +40,8 @@ class LANet(nn.Module):
 
     def __init__(self, ch: int, reduction: int = 8):
         super().__init__()
+        if reduction < 1:
+            raise ValueError(f"LANet reduction must be >= 1, got {reduction}")
         mid = max(ch // reduction, 4)
         self.net = nn.Sequential(nn.Conv2d(ch, mid, 1), nn.ReLU(inplace=True), nn.Conv2d(mid, 1, 1))
 
@@ -111,13 +115,16 @@ class EncoderBlock(nn.Module):
 
 
 class TransFER(nn.Module):
-    """TransFER with a small IR stem by default; ``forward_features`` is the class token."""
+    """TransFER with a small IR stem by default; ``forward_features`` is the class token.
+
+    The paper's size is the ``paper`` preset of ``avemo.encoders.ARCH_PRESETS``.
+    """
 
     def __init__(self, num_classes: int, in_chans: int = 3,
                  stem_channels: Sequence[int] = (32, 64, 128), stem_depth: int | Sequence[int] = 1,
                  num_lanets: int = 2, mad_p: float = 0.6, embed_dim: int = 128, depth: int = 2,
                  heads: int = 4, mlp_ratio: float = 2.0, msad_p: float = 0.3, dropout: float = 0.1,
-                 max_tokens: int = 256):
+                 max_tokens: int = 256, lanet_reduction: int = 8):
         super().__init__()
         depths = [stem_depth] * len(stem_channels) if isinstance(stem_depth, int) else list(stem_depth)
         if len(depths) != len(stem_channels) or min(depths) < 1:
@@ -131,7 +138,7 @@ class TransFER(nn.Module):
             stem += [IRBlock(ch, out_ch, 2)] + [IRBlock(out_ch, out_ch, 1) for _ in range(n - 1)]
             ch = out_ch
         self.stem = nn.Sequential(*stem)
-        self.lanets = nn.ModuleList(LANet(ch) for _ in range(num_lanets))
+        self.lanets = nn.ModuleList(LANet(ch, lanet_reduction) for _ in range(num_lanets))
         self.mad = MultiAttentionDropping(mad_p)
         self.to_tokens = nn.Conv2d(ch, embed_dim, 1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

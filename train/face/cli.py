@@ -1,6 +1,6 @@
 """avemo-train-face: train a face-expression encoder on a class-folder dataset, or evaluate one.
 
-    avemo-train-face DATA_DIR --out RUN [--arch efficientface|transfer] [--epochs N] ...
+    avemo-train-face DATA_DIR --out RUN [--arch efficientface|transfer] [--arch-cfg NAME|JSON] [--epochs N] ...
     avemo-train-face --evaluate DIR --encoder NAME_OR_PATH [--json]
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from avemo.checkpoint import CheckpointError
 from avemo.cpu import set_torch_threads
-from avemo.encoders import ARCHITECTURES, load_encoder
+from avemo.encoders import ARCH_PRESETS, ARCHITECTURES, DEFAULT_PRESET, load_encoder
 from train.face.data import DataError, read_image_folder
 from train.metrics import classification_metrics
 from train.face.trainer import TrainConfig, run_training
@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", nargs="?", metavar="DATA_DIR", help="dataset root with train/, validation/, test/")
     p.add_argument("--out", metavar="RUN", help="run folder (checkpoints, log, encoder.pt)")
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="network (default efficientface)")
-    p.add_argument("--arch-cfg", metavar="JSON", type=_json_dict,
-                   help='architecture settings as JSON, e.g. \'{"stages_out_channels": [24, 96, 192, 384, 512]}\'')
+    p.add_argument("--arch-cfg", metavar="NAME|JSON", type=_arch_cfg,
+                   help="a preset by name (efficientface: " + ", ".join(ARCH_PRESETS["efficientface"]) + "; transfer: "
+                        + ", ".join(ARCH_PRESETS["transfer"]) + "; default: "
+                        + ", ".join(f"{a} {n}" for a, n in DEFAULT_PRESET.items()) + "), or settings as JSON laid over "
+                        'the default preset, e.g. \'{"stages_out_channels": [24, 96, 192, 384, 512]}\'')
     p.add_argument("--input-size", type=int, metavar="PX", help="side of the network input (default 48)")
     p.add_argument("--color", action="store_true", help="train on RGB input (default: grey, as FER2013)")
     p.add_argument("--epochs", type=int, help="default 30")
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, help="uniform label smoothing (default 0)")
     p.add_argument("--ldg", metavar="NAME_OR_PATH",
                    help="label distribution training: an encoder (e.g. a previous RUN/encoder.pt) whose softmax "
-                        "output on each augmented image is the target (EfficientFace's LDG)")
+                        "output on each augmented image is the target (EfficientFace's LDG; its loss, as in the "
+                        "paper, is the cross-entropy divided by the number of classes)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="stop after this much training time; the cosine schedule then follows the clock so the "
@@ -119,6 +123,15 @@ def evaluate_command(directory: str, encoder_name: str, device: str, as_json: bo
     for c, r in report["per_class_recall"].items():
         print(f"  {c:<12s} recall {r:.4f}  ({report['support'][c]} images)")
     return 0
+
+
+def _arch_cfg(text: str) -> str | dict:
+    """A preset name (checked against --arch when the run is set up) or a JSON table."""
+    if text.strip().startswith("{"):
+        return _json_dict(text)
+    if not text.isidentifier():
+        raise argparse.ArgumentTypeError("must be a preset name or a JSON object like '{\"key\": value}'")
+    return text
 
 
 def _json_dict(text: str) -> dict:

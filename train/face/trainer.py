@@ -18,7 +18,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,8 @@ from torch import nn
 
 import avemo
 from avemo.checkpoint import load_checkpoint, save_checkpoint
-from avemo.encoders import (FaceEncoder, build_encoder, export_encoder, load_encoder, normalize)
+from avemo.encoders import (FaceEncoder, build_encoder, export_encoder, load_encoder, normalize,
+                            resolve_arch_cfg)
 from avemo.io import write_json_atomic
 from train.face.augment import AugmentConfig, augment
 from train.face.data import ImageSet, read_dataset
@@ -35,18 +35,11 @@ from train.metrics import classification_metrics
 STATE_FORMAT = "avemo-face-train-state"
 STATE_VERSION = 1
 
-# What the architectures need at small input sizes unless the user says otherwise.
-DEFAULT_ARCH_CFG: dict[str, dict[str, Any]] = {
-    "efficientface": {"stem_stride": 1},   # 48px: keep a 24x24 map after the stem's pool
-    "transfer": {},
-}
-
-
 @dataclass
 class TrainConfig:
     data_dir: str = ""
     arch: str = "efficientface"
-    arch_cfg: dict = field(default_factory=dict)
+    arch_cfg: dict | str = field(default_factory=dict)   # a preset name, or settings over the default preset
     input_size: int = 48
     grayscale: bool = True
     epochs: int = 30
@@ -76,18 +69,32 @@ class TrainConfig:
             raise ValueError(f"input size must be >= 16 pixels, got {self.input_size}")
 
     def model_cfg(self) -> dict:
-        return {**DEFAULT_ARCH_CFG.get(self.arch, {}), **self.arch_cfg, "in_chans": 1 if self.grayscale else 3}
+        """The resolved settings the network is built with (and its encoder file records)."""
+        return {**resolve_arch_cfg(self.arch, self.arch_cfg), "in_chans": 1 if self.grayscale else 3}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def distribution_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Label-distribution loss L = -sum_j d_j log p_j, averaged over the batch (EfficientFace, LDT).
+    """Cross-entropy against a target distribution, -sum_j t_j log p_j, averaged over the batch.
 
-    With one-hot ``target`` it is exactly the usual cross-entropy.
+    With one-hot ``target`` it is exactly the usual cross-entropy (label smoothing: smoothed one-hot).
     """
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def label_distribution_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """EfficientFace's label-distribution loss at the paper's scale:
+
+        L = -1/(N c) sum_i sum_j d_ij log p_ij
+
+    with N images, c classes, d the generator's distribution and p the student's softmax. The
+    official training code computes the same, ``torch.mean(-d * torch.log(p))`` over all N*c
+    entries, with SGD at lr 0.1; so at the same ``--lr`` an LDG run steps 1/c as far as a
+    hard-label run, as the paper's does.
+    """
+    return distribution_cross_entropy(logits, target) / logits.shape[-1]
 
 
 class LabelDistributionGenerator:
@@ -234,7 +241,8 @@ class Trainer:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(self.device):
                     logits = self.model(x)
-                loss = distribution_cross_entropy(logits, target)
+                # LDG targets take the paper's 1/(N c) scale; hard labels the standard cross-entropy
+                loss = (label_distribution_loss if ldg else distribution_cross_entropy)(logits, target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {b}: "
                                              "lower --lr or check the data")
