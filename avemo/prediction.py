@@ -26,6 +26,7 @@ from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
+from avemo.model.frames import clip_face_pixels
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
@@ -144,6 +145,14 @@ class EmotionRecognizer:
             if uses[m] and not present[m]:
                 warnings.append(f"model: no usable {m}; decided from {' and '.join(used)} alone")
         batch = collate([feats], self.cfg.n_mels, self.cfg.video_dim if self.cfg.uses_video else 0)
+        spec = self.cfg.frame_encoder if self.cfg.uses_video else None
+        if spec is not None:
+            # trained end to end: the checkpoint's own fine-tuned encoder reads the face crops (kept by
+            # self.settings); the frozen features the extractor also computed are not used
+            try:
+                batch["faces"] = clip_face_pixels(feats, spec["input_size"], spec["grayscale"])
+            except ValueError as e:
+                raise ClipError(str(e)) from None
         out = self.network(to_device(batch, self.device))
         probs = torch.softmax(out["logits"].float(), dim=-1)[0].cpu().numpy()
         if not np.isfinite(probs).all():

@@ -1,16 +1,28 @@
-"""Training throughput (clips/s) of avemo-train: cache held on the device vs collated per batch.
+"""Training throughput (clips/s) of avemo-train: cache held on the device vs collated per batch;
+with ``--streams``, each video stream frozen vs end to end (``--finetune-encoder``).
 
     python benchmarks/bench_train.py [--clips 256] [--epochs 3] [--threads N]
+    python benchmarks/bench_train.py --streams [--clips 64] [--epochs 3] [--threads N]
 
 Builds a random cache of realistic shape (64-bin log-mel of 3 s clips at a 10 ms hop,
 16 face frames of 512-D features, lengths varying by +-30 %) in a temporary folder and runs
 the real training loop (``train.loop.fit``) on it; clips/s is the mean over the epochs after
 the first. Runs on the CPU, and on CUDA too when there is a GPU. The baseline of each
 device is "collated per batch" (what a data loader does); the ratio column is against it.
+
+``--streams``: the same kind of cache with aligned face crops (112 px RGB, random pixels) and
+the shipped ``default`` face encoder's identity; each of ``attention``, ``fan``, ``stt`` is
+trained on the video alone, once on the cached features (frozen) and once with the encoder
+trained end to end (3 random frames per clip a step). Each run is its own process, so its
+peak resident memory (from the kernel, ``wait4``; torch's own ~0.3 GB included) and, on CUDA,
+its peak allocated GPU memory belong to it alone.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,15 +40,22 @@ from train.loop import Runtime, TrainConfig, fit  # noqa: E402
 from train.splits import no_split  # noqa: E402
 
 
-def random_cache(root: Path, n: int, seconds: float, frames: int, dim: int, seed: int = 0) -> Path:
+def random_cache(root: Path, n: int, seconds: float, frames: int, dim: int, seed: int = 0,
+                 encoder=None) -> Path:
+    """``encoder`` (a loaded FaceEncoder): the cache also holds 112 px crops and names that encoder."""
     rng = np.random.default_rng(seed)
     settings = ExtractionSettings(feature_dim=dim, frames=frames)
+    if encoder is not None:
+        settings = ExtractionSettings(feature_dim=encoder.feature_dim, frames=frames, keep_crops=True,
+                                      encoder=encoder.name, encoder_sha256=encoder.sha256)
     rows = []
     for i in range(n):
         t_a = int(seconds * 100 * rng.uniform(0.7, 1.3))
         arrays = {"mel": rng.normal(-5, 2, (settings.n_mels, t_a)).astype(np.float32),
-                  "video_features": rng.normal(0, 1, (frames, dim)).astype(np.float32),
+                  "video_features": rng.normal(0, 1, (frames, settings.feature_dim)).astype(np.float32),
                   "face_mask": rng.random(frames) > 0.1, "frame_times": np.linspace(0, seconds, frames)}
+        if encoder is not None:
+            arrays["crops"] = rng.integers(0, 256, (frames, settings.face_size, settings.face_size, 3), np.uint8)
         clip = f"c{i:05d}.mp4"
         ClipFeatures(clip=clip, settings=settings.to_dict(), arrays=arrays).save(root / feature_filename(clip))
         rows.append({"clip": clip, "status": "ok", "reason": "", "label": f"e{i % 6}", "speaker": f"s{i % 8}",
@@ -46,14 +65,60 @@ def random_cache(root: Path, n: int, seconds: float, frames: int, dim: int, seed
 
 
 def clips_per_second(data, device: torch.device, on_device: str, amp: bool, epochs: int, batch: int,
-                     model: dict, out: Path) -> float:
+                     model: dict, out: Path, finetune: bool = False) -> float:
     cfg = TrainConfig(epochs=epochs, batch_size=batch, patience=0, progress=False, features_on_device=on_device,
-                      audio_init="none",
+                      audio_init="none", finetune_encoder=finetune,
                       amp=amp, augment=AugmentConfig())
     full = dict(model, n_classes=len(data.classes), n_mels=data.n_mels, video_dim=data.video_dim)
     fit(data, no_split(len(data)), full, cfg, out, rt=Runtime(device))
     hist = pd.read_csv(out / "metrics.csv")
     return float(hist["clips_per_s"].iloc[1:].mean())
+
+
+def one_stream_run(args) -> None:
+    """Child process of ``--streams``: one training run; prints its figures as JSON."""
+    device = torch.device(args.device)
+    stream, mode = args.one.split(":")
+    data = load_training_data(args.cache)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cps = clips_per_second(data, device, "auto", device.type == "cuda", args.epochs, args.batch_size,
+                           dict(modalities="video", video_stream=stream), Path(args.out), finetune=mode == "e2e")
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
+    print(json.dumps({"clips_per_s": cps, "gpu_mb": gpu}))
+
+
+def stream_rows(args) -> None:
+    """Each video stream, frozen vs end to end, each run in its own process (its own peak memory)."""
+    from avemo.encoders import load_encoder
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cache = random_cache(tmp / "cache", args.clips, args.seconds, 16, 0, encoder=load_encoder("default"))
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for dev in devices:
+            for stream in ("attention", "fan", "stt"):
+                for mode in ("frozen", "e2e"):
+                    cmd = [sys.executable, __file__, "--one", f"{stream}:{mode}", "--cache", str(cache),
+                           "--out", str(tmp / f"{dev}-{stream}-{mode}"), "--device", dev, "--epochs", str(args.epochs),
+                           "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                    out = proc.stdout.read()
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    if status:
+                        raise SystemExit(f"{' '.join(cmd)} failed (status {status})")
+                    fig = json.loads(out.strip().splitlines()[-1])
+                    rows.append((dev, stream, mode, fig["clips_per_s"], usage.ru_maxrss / 1024, fig["gpu_mb"]))
+    threads = args.threads or torch.get_num_threads()
+    print(f"avemo-train, video only: {args.clips} clips x 16 frames (112 px crops; shipped 'default' encoder, 48 px "
+          f"grey, 512-D), batch {args.batch_size}, mean of epochs 2..{args.epochs}; e2e = --finetune-encoder, "
+          f"3 frames per clip a step; cpu rows: {threads} thread(s)")
+    print(f"{'device':<8}{'stream':<11}{'encoder':<10}{'clips/s':>9}{'vs frozen':>11}{'peak RSS MB':>13}{'peak GPU MB':>13}")
+    frozen = {}
+    for dev, stream, mode, cps, rss, gpu in rows:
+        frozen.setdefault((dev, stream), cps)
+        gpu_text = f"{gpu:.0f}" if gpu is not None else "-"
+        print(f"{dev:<8}{stream:<11}{mode:<10}{cps:>9.1f}{cps / frozen[(dev, stream)]:>10.2f}x{rss:>13.0f}{gpu_text:>13}")
 
 
 def main() -> None:
@@ -63,9 +128,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--threads", type=int)
+    p.add_argument("--streams", action="store_true", help="each video stream, frozen vs end to end (--finetune-encoder)")
+    p.add_argument("--one", help=argparse.SUPPRESS)       # child of --streams: STREAM:frozen|e2e
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one:
+        return one_stream_run(args)
+    if args.streams:
+        return stream_rows(args)
     model = dict(modalities="av", video_stream="attention", fusion="fbp")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -110,6 +110,44 @@ def test_an_ensemble_checkpoint_predicts_its_members_mean(work, av_model, tmp_pa
     assert pred.attention["video"].sum() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_model_with_a_finetuned_encoder_predicts_a_clip_through_it(work, tmp_path):
+    from avemo.encoders import build_encoder, load_encoder, normalize, to_model_pixels
+    from avemo.model.frames import encoder_spec
+    enc, settings = load_encoder(work["enc"]), work["settings"]
+    cfg = ModelConfig(n_classes=len(CLASSES), modalities="video", n_mels=settings.n_mels,
+                      video_dim=settings.feature_dim, video_hidden=32, video_stream="fan", frame_encoder=encoder_spec(enc))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.frame_encoder.net.load_state_dict(enc.model.state_dict())
+    # as training sets it from a cache: this random encoder's features are about 1e-5
+    model.set_normalisation({"video_std": np.full(cfg.video_dim, 2e-5)})
+    with torch.no_grad():                    # "fine-tuned": the encoder's weights moved off the file's
+        for name, p in model.named_parameters():
+            p.mul_(1 + 0.3 * torch.randn_like(p)) if name.startswith("frame_encoder.") else p.add_(0.3 * torch.randn_like(p))
+    save_model(tmp_path / "e2e.pt", model, CLASSES, settings.to_dict())
+    pred = load_model(tmp_path / "e2e.pt", "cpu", work["enc"]).predict(FLV)
+    feats = pred.features
+    mask = feats.arrays["face_mask"]
+    assert pred.modalities == ["video"] and feats.arrays["crops"].shape[0] == len(mask) and mask.any()
+
+    # by hand: the tuned encoder rebuilt from the file, on the clip's crops, into the cached-feature path
+    stored = load_network(tmp_path / "e2e.pt")[0].state_dict()
+    net = build_encoder(enc.arch, len(enc.classes), **enc.arch_cfg).eval()
+    net.load_state_dict({k[len("frame_encoder.net."):]: v for k, v in stored.items() if k.startswith("frame_encoder.net.")})
+    frozen_style = build_model({**cfg.to_dict(), "frame_encoder": None}).eval()
+    frozen_style.load_state_dict({k: v for k, v in stored.items() if not k.startswith("frame_encoder.")})
+    batch = collate([feats], cfg.n_mels, cfg.video_dim)
+    with torch.no_grad():
+        cached = torch.softmax(frozen_style(batch)["logits"], -1)[0].numpy()
+        x = normalize(to_model_pixels(feats.arrays["crops"][mask], enc.input_size, enc.grayscale), enc.mean, enc.std)
+        tuned = net.forward_features(x)
+        assert (tuned - batch["video"][0, torch.from_numpy(mask)]).abs().mean() > 0.1 * batch["video"].abs().mean()
+        batch["video"][0, torch.from_numpy(mask)] = tuned
+        by_hand = torch.softmax(frozen_style(batch)["logits"], -1)[0].numpy()
+    np.testing.assert_allclose([pred.probabilities[c] for c in CLASSES], by_hand, atol=1e-5)
+    assert not np.allclose(by_hand, cached, atol=1e-3)       # the original encoder's features say otherwise
+
+
 def test_audio_file_is_audio_only_with_a_warning(av_model):
     pred = av_model.predict(MP3)
     assert pred.modalities == ["audio"] and pred.emotion in CLASSES and pred.face_coverage is None

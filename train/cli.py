@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, video=True)
     add_optimisation_args(p)
     add_augmentation_args(p, video=True)
+    add_finetune_args(p)
     g = p.add_argument_group("split (speaker-independent)")
     g.add_argument("--val-speakers", help="comma-separated speakers for validation / early stopping")
     g.add_argument("--test-speakers", help="comma-separated speakers held out for the final report")
@@ -239,6 +240,19 @@ def add_augmentation_args(p: argparse.ArgumentParser, video: bool) -> None:
     g.add_argument("--mixup", type=float, default=a["mixup"], help="mixup Beta(a, a) parameter (0: off)")
     g.add_argument("--crop", type=float, default=a["crop"], metavar="S",
                    help="train on a random S-second window of each clip's audio (0: whole clips)")
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    t = _defaults(TrainConfig)
+    g = p.add_argument_group("end to end (train.finetune)")
+    g.add_argument("--finetune-encoder", action="store_true",
+                   help="train the face encoder the cache was extracted with together with the video stream, from "
+                        "the cache's face crops (needs avemo-extract --keep-crops); the checkpoint carries it")
+    g.add_argument("--frames-per-clip", type=int, default=t["frames_per_clip"], metavar="K",
+                   help="--finetune-encoder: random face frames of each clip per training step (evaluation: all; "
+                        "0: all in training too)")
+    g.add_argument("--encoder-lr", type=float, default=t["encoder_lr"],
+                   help="--finetune-encoder: the face encoder's peak learning rate")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class TrainingData:
     settings: dict
     n_mels: int
     video_dim: int
+    files: list[Path] = field(default_factory=list)   # each clip's feature file (its crops are read from it)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -82,7 +83,7 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
     except (TypeError, ValueError):
         settings = digest = None
 
-    clips, names, speakers, splits = [], [], [], []
+    clips, names, speakers, splits, files = [], [], [], [], []
     unlabelled = 0
     for row in usable.itertuples(index=False):
         path = Path(row.feature_file)
@@ -122,6 +123,7 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
             unlabelled += 1
             continue
         clips.append(clip)
+        files.append(path)
         names.append(str(label))
         speakers.append(str(speaker) if speaker else None)
         splits.append(split)
@@ -149,7 +151,7 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
     index = {c: i for i, c in enumerate(classes)}
     return TrainingData(clips=clips, labels=np.array([index[n] for n in names], np.int64), classes=classes,
                         speakers=speakers, split_column=split_column, settings=settings, n_mels=n_mels,
-                        video_dim=video_dim)
+                        video_dim=video_dim, files=files)
 
 
 def merge_training_data(parts: list[TrainingData], names: list[str]) -> TrainingData:

@@ -32,6 +32,8 @@ from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build
 from avemo.model.frontend import AudioFrontend, load_frontend
 from train.augment import AugmentConfig, BatchAugment
 from train.data import TrainingData
+from train.finetune import (CropBank, FinetuneError, crop_augment_config, finetune_spec, parameter_groups,
+                            require_crops, starting_encoder)
 from train.metrics import classification_metrics, write_confusion
 from train.splits import Split
 
@@ -58,12 +60,19 @@ class TrainConfig:
     features_on_device: str = "auto"   # auto | yes | no
     amp: bool = True                   # autocast (bf16) on CUDA
     progress: bool = True
+    # end to end (train.finetune): the face encoder the cache was extracted with trains with the video stream
+    finetune_encoder: bool = False
+    frames_per_clip: int = 3           # random face frames per clip per training step (FAN's 3); 0: all
+    encoder_lr: float = 1e-4           # the encoder's peak learning rate (it starts trained; the head does not)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
         if not 0.0 < self.warmup < 1.0:
             raise ValueError(f"warmup must be in (0, 1), got {self.warmup}")
+        if self.frames_per_clip < 0 or not self.encoder_lr > 0:
+            raise ValueError(f"frames_per_clip must be >= 0 and encoder_lr > 0, got {self.frames_per_clip} and "
+                             f"{self.encoder_lr}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,10 +130,13 @@ class FeatureStore:
     ``on_device``: the whole set is padded once and kept on the training device, so a
     batch is an index + trim (no loader, no host-to-device copy). Otherwise each batch is
     collated from the clips on the host and copied over, as a data loader would.
+    ``crops`` (end-to-end training): the clips' face pixels; a batch then carries ``faces``
+    (or, with ``faces=False``, the ``frame_rows`` that ``CropBank.attach`` turns into them).
     """
 
     def __init__(self, data: TrainingData, indices: list[int], video_dim: int, device: torch.device,
-                 on_device: bool):
+                 on_device: bool, crops: CropBank | None = None):
+        self.crops = crops
         self.clips = [data.clips[i] for i in indices]
         self.n_mels, self.video_dim, self.device = data.n_mels, video_dim, device
         self.on_device = on_device
@@ -134,12 +146,16 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.clips)
 
-    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, faces: bool = True) -> dict[str, torch.Tensor]:
         if self.tensors is not None:
-            idx = idx.to(self.device)
-            return trim_batch({k: v[idx] for k, v in self.tensors.items()})
-        b = collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim)
-        return to_device(b, self.device, non_blocking=True)
+            b = trim_batch({k: v[idx.to(self.device)] for k, v in self.tensors.items()})
+        else:
+            b = to_device(collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim), self.device,
+                          non_blocking=True)
+        if self.crops is None:
+            return b
+        b["frame_rows"] = self.crops.rows_of(idx, b["video_mask"].shape[1])
+        return self.crops.attach(b) if faces else b
 
 
 def padded_bytes(data: TrainingData, indices: list[int], video_dim: int) -> int:
@@ -228,7 +244,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     per batch; cosine: per epoch from lr down, the schedule of earlier avemo versions."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=max(1, cfg.epochs),
+    # each parameter group peaks at its own lr (the frame encoder's is lower, see train.finetune)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                               epochs=max(1, cfg.epochs),
                                                steps_per_epoch=max(1, steps_per_epoch), pct_start=cfg.warmup)
 
 
@@ -259,6 +277,20 @@ def prepare_audio_init(model_cfg: dict[str, Any], cfg: TrainConfig,
         raise TrainError(f"--audio-init {cfg.audio_init} fixes the audio stream, and these settings differ from "
                          f"it: {'; '.join(clash)}. Leave them unset, or train from scratch with --audio-init none")
     return {**model_cfg, **arch}, front
+
+
+def prepare_finetune(model_cfg: dict[str, Any], cfg: TrainConfig, data: TrainingData,
+                     split: Split) -> tuple[dict[str, Any], Any]:
+    """The model settings with the frame encoder the cache was extracted with, and that encoder (to start
+    from); every reason it cannot be done is said here, before anything is built."""
+    if model_cfg.get("modalities", "av") == "audio":
+        raise TrainError("--finetune-encoder trains the face encoder: it needs --modalities video or av")
+    try:
+        require_crops(data, split.train + split.val + split.test)
+        encoder = starting_encoder(data.settings)
+    except FinetuneError as e:
+        raise TrainError(str(e)) from None
+    return {**model_cfg, "frame_encoder": finetune_spec(encoder)}, encoder
 
 
 def _plain(v):
@@ -298,31 +330,47 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         log.info("%s is finished; nothing to do", out)
         return _read_json(out / "report.json")
 
-    front = None
+    front = encoder = None
     if state is None:
         model_cfg, front = prepare_audio_init(model_cfg, cfg, data)
+        if cfg.finetune_encoder:
+            model_cfg, encoder = prepare_finetune(model_cfg, cfg, data, split)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
     mcfg = model.cfg
     _check_modalities(mcfg, data, split.train)
+    e2e = mcfg.frame_encoder is not None
+    if e2e != cfg.finetune_encoder:
+        raise TrainError(f"cannot resume {out} {'with' if cfg.finetune_encoder else 'without'} --finetune-encoder: "
+                         f"the run was started {'with' if e2e else 'without'} it")
+    if e2e and cfg.augment.mixup > 0:
+        raise TrainError("--mixup blends cached features, and with --finetune-encoder the model computes its own "
+                         "from the crops: use one or the other")
     video_dim = mcfg.video_dim if mcfg.uses_video else 0
     if state is None:
         model.set_normalisation(normalisation_stats(data, split.train, video_dim))
         if front is not None:
             front.init_audio(model)     # the stream and its mel normalisation; the head stays new
+        if encoder is not None:
+            model.frame_encoder.net.load_state_dict(encoder.model.state_dict())   # the cache's own encoder
     else:
         model.load_state_dict(state["model"])
     model.to(rt.device)
 
     def store(indices):
         on_dev = decide_on_device(cfg.features_on_device, padded_bytes(data, indices, video_dim), rt.device)
-        return FeatureStore(data, indices, video_dim, rt.device, on_dev)
+        crops = None
+        if e2e:
+            crops = CropBank(data, indices, mcfg.frame_encoder)
+            crops.place(rt.device, decide_on_device(cfg.features_on_device, crops.nbytes, rt.device))
+        return FeatureStore(data, indices, video_dim, rt.device, on_dev, crops)
 
     train_store = store(split.train)
     val_store = store(split.val) if split.val else None
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, cfg.encoder_lr), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, 0))
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     history: list[dict] = []
@@ -337,6 +385,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     augment = BatchAugment(cfg.augment, data.settings["sample_rate"] / data.settings["hop_length"])
+    crop_aug = crop_augment_config(mcfg.frame_encoder) if e2e else None
     extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict(),
                     "audio_init": front.describe() if front is not None else (state or {}).get("audio_init")}
     if rt.main:
@@ -345,6 +394,10 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         log.info("train %d clips (%s), val %d, test %d; device %s x%d, features %s", len(split.train),
                  ", ".join(split.speakers.get("train", [])) or "all", len(split.val), len(split.test),
                  rt.device, rt.world, "held on the device" if train_store.on_device else "collated per batch")
+        if e2e:
+            log.info("face encoder trained end to end from '%s' (lr %g): %s frames per clip a step, %d face crops %s",
+                     mcfg.frame_encoder["started_from"]["name"], cfg.encoder_lr, cfg.frames_per_clip or "all",
+                     len(train_store.crops.pixels), "held on the device" if train_store.crops.on_device else "on the host")
 
     stopped = bool(split.val and cfg.patience and since_best >= cfg.patience)
     for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
@@ -357,7 +410,9 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
                    disable=not (rt.main and cfg.progress) or None)
         for gb in bar:
             idx = gb.tensor_split(rt.world)[rt.rank]
-            batch = augment(train_store.batch(idx), getattr(model, "mel_mean", None))
+            batch = augment(train_store.batch(idx, faces=False), getattr(model, "mel_mean", None))
+            if e2e:     # k random face frames per clip, augmented as the encoder was trained (train.finetune)
+                batch = train_store.crops.attach(batch, cfg.frames_per_clip, crop_aug)
             batch, partner, lam = augment.mixup(batch)
             target = train_store.labels[idx.to(rt.device)]
             with _autocast(rt.device, cfg.amp):
@@ -456,7 +511,10 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
     part = "test" if split.test else "val" if split.val else "train"
     indices = getattr(split, part)
     video_dim = model.cfg.video_dim if model.cfg.uses_video else 0
-    store = FeatureStore(data, indices, video_dim, rt.device, on_device=False)
+    crops = None
+    if model.cfg.frame_encoder is not None:
+        crops = CropBank(data, indices, model.cfg.frame_encoder).place(rt.device, on_device=False)
+    store = FeatureStore(data, indices, video_dim, rt.device, on_device=False, crops=crops)
     m = evaluate(model, store, data.classes, cfg.batch_size * 2, cfg.amp)
     report = {
         "evaluated_on": part,

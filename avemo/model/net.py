@@ -20,6 +20,7 @@ from avemo.encoders import _plain, is_shipped_name
 from avemo.features import ExtractionSettings
 from avemo.io import dataclass_from_dict, first_line
 from avemo.model.audio import FCNAudioStream, rename_legacy_keys
+from avemo.model.frames import FrameEncoder, check_encoder_spec
 from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling, ProductOfExperts
 from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttentionStream, MeanVideoStream,
                                SpatioTemporalStream)
@@ -59,6 +60,9 @@ class ModelConfig:
     fbp_o: int = 256
     dropout: float = 0.3
     modality_dropout: float = 0.0          # training only: chance a two-modality clip loses one
+    # end to end (avemo-train --finetune-encoder): the face encoder inside the model, which then reads
+    # face pixels instead of cached features (``avemo.model.frames``); None: cached frozen features
+    frame_encoder: dict[str, Any] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "audio_channels", tuple(int(c) for c in self.audio_channels))
@@ -90,6 +94,10 @@ class ModelConfig:
                              f"{self.audio_convs_per_block!r}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if self.frame_encoder is not None:
+            if not self.uses_video:
+                raise ValueError("a frame encoder needs a model that uses video")
+            check_encoder_spec(self.frame_encoder, self.video_dim)
 
     @property
     def uses_audio(self) -> bool:
@@ -153,6 +161,7 @@ class AVEmoNet(nn.Module):
             dims.append(self.audio.out_dim)
         if cfg.uses_video:
             self.video = build_video_stream(cfg)
+            self.frame_encoder = FrameEncoder(cfg.frame_encoder) if cfg.frame_encoder is not None else None
             if not self.late:
                 self.video_standin = nn.Parameter(torch.zeros(self.video.out_dim))
             self.register_buffer("video_mean", torch.zeros(cfg.video_dim))
@@ -198,6 +207,15 @@ class AVEmoNet(nn.Module):
             centre = self.mel_mean[None, :, None]
         return (mel - centre) / self.mel_std[None, :, None] * m
 
+    def _frame_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cached features, or (end to end) the model's own encoder run on the used frames' faces."""
+        if self.frame_encoder is None:
+            return batch["video"]
+        if "faces" not in batch:
+            raise ValueError("this model trains its face encoder end to end: its batch needs the face pixels "
+                             "('faces', see avemo.model.frames), not only cached features")
+        return self.frame_encoder(batch["faces"], batch["video_mask"])
+
     def _with_standin(self, x: torch.Tensor, present: torch.Tensor, standin: torch.Tensor) -> torch.Tensor:
         # the stand-in always enters the graph (zero gradient when unused), which DDP requires
         return torch.where(present[:, None], x, standin.to(x.dtype).expand_as(x))
@@ -213,7 +231,7 @@ class AVEmoNet(nn.Module):
             parts.append((a, has_audio, getattr(self, "audio_standin", None)))
         if self.cfg.uses_video:
             mask = batch["video_mask"]                                                # [B, T_v]
-            v = (batch["video"] - self.video_mean) / self.video_std                   # [B, T_v, D]
+            v = (self._frame_features(batch) - self.video_mean) / self.video_std      # [B, T_v, D]
             v = v * mask[:, :, None].to(v.dtype)
             v, out["video_attention"] = self.video(v, mask)                            # [B, H], [B, T_v]
             parts.append((v, mask.any(1), getattr(self, "video_standin", None)))
@@ -365,8 +383,11 @@ def validate_model_checkpoint(ckpt: dict[str, Any], path) -> tuple[ModelConfig, 
             f"'members' must be a whole number from 1 to {MAX_MEMBERS}")
     require(len(stored_members) == members, path,
             f"it says {members} ensemble member(s) but holds weights for {len(stored_members)}")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AVEmoNet(cfg).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AVEmoNet(cfg).state_dict().items()}
+    except (ValueError, TypeError, RuntimeError) as e:    # e.g. a frame encoder's settings its network refuses
+        raise CheckpointError(f"{path}: the model its settings describe cannot be built: {first_line(e)}") from None
     for prefix in ([f"members.{i}." for i in range(members)] if members else [""]):
         got = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
         if got != expected:
