@@ -124,11 +124,12 @@ class FeatureStore:
     """
 
     def __init__(self, data: TrainingData, indices: list[int], video_dim: int, device: torch.device,
-                 on_device: bool):
+                 on_device: bool, video_cells: int = 0):
         self.clips = [data.clips[i] for i in indices]
-        self.n_mels, self.video_dim, self.device = data.n_mels, video_dim, device
+        self.n_mels, self.video_dim, self.video_cells, self.device = data.n_mels, video_dim, video_cells, device
         self.on_device = on_device
-        self.tensors = to_device(collate(self.clips, self.n_mels, video_dim), device) if on_device else None
+        self.tensors = (to_device(collate(self.clips, self.n_mels, video_dim, video_cells), device)
+                        if on_device else None)
         self.labels = torch.as_tensor(data.labels[indices], dtype=torch.long, device=device)
 
     def __len__(self) -> int:
@@ -138,14 +139,14 @@ class FeatureStore:
         if self.tensors is not None:
             idx = idx.to(self.device)
             return trim_batch({k: v[idx] for k, v in self.tensors.items()})
-        b = collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim)
+        b = collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim, self.video_cells)
         return to_device(b, self.device, non_blocking=True)
 
 
-def padded_bytes(data: TrainingData, indices: list[int], video_dim: int) -> int:
+def padded_bytes(data: TrainingData, indices: list[int], video_dim: int, video_cells: int = 0) -> int:
     t_a = max((data.clips[i].arrays["mel"].shape[1] for i in indices if data.clips[i].has_audio), default=1)
     t_v = max((len(data.clips[i].arrays.get("face_mask", ())) for i in indices), default=1)
-    return len(indices) * (data.n_mels * t_a * 4 + t_a + max(t_v, 1) * (video_dim * 4 + 1))
+    return len(indices) * (data.n_mels * t_a * 4 + t_a + max(t_v, 1) * ((1 + video_cells) * video_dim * 4 + 1))
 
 
 def decide_on_device(mode: str, need: int, device: torch.device) -> bool:
@@ -161,8 +162,10 @@ def decide_on_device(mode: str, need: int, device: torch.device) -> bool:
     return need < 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int) -> dict[str, np.ndarray]:
-    """Per mel bin and per face-feature dimension mean / std over the training clips' valid frames."""
+def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int,
+                        video_cells: int = 0) -> dict[str, np.ndarray]:
+    """Per mel bin and per face-feature dimension mean / std over the training clips' valid frames
+    (and, with ``video_cells``, per channel over every cell of their feature maps)."""
     stats = {}
     mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
     if mels:
@@ -174,7 +177,25 @@ def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int) 
         if frames:
             cat = np.concatenate(frames, axis=0).astype(np.float64)
             stats["video_mean"], stats["video_std"] = cat.mean(0), np.maximum(cat.std(0), 1e-3)
+    if video_dim and video_cells:
+        stats["map_mean"], stats["map_std"] = _map_channel_stats(data, indices, video_dim)
     return stats
+
+
+def _map_channel_stats(data: TrainingData, indices: list[int], video_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over every cell of the valid frames' feature maps, by running sums
+    (the maps are T x cells times larger than the features: never concatenated)."""
+    n, total, squares = 0, np.zeros(video_dim), np.zeros(video_dim)
+    for i in indices:
+        clip = data.clips[i]
+        if clip.has_video:
+            cells = clip.arrays["feature_maps"][np.asarray(clip.arrays["face_mask"], bool)]
+            cells = cells.reshape(-1, video_dim).astype(np.float64)
+            n += len(cells)
+            total += cells.sum(0)
+            squares += (cells ** 2).sum(0)
+    mean = total / max(n, 1)
+    return mean, np.maximum(np.sqrt(np.maximum(squares / max(n, 1) - mean ** 2, 0.0)), 1e-3)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -307,7 +328,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     _check_modalities(mcfg, data, split.train)
     video_dim = mcfg.video_dim if mcfg.uses_video else 0
     if state is None:
-        model.set_normalisation(normalisation_stats(data, split.train, video_dim))
+        model.set_normalisation(normalisation_stats(data, split.train, video_dim, mcfg.map_cells))
         if front is not None:
             front.init_audio(model)     # the stream and its mel normalisation; the head stays new
     else:
@@ -315,8 +336,9 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     model.to(rt.device)
 
     def store(indices):
-        on_dev = decide_on_device(cfg.features_on_device, padded_bytes(data, indices, video_dim), rt.device)
-        return FeatureStore(data, indices, video_dim, rt.device, on_dev)
+        need = padded_bytes(data, indices, video_dim, mcfg.map_cells)
+        on_dev = decide_on_device(cfg.features_on_device, need, rt.device)
+        return FeatureStore(data, indices, video_dim, rt.device, on_dev, mcfg.map_cells)
 
     train_store = store(split.train)
     val_store = store(split.val) if split.val else None
@@ -456,7 +478,7 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
     part = "test" if split.test else "val" if split.val else "train"
     indices = getattr(split, part)
     video_dim = model.cfg.video_dim if model.cfg.uses_video else 0
-    store = FeatureStore(data, indices, video_dim, rt.device, on_device=False)
+    store = FeatureStore(data, indices, video_dim, rt.device, on_device=False, video_cells=model.cfg.map_cells)
     m = evaluate(model, store, data.classes, cfg.batch_size * 2, cfg.amp)
     report = {
         "evaluated_on": part,
