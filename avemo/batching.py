@@ -7,6 +7,8 @@ mel         [B, n_mels, T_a] f32   raw log-mel (zero where padded)
 mel_mask    [B, T_a] bool          True on real audio frames; all False: no audio
 video       [B, T_v, D] f32        face features (zero where padded)
 video_mask  [B, T_v] bool          True where a face was found in a real frame
+video_maps  [B, T_v, N, D] f32     each frame's feature map, N = h*w cells in row-major
+                                   order (only when asked for: stt over cells)
 ==========  =====================  ==================================================
 
 Time axes are padded to the longest clip (at least 1, so that shapes are never empty).
@@ -41,8 +43,25 @@ def _clip_arrays(clip: ClipFeatures, n_mels: int, video_dim: int) -> tuple[np.nd
     return mel, feats, fmask
 
 
-def collate(clips: Sequence[ClipFeatures], n_mels: int, video_dim: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a list of clips into one batch (see the module docstring); video_dim 0 leaves video out."""
+def _clip_maps(clip: ClipFeatures, frames: int, cells: int, video_dim: int) -> np.ndarray:
+    """The clip's feature maps as [T_v, cells, D] (zeros for a clip without video)."""
+    maps = clip.arrays.get("feature_maps")
+    if maps is None:
+        if frames and clip.has_video:
+            raise ValueError(f"{clip.clip}: no feature maps in this clip's features; re-extract with "
+                             "avemo-extract --feature-maps")
+        return np.zeros((frames, cells, video_dim), np.float32)
+    if maps.ndim != 4 or maps.shape[0] != frames or maps.shape[1] * maps.shape[2] != cells \
+            or maps.shape[3] != video_dim:
+        raise ValueError(f"{clip.clip}: feature_maps has shape {maps.shape}, expected [{frames}, h, w, {video_dim}] "
+                         f"with h*w = {cells}")
+    return maps.reshape(frames, cells, video_dim)
+
+
+def collate(clips: Sequence[ClipFeatures], n_mels: int, video_dim: int = 0,
+            video_cells: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a list of clips into one batch (see the module docstring); video_dim 0 leaves video out,
+    video_cells > 0 adds the feature maps."""
     if not clips:
         raise ValueError("cannot make a batch from zero clips")
     rows = [_clip_arrays(c, n_mels, video_dim) for c in clips]
@@ -63,14 +82,19 @@ def collate(clips: Sequence[ClipFeatures], n_mels: int, video_dim: int = 0) -> d
             video_mask[i, : len(f)] = fm
         batch["video"] = torch.from_numpy(video)
         batch["video_mask"] = torch.from_numpy(video_mask)
+        if video_cells > 0:
+            maps = np.zeros((b, t_v, video_cells, video_dim), np.float32)
+            for i, (clip, (_, f, _)) in enumerate(zip(clips, rows)):
+                maps[i, : len(f)] = _clip_maps(clip, len(f), video_cells, video_dim)
+            batch["video_maps"] = torch.from_numpy(maps)
     return batch
 
 
 def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cut trailing time steps that are padding in every clip of the batch (keeps at least 1)."""
     out = dict(batch)
-    for key, mask_key, axis in (("mel", "mel_mask", 2), ("video", "video_mask", 1)):
-        if mask_key not in batch:
+    for key, mask_key, axis in (("mel", "mel_mask", 2), ("video", "video_mask", 1), ("video_maps", "video_mask", 1)):
+        if key not in batch:
             continue
         mask = batch[mask_key]
         valid = mask.any(0).nonzero()

@@ -1,7 +1,9 @@
 """Pictures of why the model decided: face crops and audio cells weighted by attention.
 
 ``plot_prediction`` draws one clip: the sampled face crops titled with their attention
-weight (Deep Fusion eq. 8 / FAN alpha), the weights over time, the log-mel spectrogram with
+weight (Deep Fusion eq. 8 / FAN alpha) and, for STT over feature-map cells, each cell's
+weight as a heatmap over the face (where in the face, and when: one colour scale for the
+whole clip), the weights over time, the log-mel spectrogram with
 the audio attention of each FCN cell laid over it (Deep Fusion eq. 2), and the class
 probabilities. ``plot_timeline`` draws the class probabilities of each window of a long
 recording.
@@ -48,7 +50,7 @@ def plot_prediction(pred, path: str | os.PathLike) -> None:
 
     for r, row in enumerate(rows):
         if row == "crops":
-            _crops_row(fig, grid[r, :3], arrays, pred.attention["video"])
+            _crops_row(fig, grid[r, :3], arrays, pred.attention["video"], pred.attention.get("video_cells"))
         elif row == "video":
             ax = fig.add_subplot(grid[r, :3])
             t, w = arrays["frame_times"], pred.attention["video"]
@@ -85,14 +87,23 @@ def plot_prediction(pred, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def _crops_row(fig, cell, arrays, weights: np.ndarray) -> None:
+def _crops_row(fig, cell, arrays, weights: np.ndarray, cells: np.ndarray | None = None) -> None:
+    """The face crops, bordered by their frame's weight; ``cells`` [T, h, w]: each cell's weight over its face."""
     crops, found = arrays["crops"], arrays.get("face_mask", np.ones(len(arrays["crops"]), bool))
     idx = np.linspace(0, len(crops) - 1, min(len(crops), MAX_CROPS)).round().astype(int)
     sub = cell.subgridspec(1, len(idx), wspace=0.05)
     top = float(weights.max()) or 1.0
+    hot = (float(cells.max()) or 1.0) if cells is not None else 1.0
     for j, i in enumerate(idx):
         ax = fig.add_subplot(sub[0, j])
         ax.imshow(crops[i] if found[i] else np.full_like(crops[i], 200))
+        if cells is not None and found[i]:
+            # the feature map's cells tile the aligned crop the encoder saw
+            side_y, side_x = crops[i].shape[:2]
+            ax.imshow(cells[i], cmap="inferno", alpha=0.5, vmin=0.0, vmax=hot, interpolation="nearest",
+                      extent=(-0.5, side_x - 0.5, side_y - 0.5, -0.5))
+            if j == 0:
+                ax.set_ylabel("attention per\nface cell", fontsize=7)
         ax.set_xticks([]), ax.set_yticks([])
         # border thickness follows the weight, so the frames that mattered stand out
         for spine in ax.spines.values():

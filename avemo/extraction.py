@@ -137,7 +137,7 @@ class ClipExtractor:
             if s.fps is not None and len(times) == s.max_frames and (t1 - t0) * s.fps > s.max_frames:
                 warnings.append(f"video: {s.fps} fps over {t1 - t0:.0f} s exceeds max_frames; "
                                 f"sampled {s.max_frames} frames evenly instead")
-            frame_times, dets, feats, crops = [], [], [], []
+            frame_times, dets, feats, crops, maps = [], [], [], [], []
             track = FaceTrack() if s.track_faces else None
             batch: list[tuple[float, np.ndarray]] = []
             frames_iter = iter_frames_at(c, stream, times, s.detect_max_side, info)
@@ -149,7 +149,7 @@ class ClipExtractor:
                 if batch and (item is None or len(batch) == self.batch_frames
                               or batch[-1][1].shape != batch[0][1].shape):
                     tail = [batch.pop()] if batch[-1][1].shape != batch[0][1].shape else []
-                    self._faces_of_batch(batch, track, frame_times, dets, feats, crops)
+                    self._faces_of_batch(batch, track, frame_times, dets, feats, crops, maps)
                     batch = tail
                 if item is None:
                     break
@@ -169,9 +169,9 @@ class ClipExtractor:
             warnings.append(f"video: frames end at {info.end_time:.2f} s of {t1:.2f} s (truncated file?)")
         elif s.frames is not None and len(frame_times) < len(times):
             warnings.append(f"video: only {len(frame_times)} distinct frame(s) in the clip ({len(times)} asked)")
-        return self._primary_face_arrays(frame_times, dets, feats, crops, info.scale, warnings)
+        return self._primary_face_arrays(frame_times, dets, feats, crops, maps, info.scale, warnings)
 
-    def _faces_of_batch(self, batch, track: FaceTrack | None, frame_times, dets, feats, crops) -> None:
+    def _faces_of_batch(self, batch, track: FaceTrack | None, frame_times, dets, feats, crops, maps) -> None:
         """Detect, align and embed every face in a batch of frames (the primary is chosen later)."""
         s = self.settings
         frames = np.stack([f for _, f in batch])                       # [B, H, W, 3]
@@ -182,7 +182,13 @@ class ClipExtractor:
                        if len(d.probs) else None for i, d in enumerate(found)]
         with self._timed("embed"):
             flat = [a for a in aligned if a is not None]
-            emb = self.encoder.embed(np.concatenate(flat)).numpy() if flat else None   # [faces, D]
+            emb = fmap = None
+            if flat and s.feature_maps:
+                # one pass gives both: the pooled feature is computed from this very map
+                emb, fmap = (t.numpy() for t in self.encoder.embed_maps(np.concatenate(flat)))
+                # emb [faces, D], fmap [faces, h, w, D]
+            elif flat:
+                emb = self.encoder.embed(np.concatenate(flat)).numpy()                # [faces, D]
         k = 0
         for (t, _), d, a in zip(batch, found, aligned):
             frame_times.append(t)
@@ -190,9 +196,10 @@ class ClipExtractor:
             n = 0 if a is None else len(a)
             feats.append(emb[k:k + n] if n else None)
             crops.append(a if s.keep_crops else None)
+            maps.append(fmap[k:k + n] if n and fmap is not None else None)
             k += n
 
-    def _primary_face_arrays(self, frame_times, dets: list[Detections], feats, crops, scale: float,
+    def _primary_face_arrays(self, frame_times, dets: list[Detections], feats, crops, maps, scale: float,
                              warnings: list[str]) -> dict[str, np.ndarray]:
         s = self.settings
         t = len(frame_times)
@@ -207,6 +214,9 @@ class ClipExtractor:
         }
         if s.keep_crops:
             out["crops"] = np.zeros((t, s.face_size, s.face_size, 3), np.uint8)
+        if s.feature_maps:
+            # float16 halves the cache; a value beyond its range becomes inf and is refused below
+            out["feature_maps"] = np.zeros((t, *self.encoder.map_grid, s.feature_dim), np.float16)
         for i, j in enumerate(chosen):
             if j < 0:
                 continue
@@ -216,7 +226,9 @@ class ClipExtractor:
             out["landmarks"][i] = dets[i].landmarks[j] / scale
             if s.keep_crops:
                 out["crops"][i] = crops[i][j]
-        if not np.isfinite(out["video_features"]).all():
+            if s.feature_maps:
+                out["feature_maps"][i] = maps[i][j]
+        if not all(np.isfinite(out[k]).all() for k in ("video_features", "feature_maps") if k in out):
             # refused here, where it arises: stored, it would train to NaN weights
             warnings.append("video: the face encoder gave NaN or infinite features (a broken encoder file?)")
             return {}

@@ -16,6 +16,9 @@ boxes              [T_v, 4] f32     face box x1, y1, x2, y2 in source-frame pixe
 scores             [T_v] f32        detector probability of the kept face (0: none)
 landmarks          [T_v, 5, 2] f32  eyes, nose, mouth corners in source pixels (NaN: none)
 crops              [T_v, S, S, 3]   aligned RGB face crops, uint8 (only with keep_crops)
+feature_maps       [T_v, h, w, D]   the face encoder's last spatial feature map of each frame, f16
+                                    (only with feature_maps; h x w cells, e.g. 3 x 3 for the shipped
+                                    encoder at 48 px; 0 if no face): STT's spatial tokens
 mel                [n_mels, T_a]    log-mel spectrogram, f32 (natural log of power + 1e-6)
 =================  ===============  ======================================================
 
@@ -41,18 +44,22 @@ from avemo.io import atomic_path, dataclass_from_dict, first_line
 CACHE_FORMAT_VERSION = 1
 # arrays that must be finite: NaN or inf here would train to NaN weights (boxes and
 # landmarks use NaN on purpose, for "no face")
-FINITE_KEYS = ("video_features", "mel")
+FINITE_KEYS = ("video_features", "feature_maps", "mel")
 
 
 class FeatureFileError(ValueError):
     """A feature file that cannot be read (empty, truncated, not an avemo file); the reason in words."""
-ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "landmarks", "crops", "mel")
+ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "landmarks", "crops", "feature_maps",
+              "mel")
 # the settings that shape the log-mel spectrogram: an audio model trained on one cache fits another
 # cache's audio only when these agree (the face-side settings may differ)
 AUDIO_SETTING_KEYS = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "trim_silence", "trim_top_db")
 # Stored settings that lack a field were written before it existed: the field takes the value
 # that reproduces what that avemo did, not today's default.
-LEGACY_SETTINGS = {"track_faces": False}
+LEGACY_SETTINGS = {"track_faces": False, "feature_maps": False}
+# settings that only add arrays to a cache and change none of its numbers: not part of its identity,
+# so asking for them later (re-running avemo-extract with the flag) fills them in on the same cache
+ADDITIVE_SETTINGS = ("keep_crops", "feature_maps")
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class ExtractionSettings:
                                     # (FaceDetector.detect): a fraction of the detection time
     face_size: int = 112            # side of the aligned crop (five-point template scaled)
     keep_crops: bool = False
+    feature_maps: bool = False      # also store each frame's last feature map (STT's spatial tokens)
     # face encoder identity: a cache made with another encoder is another cache
     encoder: str = "default"
     encoder_sha256: str = ""
@@ -104,15 +112,16 @@ class ExtractionSettings:
         return dataclass_from_dict(cls, {**LEGACY_SETTINGS, **d}, "extraction settings")
 
     def digest(self) -> str:
-        """Short stable hash of the settings (keep_crops excluded: it adds data, changes none).
+        """Short stable hash of the settings (``ADDITIVE_SETTINGS`` excluded: they add data, change none).
 
         A field at its ``LEGACY_SETTINGS`` value is left out, so caches written before the
         field existed keep their identity (their settings hash as they did then).
         """
         d = self.to_dict()
-        d.pop("keep_crops")
+        for k in ADDITIVE_SETTINGS:
+            d.pop(k)
         for k, v in LEGACY_SETTINGS.items():
-            if d[k] == v:
+            if k in d and d[k] == v:
                 d.pop(k)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -180,10 +189,12 @@ class ClipFeatures:
             return _meta(z, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, with_crops: bool = False) -> "ClipFeatures":
+    def load(cls, path: str | os.PathLike, with_crops: bool = False, with_maps: bool = True) -> "ClipFeatures":
+        """Read a feature file; the large optional arrays (crops, feature maps) only when asked."""
+        skip = {k for k, want in (("crops", with_crops), ("feature_maps", with_maps)) if not want}
         with _reading(path) as z:
             meta = _meta(z, path)
-            arrays = {k: z[k] for k in ARRAY_KEYS if k in z.files and (with_crops or k != "crops")}
+            arrays = {k: z[k] for k in ARRAY_KEYS if k in z.files and k not in skip}
         return cls(clip=meta["clip"], settings=meta["settings"], duration=meta["duration"],
                    audio_seconds=meta["audio_seconds"], label=meta["label"], speaker=meta["speaker"],
                    warnings=meta.get("warnings", []), arrays=arrays)

@@ -47,7 +47,8 @@ class Prediction:
     end: float | None = None
     # late-fusion models (the shipped default): what each modality says on its own
     modality_probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
-    # explanation: "video" [T_v] weight per sampled frame, "audio" [F', T'] weight per FCN cell
+    # explanation: "video" [T_v] weight per sampled frame, "audio" [F', T'] weight per FCN cell, and
+    # for stt over cells "video_cells" [T_v, h, w] weight per cell of each frame's feature map
     attention: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     features: ClipFeatures | None = field(default=None, repr=False)
 
@@ -69,6 +70,10 @@ class Prediction:
             times = self.features.arrays["frame_times"]
             d["frame_attention"] = [[round(float(t), 3), round(float(w), 4)]
                                     for t, w in zip(times, self.attention["video"])]
+        if "video_cells" in self.attention and self.features is not None:
+            times = self.features.arrays["frame_times"]
+            d["cell_attention"] = [[round(float(t), 3), np.round(g, 4).tolist()]
+                                   for t, g in zip(times, self.attention["video_cells"])]
         return d
 
 
@@ -99,8 +104,11 @@ class EmotionRecognizer:
                 f"{self.path}: this model was trained with the face encoder file '{settings.encoder}'; avemo "
                 "opens only encoders shipped with it by name, or a file you name yourself: pass "
                 "--face-encoder PATH (its sha256 must match the one the model was trained with)")
-        # crops are kept so that an explanation can show the faces; the cache identity is unchanged
-        self.settings = dataclasses.replace(settings, keep_crops=True)
+        # crops are kept so that an explanation can show the faces, and feature maps are made when the
+        # model reads them (a cache may have gained them after its settings were written); neither
+        # changes the cache identity
+        self.settings = dataclasses.replace(settings, keep_crops=True,
+                                            feature_maps=settings.feature_maps or self.cfg.uses_maps)
         self._extractor: ClipExtractor | None = None
 
     @property
@@ -144,7 +152,8 @@ class EmotionRecognizer:
         for m in ("audio", "video"):
             if uses[m] and not present[m]:
                 warnings.append(f"model: no usable {m}; decided from {' and '.join(used)} alone")
-        batch = collate([feats], self.cfg.n_mels, self.cfg.video_dim if self.cfg.uses_video else 0)
+        batch = collate([feats], self.cfg.n_mels, self.cfg.video_dim if self.cfg.uses_video else 0,
+                        self.cfg.map_cells)
         spec = self.cfg.frame_encoder if self.cfg.uses_video else None
         if spec is not None:
             # trained end to end: the checkpoint's own fine-tuned encoder reads the face crops (kept by
@@ -163,6 +172,9 @@ class EmotionRecognizer:
         attention = {}
         if "video" in used:
             attention["video"] = out["video_attention"][0].float().cpu().numpy()
+            if "video_cell_attention" in out:
+                grid = feats.arrays["feature_maps"].shape[1:3]
+                attention["video_cells"] = out["video_cell_attention"][0].float().cpu().numpy().reshape(-1, *grid)
         if "audio" in used:
             attention["audio"] = out["audio_attention"][0].float().cpu().numpy()
         return Prediction(

@@ -25,12 +25,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from avemo.features import LEGACY_SETTINGS, ClipFeatures, ExtractionSettings, FeatureFileError, feature_filename
+from avemo.features import (ADDITIVE_SETTINGS, LEGACY_SETTINGS, ClipFeatures, ExtractionSettings, FeatureFileError,
+                            feature_filename)
 from avemo.io import display_name, write_json_atomic
 from avemo.tables import restore, write_csv_atomic
 
 COLUMNS = ["clip", "status", "reason", "label", "speaker", "feature_file", "duration", "frames_sampled",
-           "face_coverage", "audio_seconds", "has_video", "has_audio", "crops", "settings_hash"]
+           "face_coverage", "audio_seconds", "has_video", "has_audio", "crops", "feature_maps",
+           "settings_hash"]
 STATUSES = ("ok", "partial", "failed")
 INTERNAL_ERROR = "internal error"
 # Temporary files from a killed writer; in a sharded job another shard may be mid-write,
@@ -94,7 +96,7 @@ class Cache:
             if old.get("digest") != settings.digest():
                 new, was = settings.to_dict(), {**LEGACY_SETTINGS, **old["settings"]}
                 diff = [f"{k}: {was.get(k)!r} in the cache, {new[k]!r} now"
-                        for k in new if k != "keep_crops" and was.get(k) != new[k]]
+                        for k in new if k not in ADDITIVE_SETTINGS and was.get(k) != new[k]]
                 hint = " (--no-face-tracking for its face detection)" if was.get("track_faces") is False else ""
                 raise SettingsMismatch(
                     f"{self.root} was extracted with different settings ({'; '.join(diff) or 'unknown fields'}). "
@@ -134,8 +136,10 @@ class Cache:
             extra["feature_bytes"] = os.path.getsize(self.root / row["feature_file"])
         write_json_atomic(self.row_path(row["clip"]), {**{k: row.get(k) for k in COLUMNS}, **extra})
 
-    def is_done(self, clip: str, source: Path, digest: str, need_crops: bool, retry_failed: bool) -> dict | None:
-        """The finished row for ``clip`` with these settings, or None if it must be (re)done."""
+    def is_done(self, clip: str, source: Path, digest: str, need_crops: bool, retry_failed: bool,
+                need_maps: bool = False) -> dict | None:
+        """The finished row for ``clip`` with these settings, or None if it must be (re)done (also when
+        crops or feature maps are asked for and a video clip was extracted without them)."""
         row = self.read_row(clip)
         if row is None or row.get("settings_hash") != digest:
             return None
@@ -148,6 +152,8 @@ class Cache:
         if not self.features_intact(row, digest):
             return None
         if need_crops and row.get("has_video") and not row.get("crops"):
+            return None
+        if need_maps and row.get("has_video") and not row.get("feature_maps"):
             return None
         return row
 

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel extraction processes (default: one per usable CPU, at most 8)")
     p.add_argument("--shard", metavar="I/N", help="do only shard I of N (1-based), e.g. $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("--keep-crops", action="store_true", help="also store the aligned face crops (uint8)")
+    p.add_argument("--feature-maps", action="store_true",
+                   help="also store each frame's last feature map of the face encoder (cells x channels, float16): "
+                        "the spatial tokens that avemo-train --video-stream stt attends over")
     p.add_argument("--no-face-tracking", dest="track_faces", action="store_false", default=None,
                    help="run the full face detector on every sampled frame, not only on keyframes and "
                         "where a face is lost (slower; how caches made before face tracking were made)")
@@ -52,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = extract_folder(
             args.video_dir, args.out, frames=args.frames, fps=args.fps, label_from=args.label_from,
             labels=args.labels, face_encoder=args.face_encoder, device=args.device, workers=args.workers,
-            shard=args.shard, keep_crops=args.keep_crops, track_faces=args.track_faces, retry_failed=args.retry_failed,
-            clip_timeout=args.clip_timeout, progress=not args.quiet, spare=spare)
+            shard=args.shard, keep_crops=args.keep_crops, feature_maps=args.feature_maps, track_faces=args.track_faces,
+            retry_failed=args.retry_failed, clip_timeout=args.clip_timeout, progress=not args.quiet, spare=spare)
     except (UsageError, SettingsMismatch, ValueError) as e:
         print(f"avemo-extract: error: {e}", file=sys.stderr)
         return 2

@@ -113,7 +113,8 @@ def in_shard(clip: str, shard: tuple[int, int] | None) -> bool:
 def _empty_row(item: Item, digest: str) -> dict:
     return {"clip": item.clip, "label": item.label, "speaker": item.speaker, "settings_hash": digest,
             "feature_file": None, "duration": None, "frames_sampled": 0, "face_coverage": 0.0,
-            "audio_seconds": 0.0, "has_video": False, "has_audio": False, "crops": False}
+            "audio_seconds": 0.0, "has_video": False, "has_audio": False, "crops": False,
+            "feature_maps": False}
 
 
 def _notes(item: Item) -> list[str]:
@@ -150,7 +151,7 @@ def clip_row(item: Item, ex: "ClipExtractor | None", cache: Cache, digest: str) 
                feature_file=cache.feature_file(item.clip), duration=round(feats.duration, 4),
                frames_sampled=feats.frames_sampled, face_coverage=round(feats.face_coverage, 4),
                audio_seconds=round(feats.audio_seconds, 4), has_video=feats.has_video,
-               has_audio=feats.has_audio, crops="crops" in feats.arrays)
+               has_audio=feats.has_audio, crops="crops" in feats.arrays, feature_maps="feature_maps" in feats.arrays)
     feats.save(cache.root / row["feature_file"])
     cache.write_row(row, Path(item.path))
     return row
@@ -161,27 +162,28 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
                    labels: str | os.PathLike | None = None, face_encoder: str = "default",
                    device: str | None = None, workers: int | None = None, shard: str | tuple[int, int] | None = None,
                    keep_crops: bool = False, track_faces: bool | None = None, retry_failed: bool = False,
-                   clip_timeout: float | None = None,
+                   clip_timeout: float | None = None, feature_maps: bool = False,
                    settings: ExtractionSettings | None = None, progress: bool = True,
                    log=None, spare=None) -> pd.DataFrame:
     """Extract every clip under ``video_dir`` into the cache ``out``; returns the manifest.
 
     Finished clips with the same settings are skipped, so an interrupted run is resumed by
-    running it again. ``frames``/``fps``/``face_encoder``/``keep_crops``/``track_faces``
+    running it again. ``frames``/``fps``/``face_encoder``/``keep_crops``/``feature_maps``/``track_faces``
     override the corresponding fields of ``settings`` (default ``ExtractionSettings()``, 16
     frames a clip; None leaves a field as it is there).
     Clips are extracted in ``workers`` supervised processes (default: one per usable CPU, at
     most 8); one that takes longer than ``clip_timeout`` seconds (default: scaled by its
-    duration, ``extract.workers``) is stopped and recorded as failed. Raises ``UsageError`` for bad arguments,
-    ``SettingsMismatch`` when ``out`` holds a cache made with other settings, ``CacheBusy``
-    when another run holds it, and ``NoSpaceError`` when the disk fills (finished clips stay).
+    duration, ``extract.workers``) is stopped and recorded as failed. Raises ``UsageError``
+    for bad arguments, ``SettingsMismatch`` when ``out`` holds a cache made with other
+    settings, ``CacheBusy`` when another run holds it, and ``NoSpaceError`` when the disk
+    fills (finished clips stay).
     ``spare``: a worker from ``extract.workers.prestart()``, used first (stopped if not needed).
     """
     spares = [spare] if spare is not None else []
     try:
         return _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encoder, device, workers,
                                shard, keep_crops, track_faces, retry_failed, clip_timeout, settings, progress,
-                               log, spares)
+                               log, spares, feature_maps)
     finally:
         for s in spares:
             discard(s)
@@ -189,7 +191,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
 
 def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encoder, device, workers, shard,
                     keep_crops, track_faces, retry_failed, clip_timeout, settings, progress, log,
-                    spares: list) -> pd.DataFrame:
+                    spares: list, feature_maps: bool = False) -> pd.DataFrame:
     log = log or sys.stderr
     root = Path(video_dir)
     if not root.is_dir():
@@ -206,7 +208,8 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
     try:
         if frames is not None or fps is not None:
             settings = dataclasses.replace(settings, frames=frames, fps=fps)
-        settings = dataclasses.replace(settings, encoder=str(face_encoder), keep_crops=keep_crops)
+        settings = dataclasses.replace(settings, encoder=str(face_encoder), keep_crops=keep_crops,
+                                       feature_maps=feature_maps)
         if track_faces is not None:
             settings = dataclasses.replace(settings, track_faces=track_faces)
         labeller = Labeller(label_from, labels)
@@ -228,15 +231,15 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
             settings, device = pool.start()
         except UnusableSettings as e:
             raise UsageError(str(e)) from None
-        return _extract_with(pool, root, walk, cache, settings, device, shard, workers, keep_crops, retry_failed,
-                             progress, log, t_load)
+        return _extract_with(pool, root, walk, cache, settings, device, shard, workers, keep_crops, feature_maps,
+                             retry_failed, progress, log, t_load)
     finally:
         pool.close()
 
 
 def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settings: ExtractionSettings,
-                  device: str, shard, workers: int, keep_crops: bool, retry_failed: bool, progress: bool, log,
-                  t_load: float) -> pd.DataFrame:
+                  device: str, shard, workers: int, keep_crops: bool, feature_maps: bool, retry_failed: bool,
+                  progress: bool, log, t_load: float) -> pd.DataFrame:
     digest = settings.digest()
     with cache.locked(exclusive=shard is None):
         cache.claim(settings)
@@ -244,7 +247,7 @@ def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settin
         mine = [it for it in walk.items if in_shard(it.clip, shard)]
         todo, done = [], []
         for it in mine:
-            row = cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed)
+            row = cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed, feature_maps)
             (done if row is not None else todo).append(row if row is not None else it)
         print(f"avemo-extract: {len(walk.items)} files under {display_name(root)}"
               + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")

@@ -13,11 +13,14 @@ N_MELS, VIDEO_DIM = 16, 8
 
 def make_cache(root: Path, classes=("ang", "hap", "sad"), speakers=("s1", "s2", "s3", "s4"), per_class: int = 4,
                seed: int = 0, audio: bool = True, video: bool = True, settings: ExtractionSettings | None = None,
-               with_labels: bool = True, audio_only_every: int = 0, n_mels: int = N_MELS) -> Path:
+               with_labels: bool = True, audio_only_every: int = 0, n_mels: int = N_MELS,
+               maps: bool = False) -> Path:
     """A cache whose classes are separable in both modalities: class c lights up its own mel band
-    and shifts the face features along its own direction; lengths vary so padding is exercised."""
+    and shifts the face features along its own direction; lengths vary so padding is exercised.
+    ``maps``: each frame also has a 2 x 2 feature map whose cells average to its feature vector."""
     rng = np.random.default_rng(seed)
-    settings = settings or ExtractionSettings(n_mels=n_mels, feature_dim=VIDEO_DIM)
+    map_rng = np.random.default_rng(seed + 1)       # its own stream: the other arrays stay as they were
+    settings = settings or ExtractionSettings(n_mels=n_mels, feature_dim=VIDEO_DIM, feature_maps=maps)
     rows, k = [], 0
     for spk in speakers:
         for ci, label in enumerate(classes):
@@ -39,6 +42,10 @@ def make_cache(root: Path, classes=("ang", "hap", "sad"), speakers=("s1", "s2", 
                     mask[int(rng.integers(0, t_v))] = False
                     feats[~mask] = 0.0
                     arrays.update(video_features=feats, face_mask=mask, frame_times=np.arange(t_v) / 4.0)
+                    if maps:
+                        spread = map_rng.normal(0, 0.25, (t_v, 2, 2, VIDEO_DIM))
+                        cells = feats[:, None, None, :] + spread - spread.mean((1, 2), keepdims=True)
+                        arrays["feature_maps"] = (cells * mask[:, None, None, None]).astype(np.float16)
                 c = ClipFeatures(clip=clip, settings=settings.to_dict(), duration=1.0, label=label if with_labels else None,
                                  speaker=spk, arrays=arrays)
                 name = feature_filename(clip)
@@ -83,16 +90,18 @@ def pattern_crops(rng: np.random.Generator, cls: int, frames: int, size: int = 1
 
 
 def make_crop_cache(root: Path, encoder_path: Path, classes=("bottom", "top"), speakers=("s1", "s2", "s3", "s4"),
-                    per_class: int = 8, frames: int = 6, seed: int = 0, keep_crops: bool = True) -> Path:
+                    per_class: int = 8, frames: int = 6, seed: int = 0, keep_crops: bool = True,
+                    maps: bool = True) -> Path:
     """A video-only cache written as ``avemo-extract --keep-crops`` writes one, from generated face crops:
     ``video_features`` are the encoder's own (frozen) features of the crops, frames without a face
-    have zero features and a zero crop. Classes differ by where the bar is (``pattern_crops``)."""
+    have zero features and a zero crop. Classes differ by where the bar is (``pattern_crops``).
+    ``maps``: also the encoder's feature maps, as ``--feature-maps`` writes them."""
     from avemo.encoders import file_sha256, load_encoder
     rng = np.random.default_rng(seed)
     enc = load_encoder(encoder_path)
     settings = ExtractionSettings(n_mels=N_MELS, frames=frames, face_size=enc.input_size, keep_crops=keep_crops,
                                   encoder=str(encoder_path), encoder_sha256=file_sha256(encoder_path),
-                                  feature_dim=enc.feature_dim)
+                                  feature_dim=enc.feature_dim, feature_maps=maps)
     rows = []
     root.mkdir(parents=True, exist_ok=True)
     for spk in speakers:
@@ -104,8 +113,12 @@ def make_crop_cache(root: Path, encoder_path: Path, classes=("bottom", "top"), s
                 crops = pattern_crops(rng, ci, frames, enc.input_size)
                 crops[~mask] = 0
                 feats = np.zeros((frames, enc.feature_dim), np.float32)
-                feats[mask] = enc.embed(crops[mask]).numpy()
+                pooled, cells = enc.embed_maps(crops[mask])
+                feats[mask] = pooled.numpy()
                 arrays = dict(video_features=feats, face_mask=mask, frame_times=np.arange(frames) / 4.0)
+                if maps:
+                    arrays["feature_maps"] = np.zeros((frames, *cells.shape[1:]), np.float16)
+                    arrays["feature_maps"][mask] = cells.numpy()
                 if keep_crops:
                     arrays["crops"] = crops
                 c = ClipFeatures(clip=clip, settings=settings.to_dict(), duration=1.5, label=label, speaker=spk,

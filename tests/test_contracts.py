@@ -52,12 +52,27 @@ def test_settings_digest_changes_with_numbers_not_with_keep_crops():
 
 def test_settings_stored_before_face_tracking_keep_their_meaning_and_identity():
     stored = ExtractionSettings().to_dict()
-    del stored["track_faces"]                     # a cache or checkpoint from before the field
+    del stored["track_faces"], stored["feature_maps"]      # a cache or checkpoint from before the fields
     hashed = {k: v for k, v in stored.items() if k != "keep_crops"}
     digest_then = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
     s = ExtractionSettings.from_dict(stored)
     assert s.track_faces is False and s.digest() == digest_then
     assert ExtractionSettings().track_faces and ExtractionSettings().digest() != digest_then
+
+
+def test_feature_maps_add_an_array_and_keep_the_cache_identity(tmp_path):
+    s = ExtractionSettings(feature_maps=True, feature_dim=8)
+    assert s.digest() == ExtractionSettings(feature_dim=8).digest()      # they add data, change none
+    before = {k: v for k, v in s.to_dict().items() if k != "feature_maps"}     # a cache from before the field
+    assert ExtractionSettings.from_dict(before).feature_maps is False
+    maps = np.random.rand(5, 3, 3, 8).astype(np.float16)
+    c = ClipFeatures(clip="a.mp4", settings=s.to_dict(), arrays={
+        "video_features": maps.astype(np.float32).mean((1, 2)), "face_mask": np.ones(5, bool), "feature_maps": maps})
+    c.save(tmp_path / "a.npz")
+    np.testing.assert_array_equal(ClipFeatures.load(tmp_path / "a.npz").arrays["feature_maps"], maps)
+    assert "feature_maps" not in ClipFeatures.load(tmp_path / "a.npz", with_maps=False).arrays
+    c.arrays["feature_maps"] = np.full((5, 3, 3, 8), np.inf, np.float16)   # beyond float16's range
+    assert c.nonfinite() == ["feature_maps"]
 
 
 def test_feature_filenames_do_not_collide():

@@ -285,3 +285,28 @@ def test_the_shipped_default_encoder_loads_and_describes_itself():
     assert (WEIGHTS_DIR / "default.pt").stat().st_size < 10 * 2**20
     crops = np.random.default_rng(1).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
     assert enc.embed(crops).shape == (3, enc.feature_dim)
+
+
+def test_both_encoders_give_their_last_spatial_map_beside_the_pooled_feature():
+    # EfficientFace: the pooled feature is the mean of the last map's cells
+    ef = build_encoder("efficientface", 7, **SMALL_EF).eval()
+    x = torch.randn(2, 3, 48, 48)
+    feats, maps = ef.forward_features_and_maps(x)
+    assert maps.shape[:2] == (2, ef.feature_dim)
+    torch.testing.assert_close(feats, maps.mean((2, 3)))
+    torch.testing.assert_close(feats, ef.forward_features(x))
+    # TransFER: the class token, beside the encoder's output token of every stem cell (6 x 6 at 48 px)
+    tf = build_encoder("transfer", 7).eval()
+    feats, maps = tf.forward_features_and_maps(x)
+    assert maps.shape == (2, tf.feature_dim, 6, 6)
+    torch.testing.assert_close(feats, tf.forward_features(x))
+
+
+def test_shipped_encoder_maps_are_3x3_cells_whose_mean_is_its_feature():
+    enc = load_encoder("default")
+    assert enc.map_grid == (3, 3)
+    crops = np.random.default_rng(0).integers(0, 255, (3, 60, 60, 3), dtype=np.uint8)
+    feats, maps = enc.embed_maps(crops)
+    assert maps.shape == (3, 3, 3, enc.feature_dim)
+    torch.testing.assert_close(feats, enc.embed(crops))
+    torch.testing.assert_close(maps.mean((1, 2)), feats, atol=1e-5, rtol=1e-4)

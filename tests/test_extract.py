@@ -109,6 +109,33 @@ def test_keep_crops_later_adds_crops_to_video_clips(setup, tmp_path):
     assert m["crops"].sum() == 2
 
 
+def test_feature_maps_are_written_only_when_asked_and_added_to_a_cache_later(setup, tmp_path):
+    d, clips, kw, manifest = setup
+    m = manifest.set_index("clip")
+    plain = ClipFeatures.load(d / "cache" / m.loc["video/1001_DFA_HAP_XX.flv", "feature_file"])
+    assert "feature_maps" not in plain.arrays and not manifest["feature_maps"].any()
+    shutil.copytree(d / "cache", tmp_path / "cache")
+    m = extract_folder(clips, tmp_path / "cache", **{**kw, "feature_maps": True}).set_index("clip")
+    assert m["feature_maps"].sum() == 2                         # the two video clips, redone; audio clips kept
+    c = ClipFeatures.load(tmp_path / "cache" / m.loc["video/1001_DFA_HAP_XX.flv", "feature_file"])
+    maps, feats = c.arrays["feature_maps"], c.arrays["video_features"]
+    # the random EfficientFace at 112 px (stem stride 2 and max-pool, as in the paper) ends on 4 x 4 cells
+    assert maps.shape == (4, 4, 4, feats.shape[1]) and maps.dtype == np.float16
+    # the pooled feature is the mean of its map's cells (float16 storage aside)
+    np.testing.assert_allclose(maps.astype(np.float32).mean((1, 2)), feats, rtol=1e-2, atol=1e-3)
+    assert ExtractionSettings.from_dict(c.settings).digest() == ExtractionSettings.from_dict(plain.settings).digest()
+    audio = ClipFeatures.load(tmp_path / "cache" / m.loc["audio/1002_DFA_NEU_XX.mp3", "feature_file"])
+    assert "feature_maps" not in audio.arrays
+
+
+def test_frames_without_a_face_have_zero_maps():
+    ex = ClipExtractor(ExtractionSettings(frames=4, feature_maps=True), "cpu")
+    out = ex._primary_face_arrays([0.0, 0.1], [Detections.empty(), Detections.empty()], [None, None], [None, None],
+                                  [None, None], 1.0, [])
+    assert out["feature_maps"].shape == (2, *ex.encoder.map_grid, ex.settings.feature_dim)
+    assert not out["feature_maps"].any() and not out["face_mask"].any()
+
+
 def test_shards_fill_one_cache_like_a_single_run(setup, tmp_path):
     d, clips, kw, _ = setup
     first = extract_folder(clips, tmp_path / "cache", shard="1/2", **kw)
@@ -131,7 +158,8 @@ def test_killed_run_resumes_to_the_same_cache(setup, tmp_path):
     d, clips, kw, _ = setup
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "extract.cli", str(clips), "--out", str(out), "--frames", "4",
-           "--label-from", "cremad", "--face-encoder", kw["face_encoder"], "--device", "cpu", "--quiet"]
+           "--label-from", "cremad", "--face-encoder", kw["face_encoder"], "--device", "cpu", "--quiet",
+           "--workers", "1"]   # one clip at a time, so that the kill lands between two
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

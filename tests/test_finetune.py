@@ -118,9 +118,9 @@ def test_training_encodes_k_frames_per_clip_and_evaluation_every_frame(blind, tm
     calls = []
     forward = FrameEncoder.forward
 
-    def spy(self, faces, mask):
+    def spy(self, faces, mask, maps=False):
         calls.append((self.training, mask.sum(1).tolist(), len(faces)))
-        return forward(self, faces, mask)
+        return forward(self, faces, mask, maps)
 
     monkeypatch.setattr(FrameEncoder, "forward", spy)
     run_training(blind["cache"], tmp_path / "run", dict(SMALL, video_stream="stt"),
@@ -133,15 +133,19 @@ def test_training_encodes_k_frames_per_clip_and_evaluation_every_frame(blind, tm
     assert {n for _, counts, _ in evals for n in counts} == {5}           # 6 frames, one without a face
 
 
-def test_the_model_on_its_starting_encoder_reproduces_the_frozen_features(tmp_path):
+@pytest.mark.parametrize("stream", ["fan", "stt"])
+def test_the_model_on_its_starting_encoder_reproduces_the_frozen_features(tmp_path, stream):
     # a sighted (not blind) encoder: the e2e model at step 0 equals the frozen-feature model exactly
+    # (stt: over the cells of the feature maps, which the model's encoder then computes too)
     path = blind_encoder(tmp_path / "enc.pt")
     enc = load_encoder(path)
     with torch.no_grad():
         enc.model.conv5[1].weight.fill_(1.0)
     cache = make_crop_cache(tmp_path / "cache", path, per_class=1, speakers=("s1",))
-    data = load_training_data(cache)
-    cfg = ModelConfig(n_classes=2, modalities="video", video_dim=enc.feature_dim, video_stream="fan", video_hidden=8)
+    data = load_training_data(cache, with_maps=True)
+    cells = data.video_cells if stream == "stt" else 0
+    cfg = ModelConfig(n_classes=2, modalities="video", video_dim=enc.feature_dim, video_stream=stream, video_hidden=8,
+                      stt_heads=2, video_cells=cells)
     frozen = build_model(cfg).eval()
     e2e = build_model({**cfg.to_dict(), "frame_encoder": encoder_spec(enc)}).eval()
     missing = e2e.load_state_dict(frozen.state_dict(), strict=False).missing_keys
@@ -150,11 +154,14 @@ def test_the_model_on_its_starting_encoder_reproduces_the_frozen_features(tmp_pa
     feats = [ClipFeatures.load(f, with_crops=True) for f in data.files]
     for f in feats:      # the cache's features, recomputed by the sighted encoder, as extraction would
         m = f.arrays["face_mask"]
-        f.arrays["video_features"][m] = enc.embed(f.arrays["crops"][m]).numpy()
-    batch = collate(feats, cfg.n_mels, enc.feature_dim)
+        pooled, maps = enc.embed_maps(f.arrays["crops"][m])
+        f.arrays["video_features"][m] = pooled.numpy()
+        f.arrays["feature_maps"] = np.zeros((len(m), *maps.shape[1:]), np.float32)
+        f.arrays["feature_maps"][m] = maps.numpy()
+    batch = collate(feats, cfg.n_mels, enc.feature_dim, cells)
     bank = CropBank(data, list(range(len(data))), e2e.cfg.frame_encoder).place(torch.device("cpu"), True)
     e2e_batch = bank.attach({**batch, "frame_rows": bank.rows_of(torch.arange(len(data)), batch["video_mask"].shape[1])})
-    assert "video" not in e2e_batch and e2e_batch["faces"].dtype == torch.uint8
+    assert "video" not in e2e_batch and "video_maps" not in e2e_batch and e2e_batch["faces"].dtype == torch.uint8
     assert torch.equal(e2e_batch["faces"], torch.cat([clip_face_pixels(f, enc.input_size, False) for f in feats]))
     with torch.no_grad():
         np.testing.assert_allclose(e2e(e2e_batch)["logits"].numpy(), frozen(batch)["logits"].numpy(), atol=1e-4)

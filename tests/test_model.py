@@ -62,31 +62,114 @@ def test_masked_softmax_zero_weight_and_finite_gradient_on_empty_rows():
     assert torch.isfinite(scores.grad).all()
 
 
-def _video_cfg(stream):
-    return ModelConfig(n_classes=3, modalities="video", video_dim=6, video_stream=stream, video_hidden=8,
-                       stt_heads=2, dropout=0.0)
+# every video stream, and stt both over feature-map cells (its default) and over pooled frames (legacy)
+STREAMS = [*VIDEO_STREAMS, "stt-frames"]
+CELLS = 4                                   # _clip's feature maps are 2 x 2
 
 
-@pytest.mark.parametrize("stream", VIDEO_STREAMS)
+def _video_cfg(stream, **kw):
+    name, _, tokens = stream.partition("-")
+    return ModelConfig(**{**dict(n_classes=3, modalities="video", video_dim=6, video_stream=name, video_hidden=8,
+                                 stt_heads=2, dropout=0.0, stt_tokens=tokens or "cells", video_cells=CELLS), **kw})
+
+
+@pytest.mark.parametrize("stream", STREAMS)
 def test_video_stream_padding_invariance_and_zero_weight_on_masked_frames(stream):
     torch.manual_seed(0)
-    net = build_video_stream(_video_cfg(stream)).eval()
-    v = torch.randn(1, 5, 6)
+    cfg = _video_cfg(stream)
+    net = build_video_stream(cfg).eval()
+    cells = [CELLS] if cfg.uses_maps else []            # stt over cells reads [B, T, N, D]
+    v = torch.randn(1, 5, *cells, 6)
     mask = torch.tensor([[True, False, True, True, False]])
     out, w = net(v, mask)
-    assert torch.equal(w[mask == False], torch.zeros(2))  # noqa: E712
+    assert w.shape == (1, 5, *cells)
+    assert torch.equal(w[mask == False], torch.zeros(2, *cells))  # noqa: E712
     assert w[mask].sum().item() == pytest.approx(1.0, abs=1e-5)
     # pad with garbage frames: same vector, same weights on the real frames
-    v_pad = torch.cat([v, 100 * torch.randn(1, 4, 6)], dim=1)
+    v_pad = torch.cat([v, 100 * torch.randn(1, 4, *cells, 6)], dim=1)
     m_pad = torch.cat([mask, torch.zeros(1, 4, dtype=torch.bool)], dim=1)
     out_pad, w_pad = net(v_pad, m_pad)
     torch.testing.assert_close(out_pad, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w_pad[:, :5], w, atol=1e-6, rtol=1e-5)
-    assert torch.equal(w_pad[:, 5:], torch.zeros(1, 4))
+    assert torch.equal(w_pad[:, 5:], torch.zeros(1, 4, *cells))
     # changing a masked frame changes nothing
     v2 = v.clone()
     v2[0, 1] = 50.0
     torch.testing.assert_close(net(v2, mask)[0], out)
+
+
+def _where_in_the_face(n: int, seed: int, t: int = 4, side: int = 3, d: int = 6):
+    """Clips whose class is WHERE a pattern sits in every frame's feature map: the top-left cell
+    (class 0) or the bottom-right one (class 1). The pooled vector of a frame (the mean of its
+    cells) has the same distribution in both classes, so frame tokens carry no label."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 2, (n,), generator=g)
+    maps = torch.randn(n, t, side * side, d, generator=g)
+    cell = torch.where(label == 0, 0, side * side - 1)
+    maps[torch.arange(n)[:, None], torch.arange(t)[None, :], cell[:, None]] += 3.0 * torch.eye(d)[0]
+    batch = {"video": maps.mean(2), "video_maps": maps, "video_mask": torch.ones(n, t, dtype=torch.bool)}
+    return batch, label
+
+
+@pytest.mark.parametrize("tokens", ["cells", "frames"])
+def test_stt_over_cells_learns_where_in_the_face_and_pooled_frame_tokens_cannot(tokens):
+    torch.manual_seed(0)
+    model = build_model(_video_cfg("stt", n_classes=2, stt_tokens=tokens, video_cells=9, video_hidden=16,
+                                   stt_layers=1))
+    train, y = _where_in_the_face(512, 0)
+    test, y_test = _where_in_the_face(400, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(150):
+        idx = torch.randint(0, len(y), (64,), generator=torch.Generator().manual_seed(step))
+        loss = F.cross_entropy(model({k: v[idx] for k, v in train.items()})["logits"], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = (model.eval()(test)["logits"].argmax(1) == y_test).float().mean().item()
+    if tokens == "cells":
+        assert accuracy >= 0.9, accuracy
+    else:
+        assert accuracy <= 0.62, accuracy       # chance is 0.5 (400 clips: 3 sigma is 0.075)
+
+
+def test_stt_cells_masked_and_padded_frames_change_no_output():
+    torch.manual_seed(0)
+    model = build_model(_video_cfg("stt", n_mels=16, modalities="av", audio_channels=(4, 8), fbp_o=8)).eval()
+    clips = [_clip(0, 20, 5), _clip(1, 9, 3), _clip(2, 12, 4, video=False)]
+    batch = collate(clips, 16, 6, CELLS)
+    assert batch["video_maps"].shape == (3, 5, CELLS, 6)
+    ref = model(batch)
+    assert ref["video_cell_attention"].shape == (3, 5, CELLS)
+    torch.testing.assert_close(ref["video_cell_attention"].sum(-1), ref["video_attention"])
+    changed = {k: v.clone() for k, v in batch.items()}
+    hidden = ~changed["video_mask"]                       # frames without a face, and padding
+    changed["video_maps"][hidden] = 1e4 * torch.randn_like(changed["video_maps"][hidden])
+    changed["video"][hidden] = -1e4
+    out = model(changed)
+    for key in ("logits", "video_attention", "video_cell_attention"):
+        assert torch.equal(out[key], ref[key]), key
+    for i, c in enumerate(clips):              # and each clip alone, unpadded, gives its batch row
+        torch.testing.assert_close(model(collate([c], 16, 6, CELLS))["logits"], ref["logits"][i:i + 1],
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_without_stt_tokens_loads_as_frame_tokens(tmp_path):
+    torch.manual_seed(0)
+    cfg = _video_cfg("stt-frames", video_cells=0)
+    model = build_model(cfg).eval()
+    save_model(tmp_path / "new.pt", model, ["a", "b", "c"], {"n_mels": 64})
+    ckpt = torch.load(tmp_path / "new.pt", weights_only=True)
+    for field in ("stt_tokens", "video_cells"):          # a checkpoint from before spatial tokens
+        del ckpt["config"][field]
+    save_checkpoint(tmp_path / "old.pt", ckpt, MODEL_KIND, MODEL_VERSION)
+    loaded, _ = load_model(tmp_path / "old.pt")
+    assert loaded.cfg.stt_tokens == "frames" and loaded.cfg == cfg and not loaded.cfg.uses_maps
+    batch = collate([_clip(0, 20, 5, audio=False)], 64, 6)
+    torch.testing.assert_close(loaded(batch)["logits"], model(batch)["logits"])
+    assert ModelConfig(n_classes=3, video_dim=6).stt_tokens == "cells"      # new runs: cells
+    with pytest.raises(ValueError, match="avemo-extract --feature-maps"):
+        ModelConfig(n_classes=3, modalities="video", video_dim=6, video_stream="stt")
 
 
 def test_fan_relation_attention_is_optional():
@@ -122,22 +205,25 @@ def _clip(i, t_a, t_v, video=True, audio=True):
         mask = torch.ones(t_v, dtype=torch.bool)
         mask[0] = False
         arrays["face_mask"] = mask.numpy()
+        maps = torch.randn(t_v, 2, 2, 6, generator=g)
+        maps[0] = 0.0                                           # no face: zeros, as extraction writes them
+        arrays["feature_maps"] = maps.numpy().astype("float16")
     return ClipFeatures(clip=f"c{i}", settings={}, arrays=arrays)
 
 
-@pytest.mark.parametrize("stream", VIDEO_STREAMS)
+@pytest.mark.parametrize("stream", STREAMS)
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_whole_model_batch_equals_clips_one_by_one(stream, fusion):
     torch.manual_seed(0)
-    cfg = ModelConfig(n_classes=4, n_mels=16, video_dim=6, audio_channels=(4, 8), video_stream=stream,
-                      fusion=fusion, video_hidden=8, stt_heads=2, fbp_o=16, modality_dropout=0.5)
+    cfg = _video_cfg(stream, n_classes=4, n_mels=16, modalities="av", audio_channels=(4, 8), fusion=fusion,
+                     fbp_o=16, modality_dropout=0.5)
     model = build_model(cfg).eval()
     clips = [_clip(0, 30, 5), _clip(1, 13, 9), _clip(2, 22, 3, video=False), _clip(3, 1, 4, audio=False)]
-    batch = collate(clips, 16, 6)
+    batch = collate(clips, 16, 6, cfg.map_cells)
     assert batch["mel"].shape == (4, 16, 30) and batch["video"].shape == (4, 9, 6)
     out = model(batch)
     for i, c in enumerate(clips):
-        single = model(collate([c], 16, 6))
+        single = model(collate([c], 16, 6, cfg.map_cells))
         torch.testing.assert_close(out["logits"][i:i + 1], single["logits"], atol=1e-5, rtol=1e-4)
     # missing modality -> the learned stand-in, still a finite prediction
     assert torch.isfinite(out["logits"]).all()
@@ -212,10 +298,11 @@ def test_compact_softmax_matches_its_formula_in_value_and_gradient():
 def test_model_checkpoint_rebuilds_from_the_file_alone(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(n_classes=3, n_mels=16, video_dim=6, audio_channels=(4, 8), video_stream="stt",
-                      video_hidden=8, stt_heads=2, fbp_o=8)
+                      video_hidden=8, stt_heads=2, fbp_o=8, video_cells=CELLS)
     model = build_model(cfg)
-    model.set_normalisation({"mel_mean": torch.arange(16.0), "mel_std": torch.full((16,), 2.0)})
-    batch = collate([_clip(0, 20, 5), _clip(1, 9, 3)], 16, 6)
+    model.set_normalisation({"mel_mean": torch.arange(16.0), "mel_std": torch.full((16,), 2.0),
+                             "map_mean": torch.full((6,), 0.5)})
+    batch = collate([_clip(0, 20, 5), _clip(1, 9, 3)], 16, 6, CELLS)
     model.eval()
     ref = model(batch)["logits"]
     path = tmp_path / "m.pt"
@@ -223,7 +310,8 @@ def test_model_checkpoint_rebuilds_from_the_file_alone(tmp_path):
     loaded, ckpt = load_model(path)
     torch.testing.assert_close(loaded(batch)["logits"], ref)
     assert loaded.cfg == cfg and ckpt["classes"] == ["a", "b", "c"] and ckpt["metrics"]["val_uar"] == 0.5
-    assert ckpt["normalisation"]["mel_mean"][3] == 3.0 and not loaded.training
+    assert ckpt["normalisation"]["mel_mean"][3] == 3.0 and ckpt["normalisation"]["map_mean"][0] == 0.5
+    assert not loaded.training
     with pytest.raises(ValueError, match="class names"):
         save_model(tmp_path / "x.pt", model, ["a", "b"], {})
     bad = dict(ckpt)
@@ -268,15 +356,26 @@ def test_config_and_batching_errors_are_specific():
     with pytest.raises(ValueError, match="zero clips"):
         collate([], 16, 6)
     with pytest.raises(ValueError, match="at most 4 frames"):
-        build_video_stream(ModelConfig(n_classes=3, modalities="video", video_dim=6, video_stream="stt",
-                                       video_hidden=8, stt_heads=2, stt_max_frames=4))(
+        build_video_stream(_video_cfg("stt-frames", stt_max_frames=4))(
             torch.randn(1, 5, 6), torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at most 4 frames"):
+        build_video_stream(_video_cfg("stt", stt_max_frames=4))(
+            torch.randn(1, 5, CELLS, 6), torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"feature_maps has shape \(5, 2, 2, 6\), expected \[5, h, w, 6\] "
+                                         r"with h\*w = 9"):
+        collate([_clip(0, 20, 5)], 16, 6, 9)
+    no_maps = _clip(0, 20, 5)
+    del no_maps.arrays["feature_maps"]
+    with pytest.raises(ValueError, match="avemo-extract --feature-maps"):
+        collate([no_maps], 16, 6, CELLS)
 
 
 def test_trim_batch_cuts_shared_padding_only():
-    batch = collate([_clip(0, 30, 5), _clip(1, 13, 9)], 16, 6)
+    batch = collate([_clip(0, 30, 5), _clip(1, 13, 9)], 16, 6, CELLS)
     sub = trim_batch({k: v[1:] for k, v in batch.items()})
-    assert sub["mel"].shape[-1] == 13 and sub["video"].shape[1] == 9
+    assert sub["mel"].shape[-1] == 13 and sub["video"].shape[1] == 9 and sub["video_maps"].shape[1] == 9
+    sub = trim_batch({k: v[:1] for k, v in batch.items()})
+    assert sub["video"].shape[1] == 5 and sub["video_maps"].shape[1:] == (5, CELLS, 6)
 
 
 def test_masked_batchnorm_statistics_hold_in_bf16_for_large_means():

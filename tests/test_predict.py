@@ -272,3 +272,47 @@ def test_checkpoint_whose_encoder_is_missing_says_what_to_do(work, tmp_path):
         model.predict(FLV)
     # pointing at the file (same hash) fixes it
     assert load_model(moved, "cpu", face_encoder=settings.encoder).predict(FLV).emotion in CLASSES
+
+
+def test_stt_over_feature_maps_from_extraction_through_training_to_prediction(work, tmp_path, capsys):
+    from extract import extract_folder
+    from train.cli import SplitOptions, run_training
+    from train.loop import TrainConfig
+    clips = tmp_path / "clips"
+    for label, freq in (("happy", 300.0), ("sad", 150.0)):
+        (clips / label).mkdir(parents=True)
+        for j in range(2):
+            frames = mediagen.moving_face(8, (20 + 20 * j, 10, 150), (70, 40, 170))
+            mediagen.write_video(clips / label / f"{j}.mkv", frames, fps=8, audio=mediagen.tone(1.0, 16000, freq=freq),
+                                 audio_codec="pcm_s16le")
+    manifest = extract_folder(clips, tmp_path / "cache", frames=6, label_from="folder", face_encoder=work["enc"],
+                              device="cpu", progress=False, feature_maps=True)
+    assert (manifest["status"] == "ok").all() and manifest["feature_maps"].all()
+    run_training(tmp_path / "cache", tmp_path / "run",
+                 dict(video_stream="stt", audio_channels=(8, 16), video_hidden=16, stt_heads=2, fbp_o=16),
+                 TrainConfig(epochs=2, batch_size=2, progress=False, audio_init="none"), SplitOptions(no_split=True))
+    rc = main([str(clips / "happy" / "0.mkv"), "--model", str(tmp_path / "run" / "best.pt"), "--face-encoder",
+               work["enc"], "--json", "--device", "cpu", "--explain", str(tmp_path / "why.png")])
+    assert rc == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["modalities"] == ["audio", "video"] and row["emotion"] in ("happy", "sad")
+    # where (4 x 4 cells of the random encoder's map at 112 px) and when (6 frames)
+    cells = np.array([grid for _, grid in row["cell_attention"]])
+    frames = np.array([w for _, w in row["frame_attention"]])
+    assert cells.shape == (6, 4, 4) and cells.sum() == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(cells.sum((1, 2)), frames, atol=1e-3)
+    png = (tmp_path / "why.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_model_over_cells_gets_feature_maps_even_if_its_settings_predate_them(work, tmp_path):
+    torch.manual_seed(0)
+    settings = work["settings"]                       # extracted without feature maps
+    assert not settings.feature_maps
+    cfg = ModelConfig(n_classes=len(CLASSES), modalities="video", video_dim=settings.feature_dim, video_stream="stt",
+                      video_cells=16, video_hidden=16, stt_heads=2)
+    save_model(tmp_path / "stt.pt", build_model(cfg), CLASSES, settings.to_dict())
+    pred = load_model(tmp_path / "stt.pt", "cpu", work["enc"]).predict(FLV)
+    assert pred.features.arrays["feature_maps"].shape == (6, 4, 4, settings.feature_dim)
+    assert pred.attention["video_cells"].shape == (6, 4, 4)
+    np.testing.assert_allclose(pred.attention["video_cells"].sum((1, 2)), pred.attention["video"], atol=1e-6)

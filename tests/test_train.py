@@ -1,4 +1,5 @@
 """avemo-train on tiny generated caches: learning, splits, resume, reports and clear errors."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ SPLIT = SplitOptions(val_speakers="s3", test_speakers="s4")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return make_cache(tmp_path_factory.mktemp("cache"), audio_only_every=7)
+    return make_cache(tmp_path_factory.mktemp("cache"), audio_only_every=7, maps=True)
 
 
 def quick(**kw):
@@ -48,7 +49,7 @@ SMALL = dict(audio_channels=(8, 16), video_hidden=16, fbp_o=32, stt_heads=2, dro
     (dict(modalities="audio"), dict(label_smoothing=0.1)),
     (dict(modalities="video", video_stream="attention"), {}),
     (dict(modalities="video", video_stream="fan", fan_relation=False), dict(loss="compact")),
-    (dict(modalities="video", video_stream="stt"), {}),
+    (dict(modalities="video", video_stream="stt"), dict(lr=5e-3)),   # cell tokens: 2x the blocks, a gentler lr
     (dict(modalities="av", video_stream="attention", fusion="concat", audio_lambda=0.0), dict(balance=True)),
     (dict(modalities="av"), dict(augment=AugmentConfig(2, 5, 1, 0.1, mixup=0.4, crop=0.3))),
     (dict(modalities="av", video_stream="mean", fusion="product", modality_dropout=0.2), {}),
@@ -151,6 +152,31 @@ def test_features_held_on_device_or_collated_per_batch_train_identically(cache, 
     a, b = _weights(tmp_path / "yes" / "last.pt"), _weights(tmp_path / "no" / "last.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_stt_over_cells_trains_on_feature_maps_held_on_device_or_collated_alike(cache, tmp_path):
+    model = dict(SMALL, modalities="video", video_stream="stt")
+    mixup = quick(epochs=2, augment=AugmentConfig(2, 5, 1, 0.1, mixup=0.4))
+    for mode in ("yes", "no"):
+        run_training(cache, tmp_path / mode, model, dataclasses.replace(mixup, features_on_device=mode), SPLIT)
+    a, b = _weights(tmp_path / "yes" / "last.pt"), _weights(tmp_path / "no" / "last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    net, ckpt = load_model(tmp_path / "yes" / "best.pt")
+    assert net.cfg.stt_tokens == "cells" and net.cfg.video_cells == 4 and len(ckpt["normalisation"]["map_std"]) == 8
+
+
+def test_stt_over_cells_on_a_cache_without_feature_maps_says_how_to_get_them(tmp_path, capsys):
+    plain = make_cache(tmp_path / "plain")      # extracted without --feature-maps
+    with pytest.raises(TrainError, match="avemo-extract --feature-maps.*--stt-tokens frames"):
+        run_training(plain, tmp_path / "r1", dict(SMALL, video_stream="stt"), quick(epochs=1), SPLIT)
+    assert cli([str(plain), "--out", str(tmp_path / "r2"), "--video-stream", "stt", "--audio-init", "none",
+                "--quiet"]) == 2
+    assert "--feature-maps" in capsys.readouterr().err
+    # one pooled vector per frame, asked for by name, needs no maps
+    run_training(plain, tmp_path / "r3", dict(SMALL, video_stream="stt", stt_tokens="frames"), quick(epochs=1), SPLIT)
+    net, _ = load_model(tmp_path / "r3" / "best.pt")
+    assert net.cfg.stt_tokens == "frames" and net.cfg.video_cells == 0
 
 
 def test_seed_makes_cpu_runs_repeatable(cache, tmp_path):

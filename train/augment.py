@@ -26,14 +26,14 @@ def mix_clips(batch: dict[str, torch.Tensor], perm: torch.Tensor, lam: float) ->
     step is taken as it is: padding is not a value to mix with. Masks become the union.
     """
     out = dict(batch)
-    for key, mkey, step_dim in (("mel", "mel_mask", 2), ("video", "video_mask", 1)):
+    for key, mkey, step_dim in (("mel", "mel_mask", 2), ("video", "video_mask", 1), ("video_maps", "video_mask", 1)):
         if key not in batch:
             continue
         x, m = batch[key], batch[mkey]
         y, my = x[perm], m[perm]
-        shape = [m.shape[0], 1, 1]
+        shape = [m.shape[0]] + [1] * (x.ndim - 1)
         shape[step_dim] = m.shape[1]
-        a, b = m.view(shape), my.view(shape)                      # masks broadcast over the feature axis
+        a, b = m.view(shape), my.view(shape)                      # masks broadcast over the feature (and cell) axes
         mixed = lam * x + (1 - lam) * y
         out[key] = torch.where(a & b, mixed, torch.where(a, x, y))
         out[mkey] = m | my

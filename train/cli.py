@@ -20,7 +20,7 @@ import torch
 from avemo.checkpoint import CheckpointError
 from avemo.cpu import set_torch_threads
 from avemo.io import NoSpaceError, write_json_atomic
-from avemo.model import FUSIONS, LOSSES, MODALITIES, VIDEO_STREAMS, ModelConfig
+from avemo.model import FUSIONS, LOSSES, MODALITIES, STT_TOKENS, VIDEO_STREAMS, ModelConfig
 from train.augment import AugmentConfig
 from train.data import CacheError, TrainingData, load_training_data
 from train.loop import SCHEDULES, TrainConfig, TrainError, fit, fit_ensemble, start_runtime
@@ -80,10 +80,18 @@ def run_training(cache: str | Path, out: str | Path, model: dict[str, Any] | Non
     if cfg.ensemble < 1:
         raise ValueError(f"--ensemble must be at least 1, got {cfg.ensemble}")
     rt = start_runtime()
-    data = load_training_data(cache, labels)
+    maps = needs_feature_maps(model)
+    data = load_training_data(cache, labels, with_maps=maps)
     model.setdefault("modalities", default_modalities(data))
+    maps = maps and model["modalities"] != "audio"
+    if maps and not data.video_cells:
+        raise TrainError(f"--video-stream stt attends over the cells of each frame's feature map, and {cache} holds "
+                         "no feature maps: re-extract it with avemo-extract --feature-maps (the same command and "
+                         "--out add them to the cache), or train on one pooled vector per frame with "
+                         "--stt-tokens frames")
     model.update(n_classes=len(data.classes), n_mels=data.n_mels,
-                 video_dim=data.video_dim if model["modalities"] != "audio" else 0)
+                 video_dim=data.video_dim if model["modalities"] != "audio" else 0,
+                 video_cells=data.video_cells if maps else 0)
     if rt.main:
         counts = np.bincount(data.labels, minlength=len(data.classes))
         log.info("cache %s: %d clips, classes %s, %d speakers", cache, len(data),
@@ -103,6 +111,12 @@ def run_training(cache: str | Path, out: str | Path, model: dict[str, Any] | Non
         log.info("%d folds: UAR %.3f +- %.3f, WAR %.3f +- %.3f", len(runs), summary["uar_mean"], summary["uar_std"],
                  summary["accuracy_mean"], summary["accuracy_std"])
     return summary
+
+
+def needs_feature_maps(model: dict[str, Any]) -> bool:
+    """The model settings ask for stt over cells, which reads the cache's feature maps."""
+    m = {**_defaults(ModelConfig), **model}
+    return m["video_stream"] == "stt" and m["stt_tokens"] == "cells" and m.get("modalities") != "audio"
 
 
 def summarise_folds(reports: list[dict], names: list[str]) -> dict[str, Any]:
@@ -143,6 +157,7 @@ MODEL_FLAGS = {"audio_channels": "audio_channels", "audio_convs": "audio_convs_p
                "audio_lambda": "audio_lambda", "audio_norm": "audio_norm", "dropout": "dropout",
                "video_stream": "video_stream", "fusion": "fusion", "fbp_k": "fbp_k", "fbp_o": "fbp_o",
                "video_lambda": "video_lambda", "video_hidden": "video_hidden", "stt_layers": "stt_layers",
+               "stt_tokens": "stt_tokens",
                "modality_dropout": "modality_dropout"}
 
 
@@ -199,6 +214,9 @@ def add_model_args(p: argparse.ArgumentParser, video: bool) -> None:
     g.add_argument("--video-lambda", type=float, default=m["video_lambda"])
     g.add_argument("--video-hidden", type=int, default=m["video_hidden"])
     g.add_argument("--stt-layers", type=int, default=m["stt_layers"])
+    g.add_argument("--stt-tokens", choices=STT_TOKENS, default=m["stt_tokens"],
+                   help="stt: attend over the cells of each frame's feature map (needs a cache extracted with "
+                        "--feature-maps), or over one pooled vector per frame")
     g.add_argument("--modality-dropout", type=float, default=0.2, help="training: chance a clip loses one modality")
 
 

@@ -30,6 +30,7 @@ class TrainingData:
     n_mels: int
     video_dim: int
     files: list[Path] = field(default_factory=list)   # each clip's feature file (its crops are read from it)
+    video_cells: int = 0          # cells per frame of the clips' feature maps (0: the cache has none)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -59,8 +60,11 @@ def _cache_settings(cache: Path) -> dict | None:
         return None
 
 
-def load_training_data(cache: str | Path, labels: str | Path | None = None) -> TrainingData:
-    """Every usable, labelled clip of ``cache``; labels/speakers/split from the manifest or ``labels`` CSV."""
+def load_training_data(cache: str | Path, labels: str | Path | None = None, with_maps: bool = False) -> TrainingData:
+    """Every usable, labelled clip of ``cache``; labels/speakers/split from the manifest or ``labels`` CSV.
+
+    ``with_maps``: also read the clips' feature maps (STT's spatial tokens), when the cache has them.
+    """
     cache = Path(cache)
     manifest_path = cache / "manifest.csv"
     if not manifest_path.is_file():
@@ -92,7 +96,7 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
             raise CacheError(f"{path}: feature file listed in the manifest for '{row.clip}' is missing; "
                              "re-run avemo-extract on this cache to repair it")
         try:
-            clip = ClipFeatures.load(path)
+            clip = ClipFeatures.load(path, with_maps=with_maps)
             clip_digest = ExtractionSettings.from_dict(clip.settings).digest()
         except (FeatureFileError, ValueError, TypeError) as e:
             log.warning("skipping %s: %s (avemo-extract on this cache redoes it)", path, e)
@@ -151,7 +155,21 @@ def load_training_data(cache: str | Path, labels: str | Path | None = None) -> T
     index = {c: i for i, c in enumerate(classes)}
     return TrainingData(clips=clips, labels=np.array([index[n] for n in names], np.int64), classes=classes,
                         speakers=speakers, split_column=split_column, settings=settings, n_mels=n_mels,
-                        video_dim=video_dim, files=files)
+                        video_dim=video_dim, files=files,
+                        video_cells=_map_cells(clips, cache) if with_maps else 0)
+
+
+def _map_cells(clips: list[ClipFeatures], cache: Path) -> int:
+    """Cells per frame of the clips' feature maps; 0 when a clip with a face has none (a cache
+    extracted without --feature-maps, or only partly re-extracted with it)."""
+    video = [c for c in clips if c.has_video]
+    if not video or any("feature_maps" not in c.arrays for c in video):
+        return 0
+    grids = {c.arrays["feature_maps"].shape[1:3] for c in video}
+    if len(grids) > 1:
+        raise CacheError(f"{cache}: clips have feature maps of different grids {sorted(grids)}")
+    h, w = grids.pop()
+    return h * w
 
 
 def merge_training_data(parts: list[TrainingData], names: list[str]) -> TrainingData:

@@ -159,7 +159,8 @@ class CropBank:
         gathered and encoded) and ``aug``; evaluation passes neither: every face frame, as it is."""
         out = dict(batch)
         rows = out.pop("frame_rows")
-        out.pop("video", None)                     # the cached frozen features: the model computes its own
+        out.pop("video", None)                     # the cached frozen features (and maps): the model computes its own
+        out.pop("video_maps", None)
         mask = sample_frames(out["video_mask"], frames_per_clip)
         out["video_mask"] = mask
         faces = self.pixels[rows[mask].to(self.pixels.device)].to(mask.device, non_blocking=True)

@@ -135,12 +135,13 @@ class FeatureStore:
     """
 
     def __init__(self, data: TrainingData, indices: list[int], video_dim: int, device: torch.device,
-                 on_device: bool, crops: CropBank | None = None):
+                 on_device: bool, video_cells: int = 0, crops: CropBank | None = None):
         self.crops = crops
         self.clips = [data.clips[i] for i in indices]
-        self.n_mels, self.video_dim, self.device = data.n_mels, video_dim, device
+        self.n_mels, self.video_dim, self.video_cells, self.device = data.n_mels, video_dim, video_cells, device
         self.on_device = on_device
-        self.tensors = to_device(collate(self.clips, self.n_mels, video_dim), device) if on_device else None
+        self.tensors = (to_device(collate(self.clips, self.n_mels, video_dim, video_cells), device)
+                        if on_device else None)
         self.labels = torch.as_tensor(data.labels[indices], dtype=torch.long, device=device)
 
     def __len__(self) -> int:
@@ -150,18 +151,18 @@ class FeatureStore:
         if self.tensors is not None:
             b = trim_batch({k: v[idx.to(self.device)] for k, v in self.tensors.items()})
         else:
-            b = to_device(collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim), self.device,
-                          non_blocking=True)
+            b = to_device(collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim,
+                                  self.video_cells), self.device, non_blocking=True)
         if self.crops is None:
             return b
         b["frame_rows"] = self.crops.rows_of(idx, b["video_mask"].shape[1])
         return self.crops.attach(b) if faces else b
 
 
-def padded_bytes(data: TrainingData, indices: list[int], video_dim: int) -> int:
+def padded_bytes(data: TrainingData, indices: list[int], video_dim: int, video_cells: int = 0) -> int:
     t_a = max((data.clips[i].arrays["mel"].shape[1] for i in indices if data.clips[i].has_audio), default=1)
     t_v = max((len(data.clips[i].arrays.get("face_mask", ())) for i in indices), default=1)
-    return len(indices) * (data.n_mels * t_a * 4 + t_a + max(t_v, 1) * (video_dim * 4 + 1))
+    return len(indices) * (data.n_mels * t_a * 4 + t_a + max(t_v, 1) * ((1 + video_cells) * video_dim * 4 + 1))
 
 
 def decide_on_device(mode: str, need: int, device: torch.device) -> bool:
@@ -177,8 +178,10 @@ def decide_on_device(mode: str, need: int, device: torch.device) -> bool:
     return need < 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int) -> dict[str, np.ndarray]:
-    """Per mel bin and per face-feature dimension mean / std over the training clips' valid frames."""
+def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int,
+                        video_cells: int = 0) -> dict[str, np.ndarray]:
+    """Per mel bin and per face-feature dimension mean / std over the training clips' valid frames
+    (and, with ``video_cells``, per channel over every cell of their feature maps)."""
     stats = {}
     mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
     if mels:
@@ -190,7 +193,25 @@ def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int) 
         if frames:
             cat = np.concatenate(frames, axis=0).astype(np.float64)
             stats["video_mean"], stats["video_std"] = cat.mean(0), np.maximum(cat.std(0), 1e-3)
+    if video_dim and video_cells:
+        stats["map_mean"], stats["map_std"] = _map_channel_stats(data, indices, video_dim)
     return stats
+
+
+def _map_channel_stats(data: TrainingData, indices: list[int], video_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over every cell of the valid frames' feature maps, by running sums
+    (the maps are T x cells times larger than the features: never concatenated)."""
+    n, total, squares = 0, np.zeros(video_dim), np.zeros(video_dim)
+    for i in indices:
+        clip = data.clips[i]
+        if clip.has_video:
+            cells = clip.arrays["feature_maps"][np.asarray(clip.arrays["face_mask"], bool)]
+            cells = cells.reshape(-1, video_dim).astype(np.float64)
+            n += len(cells)
+            total += cells.sum(0)
+            squares += (cells ** 2).sum(0)
+    mean = total / max(n, 1)
+    return mean, np.maximum(np.sqrt(np.maximum(squares / max(n, 1) - mean ** 2, 0.0)), 1e-3)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -348,7 +369,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
                          "from the crops: use one or the other")
     video_dim = mcfg.video_dim if mcfg.uses_video else 0
     if state is None:
-        model.set_normalisation(normalisation_stats(data, split.train, video_dim))
+        model.set_normalisation(normalisation_stats(data, split.train, video_dim, mcfg.map_cells))
         if front is not None:
             front.init_audio(model)     # the stream and its mel normalisation; the head stays new
         if encoder is not None:
@@ -358,12 +379,13 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     model.to(rt.device)
 
     def store(indices):
-        on_dev = decide_on_device(cfg.features_on_device, padded_bytes(data, indices, video_dim), rt.device)
+        cells = 0 if e2e else mcfg.map_cells       # end to end, the model's encoder makes the maps from the crops
+        on_dev = decide_on_device(cfg.features_on_device, padded_bytes(data, indices, video_dim, cells), rt.device)
         crops = None
         if e2e:
             crops = CropBank(data, indices, mcfg.frame_encoder)
             crops.place(rt.device, decide_on_device(cfg.features_on_device, crops.nbytes, rt.device))
-        return FeatureStore(data, indices, video_dim, rt.device, on_dev, crops)
+        return FeatureStore(data, indices, video_dim, rt.device, on_dev, cells, crops)
 
     train_store = store(split.train)
     val_store = store(split.val) if split.val else None
@@ -514,7 +536,8 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
     crops = None
     if model.cfg.frame_encoder is not None:
         crops = CropBank(data, indices, model.cfg.frame_encoder).place(rt.device, on_device=False)
-    store = FeatureStore(data, indices, video_dim, rt.device, on_device=False, crops=crops)
+    store = FeatureStore(data, indices, video_dim, rt.device, on_device=False,
+                         video_cells=0 if crops is not None else model.cfg.map_cells, crops=crops)
     m = evaluate(model, store, data.classes, cfg.batch_size * 2, cfg.amp)
     report = {
         "evaluated_on": part,

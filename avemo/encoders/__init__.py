@@ -92,8 +92,9 @@ def resolve_arch_cfg(arch: str, arch_cfg: str | dict[str, Any] | None = None) ->
 
 
 def build_encoder(arch: str, num_classes: int, **arch_cfg) -> nn.Module:
-    """A fresh network by name; it has ``.feature_dim``, ``.num_classes``, ``.forward_features(x) -> [B, D]``
-    and ``.forward(x) -> [B, num_classes]`` logits."""
+    """A fresh network by name; it has ``.feature_dim``, ``.num_classes``, ``.forward_features(x) -> [B, D]``,
+    ``.forward_features_and_maps(x) -> ([B, D], [B, D, h, w])`` (the pooled feature and the last spatial
+    map it comes from) and ``.forward(x) -> [B, num_classes]`` logits."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown encoder architecture '{arch}' (choose from {', '.join(ARCHITECTURES)})")
     if num_classes < 2:
@@ -233,6 +234,20 @@ class FaceEncoder:
         return self._run(crops, batch_size, self.model.forward_features)
 
     @torch.inference_mode()
+    def embed_maps(self, crops, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features [N, D], last feature maps [N, h, w, D]) float32 CPU tensors, from one pass."""
+        feats, maps = self._run(crops, batch_size, self.model.forward_features_and_maps)
+        return feats, maps.permute(0, 2, 3, 1)
+
+    @property
+    def map_grid(self) -> tuple[int, int]:
+        """(h, w): the cells of the last feature map, from one blank crop (the same for every face)."""
+        if not hasattr(self, "_map_grid"):
+            blank = np.zeros((1, self.input_size, self.input_size, 3), np.uint8)
+            self._map_grid = tuple(self.embed_maps(blank)[1].shape[1:3])
+        return self._map_grid
+
+    @torch.inference_mode()
     def logits(self, crops, batch_size: int = 256) -> torch.Tensor:
         """[N, len(classes)] classifier logits (CPU)."""
         return self._run(crops, batch_size, self.model)
@@ -241,7 +256,7 @@ class FaceEncoder:
         """[N, len(classes)] softmax probabilities (CPU)."""
         return self.logits(crops, batch_size).softmax(-1)
 
-    def _run(self, crops, batch_size: int, fn) -> torch.Tensor:
+    def _run(self, crops, batch_size: int, fn):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         x = self.preprocess(crops)
@@ -250,7 +265,10 @@ class FaceEncoder:
             xb = x[i:i + batch_size].to(self.device)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            out.append(fn(xb).float().cpu())
+            y = fn(xb)
+            out.append(tuple(t.float().cpu() for t in y) if isinstance(y, tuple) else y.float().cpu())
+        if isinstance(out[0], tuple):       # several outputs per crop: each concatenated on its own
+            return tuple(torch.cat(parts) for parts in zip(*out))
         return torch.cat(out)
 
 

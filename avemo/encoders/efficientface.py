@@ -162,11 +162,19 @@ class EfficientFace(nn.Module):
         self.fc = nn.Linear(last_ch, num_classes)
         self.feature_dim, self.num_classes = last_ch, num_classes
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, before pooling: [B, D, h, w] (3 x 3 for the shipped encoder at 48 px)."""
         x = self.stem(x)                                   # [B, C0, H/4, W/4] with the paper's stem
         x = self.modulator(self.stage2(x)) + self.local(x)  # global (modulated) + local branch: [B, C1, H/8, W/8]
         x = self.stage4(self.stage3(x))                    # [B, C3, H/32, W/32]
-        return self.conv5(x).mean((2, 3))                  # [B, D]
+        return self.conv5(x)                               # [B, D, h, w]
+
+    def forward_features_and_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.forward_maps(x)
+        return maps.mean((2, 3)), maps                     # the pooled feature is the map's mean: [B, D]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_maps(x).mean((2, 3))           # [B, D]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.forward_features(x)))   # [B, num_classes]

@@ -153,7 +153,15 @@ class TransFER(nn.Module):
         return self.mad(maps)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features_and_maps(x)[0]                         # [B, D]
+
+    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features_and_maps(x)[1]                         # [B, D, h, w]
+
+    def forward_features_and_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class token [B, D], the encoder's output tokens of the feature cells as a map [B, D, h, w])."""
         feats = self.stem(x)                                                # [B, C, H, W]
+        h, w = feats.shape[-2:]
         # local CNNs: F' = F * max_i(A_i), the maps merged by element-wise max (TransFER, Sec. 3.1)
         feats = feats * self.attention_maps(feats).amax(dim=1, keepdim=True)
         tokens = self.to_tokens(feats).flatten(2).transpose(1, 2)          # [B, T = H*W, D]
@@ -164,7 +172,9 @@ class TransFER(nn.Module):
         tokens = tokens + self.pos_embed[:, :tokens.shape[1]]               # [B, 1 + T, D]
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens[:, 0])                                      # [B, D]
+        tokens = self.norm(tokens)
+        cells = tokens[:, 1:].transpose(1, 2).unflatten(2, (h, w))          # [B, D, h, w]
+        return tokens[:, 0], cells
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))

@@ -66,8 +66,9 @@ def check_encoder_spec(spec: Any, video_dim: int) -> None:
 class FrameEncoder(nn.Module):
     """Face pixels of the used frames -> their features, scattered back to [B, T, D] (zero elsewhere)."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], cells: int = 0):
         super().__init__()
+        self.cells = cells               # cells of the last feature map (stt over cells reads the maps)
         self.net = build_encoder(spec["arch"], spec["n_classes"], **spec["arch_cfg"])
         # the expression classifier is not on the feature path: frozen, so that DDP finds no parameter
         # without a gradient (it is kept, so the checkpoint holds the whole encoder)
@@ -77,30 +78,37 @@ class FrameEncoder(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(spec["std"], dtype=torch.float32).view(1, channels, 1, 1))
         self.input_size, self.feature_dim = spec["input_size"], spec["feature_dim"]
 
-    def encode(self, faces: torch.Tensor) -> torch.Tensor:
-        """[M, C, S, S] pixels (0..255) -> [M, D], normalised on the faces' device as the encoder was trained."""
+    def encode(self, faces: torch.Tensor, maps: bool = False) -> torch.Tensor:
+        """[M, C, S, S] pixels (0..255) -> features [M, D] (``maps``: last feature maps [M, h*w, D]),
+        normalised on the faces' device as the encoder was trained."""
         x = normalize(faces, self.pixel_mean, self.pixel_std)
+        run = self._maps if maps else self.net.forward_features
         if self.training and len(x) == 1:
             # batch statistics need two samples: a lone frame is encoded beside a copy of itself
-            return self.net.forward_features(x.expand(2, -1, -1, -1))[:1]
+            return run(x.expand(2, -1, -1, -1))[:1]
         if not self.training:
             # evaluation encodes every frame of every clip: in chunks, so that the activations of one
             # chunk, not of the whole batch, are what is held (exact: BatchNorm uses its running statistics)
-            return torch.cat([self.net.forward_features(c) for c in x.split(EVAL_CHUNK)])
-        return self.net.forward_features(x)
+            return torch.cat([run(c) for c in x.split(EVAL_CHUNK)])
+        return run(x)
 
-    def forward(self, faces: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # faces [M, C, S, S] with M = mask.sum(), mask [B, T] -> [B, T, D]
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.net.forward_features_and_maps(x)[1]                            # [M, D, h, w]
+        return maps.flatten(2).transpose(1, 2)                                     # [M, h*w, D], cells row by row
+
+    def forward(self, faces: torch.Tensor, mask: torch.Tensor, maps: bool = False) -> torch.Tensor:
+        # faces [M, C, S, S] with M = mask.sum(), mask [B, T] -> [B, T, D] (maps: [B, T, N, D])
         m = int(mask.sum())
         if faces.ndim != 4 or len(faces) != m or faces.shape[1:] != (self.pixel_mean.shape[1], self.input_size,
                                                                         self.input_size):
             raise ValueError(f"faces must be [{m}, {self.pixel_mean.shape[1]}, {self.input_size}, {self.input_size}] "
                              f"(one per frame the mask keeps), got {tuple(faces.shape)}")
-        out = torch.zeros(*mask.shape, self.feature_dim, device=mask.device)
         if m == 0:
-            return out
-        feats = self.encode(faces)                                                 # [M, D]
-        return out.to(feats.dtype).index_put((mask,), feats)                        # [B, T, D]
+            cells = (self.cells,) if maps else ()
+            return torch.zeros(*mask.shape, *cells, self.feature_dim, device=mask.device)
+        feats = self.encode(faces, maps)                                           # [M, D] or [M, N, D]
+        out = torch.zeros(*mask.shape, *feats.shape[1:], device=mask.device, dtype=feats.dtype)
+        return out.index_put((mask,), feats)                                       # [B, T, (N,) D]
 
 
 def clip_face_pixels(clip: ClipFeatures, input_size: int, grayscale: bool) -> torch.Tensor:

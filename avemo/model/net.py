@@ -22,8 +22,8 @@ from avemo.io import dataclass_from_dict, first_line
 from avemo.model.audio import FCNAudioStream, rename_legacy_keys
 from avemo.model.frames import FrameEncoder, check_encoder_spec
 from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling, ProductOfExperts
-from avemo.model.video import (VIDEO_STREAMS, AttentionVideoStream, FrameAttentionStream, MeanVideoStream,
-                               SpatioTemporalStream)
+from avemo.model.video import (STT_TOKENS, VIDEO_STREAMS, AttentionVideoStream, CellSpatioTemporalStream,
+                               FrameAttentionStream, MeanVideoStream, SpatioTemporalStream)
 
 MODEL_KIND = "avemo-model"
 MODEL_VERSION = 1
@@ -31,9 +31,11 @@ MODALITIES = ("audio", "video", "av")
 MAX_MEMBERS = 64                           # ensemble members a checkpoint may hold
 MAX_WIDTH = 1 << 16                        # any channel count, hidden size or feature size
 AUDIO_NORMS = ("global", "utterance")
-LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1}
+# stt_tokens: before spatial tokens, stt attended over one pooled vector per frame
+LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames"}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"   # shipped models (NAME.pt) and front-ends (audio_NAME.pt)
 DEFAULT_MODEL = "default"
+NORMALISATION_BUFFERS = ("mel_mean", "mel_std", "video_mean", "video_std", "map_mean", "map_std")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class ModelConfig:
     stt_layers: int = 2
     stt_heads: int = 4
     stt_max_frames: int = 256
+    stt_tokens: str = "cells"              # cells: each frame's feature-map cells (needs the cache's feature maps)
+                                           # | frames: one pooled vector per frame
+    video_cells: int = 0                   # cells per frame of the cache's feature maps (stt over cells)
     fusion: str = "fbp"                    # fbp | concat | product (late: each modality its own head)
     fbp_k: int = 4
     fbp_o: int = 256
@@ -72,6 +77,11 @@ class ModelConfig:
             raise ValueError(f"modalities must be one of {', '.join(MODALITIES)}, got '{self.modalities}'")
         if self.video_stream not in VIDEO_STREAMS:
             raise ValueError(f"unknown video stream '{self.video_stream}'; choose one of {', '.join(VIDEO_STREAMS)}")
+        if self.stt_tokens not in STT_TOKENS:
+            raise ValueError(f"stt_tokens must be one of {', '.join(STT_TOKENS)}, got '{self.stt_tokens}'")
+        if self.uses_maps and self.video_cells < 1:
+            raise ValueError("stt over cells needs the cache's feature maps (video_cells >= 1): re-extract the "
+                             "cache with avemo-extract --feature-maps, or use --stt-tokens frames")
         if self.audio_norm not in AUDIO_NORMS:
             raise ValueError(f"audio_norm must be one of {', '.join(AUDIO_NORMS)}, got '{self.audio_norm}'")
         if self.fusion not in FUSIONS:
@@ -81,8 +91,9 @@ class ModelConfig:
         sizes = {"n_classes": self.n_classes, "n_mels": self.n_mels, "video_dim": self.video_dim,
                  "audio_attention_hidden": self.audio_attention_hidden, "video_hidden": self.video_hidden,
                  "video_attention_hidden": self.video_attention_hidden, "stt_layers": self.stt_layers,
-                 "stt_heads": self.stt_heads, "stt_max_frames": self.stt_max_frames, "fbp_k": self.fbp_k,
-                 "fbp_o": self.fbp_o, **{f"audio_channels[{i}]": c for i, c in enumerate(self.audio_channels)}}
+                 "stt_heads": self.stt_heads, "stt_max_frames": self.stt_max_frames, "video_cells": self.video_cells,
+                 "fbp_k": self.fbp_k, "fbp_o": self.fbp_o,
+                 **{f"audio_channels[{i}]": c for i, c in enumerate(self.audio_channels)}}
         for name, v in sizes.items():
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_WIDTH:
                 raise ValueError(f"{name} must be a whole number from 0 to {MAX_WIDTH}, got {v!r}")
@@ -106,6 +117,16 @@ class ModelConfig:
     @property
     def uses_video(self) -> bool:
         return self.modalities in ("video", "av")
+
+    @property
+    def uses_maps(self) -> bool:
+        """The video stream reads each frame's feature map (batch key ``video_maps``), not only its vector."""
+        return self.uses_video and self.video_stream == "stt" and self.stt_tokens == "cells"
+
+    @property
+    def map_cells(self) -> int:
+        """Cells per frame the model's batches carry (``avemo.batching.collate``'s video_cells); 0: no maps."""
+        return self.video_cells if self.uses_maps else 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -132,6 +153,9 @@ def build_video_stream(cfg: ModelConfig) -> nn.Module:
         return MeanVideoStream(cfg.video_dim)
     if cfg.video_stream == "fan":
         return FrameAttentionStream(cfg.video_dim, cfg.video_hidden, cfg.fan_relation, cfg.dropout)
+    if cfg.stt_tokens == "cells":
+        return CellSpatioTemporalStream(cfg.video_dim, cfg.video_cells, cfg.video_hidden, cfg.stt_layers,
+                                        cfg.stt_heads, cfg.stt_max_frames, cfg.dropout)
     return SpatioTemporalStream(cfg.video_dim, cfg.video_hidden, cfg.stt_layers, cfg.stt_heads,
                                 cfg.stt_max_frames, cfg.dropout)
 
@@ -161,11 +185,16 @@ class AVEmoNet(nn.Module):
             dims.append(self.audio.out_dim)
         if cfg.uses_video:
             self.video = build_video_stream(cfg)
-            self.frame_encoder = FrameEncoder(cfg.frame_encoder) if cfg.frame_encoder is not None else None
+            self.frame_encoder = (FrameEncoder(cfg.frame_encoder, cfg.map_cells) if cfg.frame_encoder is not None
+                                  else None)
             if not self.late:
                 self.video_standin = nn.Parameter(torch.zeros(self.video.out_dim))
             self.register_buffer("video_mean", torch.zeros(cfg.video_dim))
             self.register_buffer("video_std", torch.ones(cfg.video_dim))
+            if cfg.uses_maps:
+                # the cells of a map spread wider than their mean (the pooled vector): their own statistics
+                self.register_buffer("map_mean", torch.zeros(cfg.video_dim))
+                self.register_buffer("map_std", torch.ones(cfg.video_dim))
             dims.append(self.video.out_dim)
         self.head_drop = nn.Dropout(cfg.dropout)
         if self.late:
@@ -184,7 +213,7 @@ class AVEmoNet(nn.Module):
 
     def set_normalisation(self, stats: dict[str, Any]) -> None:
         """Per-bin / per-dimension mean and std from the training split (``train`` computes them)."""
-        for name in ("mel_mean", "mel_std", "video_mean", "video_std"):
+        for name in NORMALISATION_BUFFERS:
             if hasattr(self, name) and stats.get(name) is not None:
                 value = torch.as_tensor(stats[name], dtype=torch.float32)
                 buf = getattr(self, name)
@@ -194,8 +223,7 @@ class AVEmoNet(nn.Module):
                 buf.copy_(value)
 
     def normalisation(self) -> dict[str, list[float]]:
-        return {n: getattr(self, n).tolist() for n in ("mel_mean", "mel_std", "video_mean", "video_std")
-                if hasattr(self, n)}
+        return {n: getattr(self, n).tolist() for n in NORMALISATION_BUFFERS if hasattr(self, n)}
 
     def _normalise_mel(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask[:, None, :].to(mel.dtype)                                            # [B, 1, T_a]
@@ -207,14 +235,21 @@ class AVEmoNet(nn.Module):
             centre = self.mel_mean[None, :, None]
         return (mel - centre) / self.mel_std[None, :, None] * m
 
-    def _frame_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cached features, or (end to end) the model's own encoder run on the used frames' faces."""
-        if self.frame_encoder is None:
-            return batch["video"]
-        if "faces" not in batch:
+    def _video_tokens(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Normalised face features [B, T_v, D], or feature maps [B, T_v, N, D] for stt over cells;
+        zero on masked frames. Cached, or (end to end) computed by the model's own encoder from
+        the face pixels of the used frames."""
+        if self.frame_encoder is not None and "faces" not in batch:
             raise ValueError("this model trains its face encoder end to end: its batch needs the face pixels "
                              "('faces', see avemo.model.frames), not only cached features")
-        return self.frame_encoder(batch["faces"], batch["video_mask"])
+        if self.cfg.uses_maps:
+            maps = (self.frame_encoder(batch["faces"], mask, maps=True) if self.frame_encoder is not None
+                    else batch["video_maps"])
+            v = (maps - self.map_mean) / self.map_std                                  # [B, T_v, N, D]
+            return v * mask[:, :, None, None].to(v.dtype)
+        feats = self.frame_encoder(batch["faces"], mask) if self.frame_encoder is not None else batch["video"]
+        v = (feats - self.video_mean) / self.video_std                                 # [B, T_v, D]
+        return v * mask[:, :, None].to(v.dtype)
 
     def _with_standin(self, x: torch.Tensor, present: torch.Tensor, standin: torch.Tensor) -> torch.Tensor:
         # the stand-in always enters the graph (zero gradient when unused), which DDP requires
@@ -231,9 +266,11 @@ class AVEmoNet(nn.Module):
             parts.append((a, has_audio, getattr(self, "audio_standin", None)))
         if self.cfg.uses_video:
             mask = batch["video_mask"]                                                # [B, T_v]
-            v = (self._frame_features(batch) - self.video_mean) / self.video_std      # [B, T_v, D]
-            v = v * mask[:, :, None].to(v.dtype)
-            v, out["video_attention"] = self.video(v, mask)                            # [B, H], [B, T_v]
+            v, w = self.video(self._video_tokens(batch, mask), mask)                   # [B, H], [B, T_v](, N)
+            if w.ndim == 3:
+                # where and when: per cell; a frame's weight is the sum of its cells'
+                out["video_cell_attention"], w = w, w.sum(-1)                          # [B, T_v, N], [B, T_v]
+            out["video_attention"] = w
             parts.append((v, mask.any(1), getattr(self, "video_standin", None)))
         if self.training and self.cfg.modality_dropout > 0 and len(parts) == 2:
             both = parts[0][1] & parts[1][1]
