@@ -42,12 +42,13 @@ from train.splits import no_split  # noqa: E402
 
 def random_cache(root: Path, n: int, seconds: float, frames: int, dim: int, seed: int = 0,
                  encoder=None) -> Path:
-    """``encoder`` (a loaded FaceEncoder): the cache also holds 112 px crops and names that encoder."""
+    """``encoder`` (a loaded FaceEncoder): the cache also holds 112 px crops and feature maps of that
+    encoder's grid (for stt over cells), and names that encoder."""
     rng = np.random.default_rng(seed)
     settings = ExtractionSettings(feature_dim=dim, frames=frames)
     if encoder is not None:
         settings = ExtractionSettings(feature_dim=encoder.feature_dim, frames=frames, keep_crops=True,
-                                      encoder=encoder.name, encoder_sha256=encoder.sha256)
+                                      feature_maps=True, encoder=encoder.name, encoder_sha256=encoder.sha256)
     rows = []
     for i in range(n):
         t_a = int(seconds * 100 * rng.uniform(0.7, 1.3))
@@ -56,6 +57,8 @@ def random_cache(root: Path, n: int, seconds: float, frames: int, dim: int, seed
                   "face_mask": rng.random(frames) > 0.1, "frame_times": np.linspace(0, seconds, frames)}
         if encoder is not None:
             arrays["crops"] = rng.integers(0, 256, (frames, settings.face_size, settings.face_size, 3), np.uint8)
+            grid = (frames, *encoder.map_grid, settings.feature_dim)
+            arrays["feature_maps"] = rng.normal(0, 1, grid).astype(np.float16)
         clip = f"c{i:05d}.mp4"
         ClipFeatures(clip=clip, settings=settings.to_dict(), arrays=arrays).save(root / feature_filename(clip))
         rows.append({"clip": clip, "status": "ok", "reason": "", "label": f"e{i % 6}", "speaker": f"s{i % 8}",
@@ -69,7 +72,8 @@ def clips_per_second(data, device: torch.device, on_device: str, amp: bool, epoc
     cfg = TrainConfig(epochs=epochs, batch_size=batch, patience=0, progress=False, features_on_device=on_device,
                       audio_init="none", finetune_encoder=finetune,
                       amp=amp, augment=AugmentConfig())
-    full = dict(model, n_classes=len(data.classes), n_mels=data.n_mels, video_dim=data.video_dim)
+    full = dict(model, n_classes=len(data.classes), n_mels=data.n_mels, video_dim=data.video_dim,
+                video_cells=data.video_cells)
     fit(data, no_split(len(data)), full, cfg, out, rt=Runtime(device))
     hist = pd.read_csv(out / "metrics.csv")
     return float(hist["clips_per_s"].iloc[1:].mean())
@@ -79,7 +83,7 @@ def one_stream_run(args) -> None:
     """Child process of ``--streams``: one training run; prints its figures as JSON."""
     device = torch.device(args.device)
     stream, mode = args.one.split(":")
-    data = load_training_data(args.cache)
+    data = load_training_data(args.cache, with_maps=stream == "stt")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cps = clips_per_second(data, device, "auto", device.type == "cuda", args.epochs, args.batch_size,
