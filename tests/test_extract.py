@@ -190,6 +190,10 @@ def test_cli_exit_codes(setup, tmp_path, capsys):
     assert "face encoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(junk), "--out", str(tmp_path / "c3"), "--frames", "4", "--fps", "2"])
+    if not torch.cuda.is_available():      # the workers report it; the command says it and stops
+        assert main([str(junk), "--out", str(tmp_path / "c4"), "--face-encoder", kw["face_encoder"],
+                     "--device", "cuda", "--quiet"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
 
 
 def test_cache_inside_the_input_folder_is_not_walked(setup, tmp_path):
