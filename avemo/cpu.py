@@ -83,8 +83,9 @@ def _v1_quota(folder: Path) -> float | None:
         return None
 
 
-# Extraction workers when none are asked for: each holds its own detector and encoder (some
-# 0.4 GB of memory), so even a large node gets at most this many by default.
+# Extraction workers when none are asked for: each is its own process with torch, the detector
+# and the encoder (0.8 GB resident at most on the bundled clips), so even a large node gets at
+# most this many by default.
 MAX_AUTO_WORKERS = 8
 
 
