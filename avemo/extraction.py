@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_silence
-from avemo.encoders import load_encoder
+from avemo.encoders import FaceEncoder, load_encoder
 from avemo.faces import Detections, FaceDetector, FaceTrack, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_video, unreadable_reason  # noqa: F401
@@ -51,18 +51,24 @@ class ClipExtractor:
     ``settings.encoder`` names the encoder (shipped name or file path); the loaded file's
     hash and feature size are filled into ``self.settings``. If ``settings`` already
     carries a hash (read back from a cache or a model checkpoint) the encoder must match it.
+    ``encoder``: a loaded encoder to embed with instead (a model's fine-tuned one).
     """
 
     def __init__(self, settings: ExtractionSettings | None = None, device: str | None = None,
-                 batch_frames: int = 16, with_video: bool = True):
+                 batch_frames: int = 16, with_video: bool = True, encoder: FaceEncoder | None = None):
         settings = settings or ExtractionSettings()
         self.device = device or default_device()
         # an audio-only consumer (an audio model at prediction time) never pays for faces
         self.with_video = with_video
         self.encoder = self.detector = None
         if with_video:
-            self.encoder = load_encoder(settings.encoder, self.device)
-            settings = with_encoder_identity(settings, self.encoder)
+            if encoder is None:
+                self.encoder = load_encoder(settings.encoder, self.device)
+                settings = with_encoder_identity(settings, self.encoder)
+            else:
+                # a model's own encoder (fine-tuned end to end from the one ``settings`` name): no
+                # file is opened, and the settings keep the identity of the encoder it started from
+                self.encoder = encoder
             self.detector = FaceDetector(self.device, settings.min_face_size, settings.min_face_prob,
                                          settings.min_face_frac)
         self.settings = settings

@@ -8,6 +8,7 @@ time, so memory stays bounded however long the file is.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 
 from avemo.batching import collate, to_device
 from avemo.checkpoint import CheckpointError
-from avemo.encoders import is_shipped_name
+from avemo.encoders import FaceEncoder, is_shipped_name
 from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, default_device
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name
@@ -98,7 +99,7 @@ class EmotionRecognizer:
         if face_encoder is not None:
             # same encoder (the hash is checked on load), another place on this machine
             settings = dataclasses.replace(settings, encoder=face_encoder)
-        elif self.cfg.uses_video and not is_shipped_name(settings.encoder):
+        elif self.cfg.uses_video and self.cfg.frame_encoder is None and not is_shipped_name(settings.encoder):
             # a checkpoint is data from elsewhere: the files it names are not opened on its word
             self._encoder_refusal = (
                 f"{self.path}: this model was trained with the face encoder file '{settings.encoder}'; avemo "
@@ -118,12 +119,26 @@ class EmotionRecognizer:
             if self._encoder_refusal:
                 raise CheckpointError(self._encoder_refusal)
             try:
-                self._extractor = ClipExtractor(self.settings, str(self.device), with_video=self.cfg.uses_video)
+                self._extractor = ClipExtractor(self.settings, str(self.device), with_video=self.cfg.uses_video,
+                                                encoder=self._own_encoder())
             except (ValueError, FileNotFoundError, CheckpointError) as e:
                 raise CheckpointError(
                     f"{self.path}: cannot set up the extraction this model was trained with: {e} "
                     "(pass --face-encoder PATH if the encoder file lives elsewhere)") from None
         return self._extractor
+
+    def _own_encoder(self) -> FaceEncoder | None:
+        """A model trained end to end carries its face encoder: extraction embeds with a copy of it,
+        so the file it started from is not needed (not even present) where the model is used."""
+        spec = self.cfg.frame_encoder if self.cfg.uses_video else None
+        if spec is None:
+            return None
+        start = spec.get("started_from", {})
+        return FaceEncoder(copy.deepcopy(self.network.frame_encoder.net), name=f"{start.get('name', 'encoder')} "
+                           "(fine-tuned in this model)", sha256=start.get("sha256", ""),
+                           classes=[str(i) for i in range(spec["n_classes"])], input_size=spec["input_size"],
+                           grayscale=spec["grayscale"], mean=spec["mean"], std=spec["std"], arch=spec["arch"],
+                           arch_cfg=spec["arch_cfg"], device=self.device)
 
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,
                 start: float | None = None, end: float | None = None) -> Prediction:
