@@ -180,3 +180,15 @@ def test_a_tampered_frame_encoder_is_refused_with_a_reason(fan_run, tmp_path, ch
     save_checkpoint(tmp_path / "bad.pt", ckpt, MODEL_KIND, MODEL_VERSION)
     with pytest.raises(CheckpointError, match=reason):
         load_model(tmp_path / "bad.pt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stream", ["fan", "stt"])
+def test_cuda_end_to_end_learns_with_the_crops_on_the_device(blind, tmp_path, stream):
+    # the GPU path: crops held on the device as uint8, bf16 autocast, stt over the encoder's own maps
+    report = run_training(blind["cache"], tmp_path / "run", dict(SMALL, video_stream=stream),
+                          quick(finetune_encoder=True), SPLIT)
+    assert report["uar"] >= 0.9, report
+    model, _ = load_model(tmp_path / "run" / "best.pt")          # and it loads on the CPU, as avemo-predict does
+    assert next(model.parameters()).device.type == "cpu" and model.cfg.frame_encoder is not None
