@@ -36,6 +36,21 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/s
     cgroup v2: ``cpu.max`` holds "QUOTA PERIOD" or "max PERIOD"; v1: ``cpu.cfs_quota_us`` (-1 when
     unlimited) over ``cpu.cfs_period_us``.
     """
+    return _tightest("cpu", _v2_quota, _v1_quota, ("cpu,cpuacct", "cpu"), root, proc_cgroup)
+
+
+def cgroup_memory_headroom(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process's cgroup and its ancestors may still take before their memory limit
+    (the least over the path), or None if none is limited.
+
+    cgroup v2: ``memory.max`` ("max" when unlimited) minus ``memory.current``; v1:
+    ``memory.limit_in_bytes`` (a huge number when unlimited) minus ``memory.usage_in_bytes``.
+    """
+    return _tightest("memory", _v2_headroom, _v1_headroom, ("memory",), root, proc_cgroup)
+
+
+def _tightest(controller: str, read_v2, read_v1, v1_names: tuple[str, ...], root: Path, proc_cgroup: Path):
+    """The least value ``read`` gives over this process's cgroup and its ancestors (None: no limit)."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -47,12 +62,12 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/s
             continue
         _, controllers, rel = parts
         if controllers == "":                                       # v2 unified hierarchy
-            base, read = root, _v2_quota
-        elif "cpu" in controllers.split(","):
-            base = next((root / name for name in (controllers, "cpu,cpuacct", "cpu") if (root / name).is_dir()), None)
+            base, read = root, read_v2
+        elif controller in controllers.split(","):
+            base = next((root / name for name in (controllers, *v1_names) if (root / name).is_dir()), None)
             if base is None:
                 continue
-            read = _v1_quota
+            read = read_v1
         else:
             continue
         path = base / rel.lstrip("/")
@@ -64,6 +79,39 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/s
                 break
             path = path.parent
     return best
+
+
+def _v2_headroom(folder: Path) -> int | None:
+    try:
+        limit = (folder / "memory.max").read_text().strip()
+        return None if limit == "max" else max(0, int(limit) - int((folder / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_headroom(folder: Path) -> int | None:
+    try:
+        limit = int((folder / "memory.limit_in_bytes").read_text())
+        if limit >= 1 << 60:                # v1 writes "unlimited" as a page-rounded maximum
+            return None
+        return max(0, limit - int((folder / "memory.usage_in_bytes").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes new processes can have without swapping: the kernel's MemAvailable, capped by the
+    cgroup's memory headroom; None where neither can be read."""
+    free = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    cap = cgroup_memory_headroom()
+    return cap if free is None else free if cap is None else min(free, cap)
 
 
 def _v2_quota(folder: Path) -> float | None:
@@ -84,20 +132,27 @@ def _v1_quota(folder: Path) -> float | None:
 
 
 # Extraction workers when none are asked for: each is its own process with torch, the detector
-# and the encoder (0.8 GB resident at most on the bundled clips), so even a large node gets at
-# most this many by default.
+# and the encoder (0.8 GB resident at most on the bundled clips, more while a long recording's
+# waveform is held), so they are counted at WORKER_MEMORY each against the memory available,
+# and even a large node gets at most MAX_AUTO_WORKERS.
 MAX_AUTO_WORKERS = 8
+WORKER_MEMORY = 1 << 30
 
 
 def default_workers() -> int:
-    """Extraction processes when not asked for: one per usable CPU, each with one torch thread.
+    """Extraction processes when not asked for: one per usable CPU, each with one torch thread,
+    as many as the available memory holds at ``WORKER_MEMORY`` each, at most ``MAX_AUTO_WORKERS``.
 
     A clip's work is many small steps (decoding, MTCNN's small networks on a few crops, one
     encoder batch) that intra-op threads barely speed up, while processes keep every core
     busy: on 2 cores, 2 workers of 1 thread extracted 36 clips in 5.5 s against 7.1 s for one
-    worker of 2 threads.
+    worker of 2 threads. A laptop with many cores and little memory must not swap for it.
     """
-    return max(1, min(usable_cpus(), MAX_AUTO_WORKERS))
+    n = min(usable_cpus(), MAX_AUTO_WORKERS)
+    memory = available_memory()
+    if memory is not None:
+        n = min(n, memory // WORKER_MEMORY)
+    return max(1, n)
 
 
 def threads_for(workers: int = 1, requested: int | None = None) -> int:

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shipped encoder name or encoder file (default: default)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="parallel extraction processes (default: one per usable CPU, at most 8)")
+                   help="parallel extraction processes (default: one per usable CPU, at most 8 and as many "
+                        "as the available memory holds at 1 GB each)")
     p.add_argument("--shard", metavar="I/N", help="do only shard I of N (1-based), e.g. $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("--keep-crops", action="store_true", help="also store the aligned face crops (uint8)")
     p.add_argument("--feature-maps", action="store_true",

@@ -50,14 +50,45 @@ def test_threads_follow_affinity_quota_workers_and_explicit_choices(monkeypatch)
     assert cpu.threads_for(workers=2) == 5
 
 
-def test_extraction_workers_default_to_one_per_usable_cpu_within_a_cap(monkeypatch):
+def test_extraction_workers_default_to_one_per_usable_cpu_within_memory_and_a_cap(monkeypatch):
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(cpu, "available_memory", lambda: 64 * cpu.WORKER_MEMORY)
     monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda *a, **k: 3.0)
     assert cpu.default_workers() == 3
     monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda *a, **k: None)
     assert cpu.default_workers() == cpu.MAX_AUTO_WORKERS      # each holds its own models
+    monkeypatch.setattr(cpu, "available_memory", lambda: int(2.5 * cpu.WORKER_MEMORY))
+    assert cpu.default_workers() == 2                         # a many-core laptop with little memory
+    monkeypatch.setattr(cpu, "available_memory", lambda: 0)
+    assert cpu.default_workers() == 1
+    monkeypatch.setattr(cpu, "available_memory", lambda: None)
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {5})
     assert cpu.default_workers() == 1
+
+
+def test_memory_available_is_the_kernels_capped_by_the_tightest_cgroup_limit(tmp_path, monkeypatch):
+    root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"
+    _write(proc, "0::/user/job\n")
+    _write(root / "user" / "memory.max", "8589934592\n")                 # 8 GiB, 1 GiB used
+    _write(root / "user" / "memory.current", "1073741824\n")
+    _write(root / "user" / "job" / "memory.max", "max\n")
+    _write(root / "user" / "job" / "memory.current", "5\n")
+    assert cpu.cgroup_memory_headroom(root, proc) == 7 << 30
+    _write(root / "user" / "memory.max", "max\n")
+    assert cpu.cgroup_memory_headroom(root, proc) is None
+    v1 = tmp_path / "proc_v1"
+    _write(v1, "9:memory:/docker/abc\n3:cpu:/x\n")
+    _write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", str(3 << 30) + "\n")
+    _write(root / "memory" / "docker" / "abc" / "memory.usage_in_bytes", str(1 << 30) + "\n")
+    _write(root / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")   # v1's "unlimited"
+    assert cpu.cgroup_memory_headroom(root, v1) == 2 << 30
+    meminfo = tmp_path / "meminfo"
+    _write(meminfo, "MemTotal:       16384000 kB\nMemAvailable:    4194304 kB\n")
+    monkeypatch.setattr(cpu, "cgroup_memory_headroom", lambda: 2 << 30)
+    assert cpu.available_memory(meminfo) == 2 << 30                       # the container's limit is tighter
+    monkeypatch.setattr(cpu, "cgroup_memory_headroom", lambda: None)
+    assert cpu.available_memory(meminfo) == 4 << 30
+    assert cpu.available_memory(tmp_path / "missing") is None
 
 
 def test_importing_avemo_asks_openmp_to_sleep_not_spin_unless_the_user_chose():
