@@ -171,9 +171,10 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
     running it again. ``frames``/``fps``/``face_encoder``/``keep_crops``/``feature_maps``/``track_faces``
     override the corresponding fields of ``settings`` (default ``ExtractionSettings()``, 16
     frames a clip; None leaves a field as it is there).
-    Clips are extracted in ``workers`` supervised processes (default: ``avemo.cpu.default_workers``,
-    one per usable CPU within memory and a cap); one that takes longer than ``clip_timeout`` seconds (default: scaled by its
-    duration, ``extract.workers``) is stopped and recorded as failed. Raises ``UsageError``
+    Clips are extracted in ``workers`` supervised processes (default:
+    ``avemo.cpu.default_workers``, one per usable CPU within memory and a cap); one that takes
+    longer than ``clip_timeout`` seconds (default: scaled by its duration, ``extract.workers``)
+    is stopped and recorded as failed. Raises ``UsageError``
     for bad arguments, ``SettingsMismatch`` when ``out`` holds a cache made with other
     settings, ``CacheBusy`` when another run holds it, and ``NoSpaceError`` when the disk
     fills (finished clips stay).
