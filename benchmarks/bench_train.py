@@ -1,5 +1,6 @@
-"""Training throughput (clips/s) of avemo-train: cache held on the device vs collated per batch;
-with ``--streams``, each video stream frozen vs end to end (``--finetune-encoder``).
+"""Training throughput (clips/s) of avemo-train: what the CPU runtime settings buy, and the cache
+held on the device vs collated per batch; with ``--streams``, each video stream frozen vs end
+to end (``--finetune-encoder``).
 
     python benchmarks/bench_train.py [--clips 256] [--epochs 3] [--threads N]
     python benchmarks/bench_train.py --streams [--clips 64] [--epochs 3] [--threads N]
@@ -7,8 +8,11 @@ with ``--streams``, each video stream frozen vs end to end (``--finetune-encoder
 Builds a random cache of realistic shape (64-bin log-mel of 3 s clips at a 10 ms hop,
 16 face frames of 512-D features, lengths varying by +-30 %) in a temporary folder and runs
 the real training loop (``train.loop.fit``) on it; clips/s is the mean over the epochs after
-the first. Runs on the CPU, and on CUDA too when there is a GPU. The baseline of each
-device is "collated per batch" (what a data loader does); the ratio column is against it.
+the first. Each row is its own process (its own allocator settings and peak resident memory,
+from the kernel via ``wait4``). CPU rows, each against the first: glibc's default allocator
+with float32 (avemo before it set its allocator), then what avemo-train does (heap-served
+large blocks, ``avemo.cpu.reuse_freed_memory``), the cache held in memory, and bf16 autocast
+where the CPU computes bf16 in hardware. On CUDA: float32 and bf16, collated vs held on the GPU.
 
 ``--streams``: the same kind of cache with aligned face crops (112 px RGB, random pixels) and
 the shipped ``default`` face encoder's identity; each of ``attention``, ``fan``, ``stt`` is
@@ -34,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avemo.features import ClipFeatures, ExtractionSettings, feature_filename  # noqa: E402
+from avemo.cpu import cpu_computes_bf16, reuse_freed_memory  # noqa: E402
 from train.augment import AugmentConfig  # noqa: E402
 from train.data import load_training_data  # noqa: E402
 from train.loop import Runtime, TrainConfig, fit  # noqa: E402
@@ -83,10 +88,11 @@ def one_stream_run(args) -> None:
     """Child process of ``--streams``: one training run; prints its figures as JSON."""
     device = torch.device(args.device)
     stream, mode = args.one.split(":")
+    reuse_freed_memory()                      # as avemo-train does
     data = load_training_data(args.cache, with_maps=stream == "stt")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cps = clips_per_second(data, device, "auto", device.type == "cuda", args.epochs, args.batch_size,
+    cps = clips_per_second(data, device, "auto", True, args.epochs, args.batch_size,
                            dict(modalities="video", video_stream=stream), Path(args.out), finetune=mode == "e2e")
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
     print(json.dumps({"clips_per_s": cps, "gpu_mb": gpu}))
@@ -103,26 +109,43 @@ def stream_rows(args) -> None:
         for dev in devices:
             for stream in ("attention", "fan", "stt"):
                 for mode in ("frozen", "e2e"):
-                    cmd = [sys.executable, __file__, "--one", f"{stream}:{mode}", "--cache", str(cache),
-                           "--out", str(tmp / f"{dev}-{stream}-{mode}"), "--device", dev, "--epochs", str(args.epochs),
-                           "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
-                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                    out = proc.stdout.read()
-                    _, status, usage = os.wait4(proc.pid, 0)
-                    if status:
-                        raise SystemExit(f"{' '.join(cmd)} failed (status {status})")
-                    fig = json.loads(out.strip().splitlines()[-1])
-                    rows.append((dev, stream, mode, fig["clips_per_s"], usage.ru_maxrss / 1024, fig["gpu_mb"]))
+                    fig, rss = _child(args, ["--one", f"{stream}:{mode}", "--cache", str(cache), "--device", dev],
+                                      tmp / f"{dev}-{stream}-{mode}")
+                    rows.append((dev, stream, mode, fig["clips_per_s"], rss, fig["gpu_mb"]))
     threads = args.threads or torch.get_num_threads()
     print(f"avemo-train, video only: {args.clips} clips x 16 frames (112 px crops; shipped 'default' encoder, 48 px "
           f"grey, 512-D), batch {args.batch_size}, mean of epochs 2..{args.epochs}; e2e = --finetune-encoder, "
-          f"3 frames per clip a step; cpu rows: {threads} thread(s)")
+          f"3 frames per clip a step; cpu rows: {threads} thread(s), "
+          f"{'bf16 autocast' if cpu_computes_bf16() else 'float32'} (avemo-train's default)")
     print(f"{'device':<8}{'stream':<11}{'encoder':<10}{'clips/s':>9}{'vs frozen':>11}{'peak RSS MB':>13}{'peak GPU MB':>13}")
     frozen = {}
     for dev, stream, mode, cps, rss, gpu in rows:
         frozen.setdefault((dev, stream), cps)
         gpu_text = f"{gpu:.0f}" if gpu is not None else "-"
         print(f"{dev:<8}{stream:<11}{mode:<10}{cps:>9.1f}{cps / frozen[(dev, stream)]:>10.2f}x{rss:>13.0f}{gpu_text:>13}")
+
+
+def one_row_run(args) -> None:
+    """Child process of the main table: one configuration ``DEVICE:bf16|fp32:yes|no:reuse|glibc``."""
+    dev, precision, on_device, alloc = args.row.split(":")
+    if alloc == "reuse":
+        reuse_freed_memory()
+    data = load_training_data(args.cache)
+    cps = clips_per_second(data, torch.device(dev), on_device, precision == "bf16", args.epochs, args.batch_size,
+                           dict(modalities="av", video_stream="attention", fusion="fbp"), Path(args.out))
+    print(json.dumps({"clips_per_s": cps}))
+
+
+def _child(args, extra: list[str], out: Path) -> tuple[dict, float]:
+    """Runs this script with ``extra`` in its own process; its printed figures and peak RSS (MB)."""
+    cmd = [sys.executable, __file__, *extra, "--out", str(out), "--epochs", str(args.epochs),
+           "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise SystemExit(f"{' '.join(cmd)} failed (status {status})")
+    return json.loads(text.strip().splitlines()[-1]), usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -134,6 +157,7 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--streams", action="store_true", help="each video stream, frozen vs end to end (--finetune-encoder)")
     p.add_argument("--one", help=argparse.SUPPRESS)       # child of --streams: STREAM:frozen|e2e
+    p.add_argument("--row", help=argparse.SUPPRESS)       # child of the main table
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -142,29 +166,33 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.one:
         return one_stream_run(args)
+    if args.row:
+        return one_row_run(args)
     if args.streams:
         return stream_rows(args)
-    model = dict(modalities="av", video_stream="attention", fusion="fbp")
+    configs = [("cpu", "fp32", "no", "glibc"), ("cpu", "fp32", "no", "reuse"), ("cpu", "fp32", "yes", "reuse")]
+    if cpu_computes_bf16():
+        configs.append(("cpu", "bf16", "yes", "reuse"))
+    if torch.cuda.is_available():
+        configs += [("cuda", prec, mode, "reuse") for prec in ("fp32", "bf16") for mode in ("no", "yes")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = load_training_data(random_cache(tmp / "cache", args.clips, args.seconds, 16, 512))
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-        for dev in devices:
-            amps = [False, True] if dev.type == "cuda" else [False]
-            for amp in amps:
-                base = None
-                for mode, label in (("no", "collated per batch"), ("yes", "held on the device")):
-                    run = tmp / f"{dev.type}-{amp}-{mode}"
-                    cps = clips_per_second(data, dev, mode, amp, args.epochs, args.batch_size, model, run)
-                    base = base or cps
-                    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-                    rows.append((name, "bf16" if amp else "fp32", label, cps, cps / base))
+        cache = random_cache(tmp / "cache", args.clips, args.seconds, 16, 512)
+        for i, cfg in enumerate(configs):
+            fig, rss = _child(args, ["--row", ":".join(cfg), "--cache", str(cache)], tmp / f"run{i}")
+            rows.append((*cfg, fig["clips_per_s"], rss))
+    threads = args.threads or torch.get_num_threads()
     print(f"avemo-train throughput: {args.clips} clips of ~{args.seconds:g} s (64 mels) + 16 frames x 512-D, "
-          f"av / attention / fbp, batch {args.batch_size}, mean of epochs 2..{args.epochs}")
-    print(f"{'device':<28}{'precision':<11}{'features':<22}{'clips/s':>9}{'vs collated':>13}")
-    for name, prec, label, cps, ratio in rows:
-        print(f"{name:<28}{prec:<11}{label:<22}{cps:>9.1f}{ratio:>12.2f}x")
+          f"av / attention / fbp, batch {args.batch_size}, mean of epochs 2..{args.epochs}; cpu rows: {threads} thread(s)")
+    print(f"{'device':<8}{'precision':<11}{'allocator':<18}{'features':<22}{'clips/s':>9}{'vs first':>10}{'peak RSS MB':>13}")
+    first = {}
+    for dev, prec, mode, alloc, cps, rss in rows:
+        base = first.setdefault(dev, cps)
+        name = torch.cuda.get_device_name() if dev == "cuda" else dev
+        alloc_text = "glibc default" if alloc == "glibc" else "heap reuse"
+        feats = "held on the device" if mode == "yes" else "collated per batch"
+        print(f"{name:<8}{prec:<11}{alloc_text:<18}{feats:<22}{cps:>9.1f}{cps / base:>9.2f}x{rss:>13.0f}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avemo.batching import collate, to_device  # noqa: E402
+from avemo.cpu import reuse_freed_memory  # noqa: E402
 from avemo.model import load_model  # noqa: E402
 from avemo.model.frontend import load_frontend  # noqa: E402
 from emodb_reference import log_mel_stats, logistic_regression  # noqa: E402
@@ -75,6 +76,7 @@ def ravdess_folds(speakers: list[str | None], k: int = 4) -> list[list[str]]:
 
 def _worker_init() -> None:
     torch.set_num_threads(1)
+    reuse_freed_memory()          # as the training commands do
 
 
 def task_fit(cache: str, out: str, model: dict, cfg, split: SplitOptions) -> dict:

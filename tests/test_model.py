@@ -389,12 +389,51 @@ def test_masked_batchnorm_statistics_hold_in_bf16_for_large_means():
     x = x.to(torch.bfloat16)
     mask = torch.ones(4, 50, dtype=torch.bool)
     mask[1, 30:] = False
-    y = bn(x, mask).float()
+    y = bn(x, mask[:, None, None, :].to(x.dtype)).detach().float()
     valid = mask[:, None, None, :].expand_as(y)
     for c in range(3):
         yc = y[:, c][valid[:, c]]
         assert abs(float(yc.mean())) < 0.05
         assert float(yc.std()) == pytest.approx(1.0, abs=0.03), (c, float(yc.std()))
+
+
+def test_masked_batchnorm_equals_batchnorm_over_the_valid_cells_alone():
+    # the closed-form moments (from the zero-padded tensor's own) must give exactly what a
+    # BatchNorm over only the valid time steps gives: outputs, gradients and running statistics
+    from avemo.model.audio import MaskedBatchNorm2d
+    torch.manual_seed(0)
+    bn = MaskedBatchNorm2d(3).train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.3, 2.0]))
+    lengths = [11, 4, 7]
+    x = (torch.randn(3, 3, 5, 11) * 2 + 3).requires_grad_()   # padded steps hold junk: it must be ignored
+    keep = lengths_mask(lengths, 11)[:, None, None, :].float()
+    y = bn(x, keep)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    ref_bn = torch.nn.BatchNorm2d(3).train()
+    ref_bn.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "running_mean" and k != "running_var"},
+                           strict=False)
+    xr = x.detach().clone().requires_grad_()
+    valid = torch.cat([xr[i, :, :, :n] for i, n in enumerate(lengths)], dim=2)   # [C, F, all valid steps]
+    yr = ref_bn(valid.reshape(3, 5, -1)[None])[0]                                 # [C, F, sum(n)]
+    gr = torch.cat([g[i, :, :, :n] for i, n in enumerate(lengths)], dim=2)
+    (yr * gr).sum().backward()
+
+    got = torch.cat([y[i, :, :, :n] for i, n in enumerate(lengths)], dim=2)
+    torch.testing.assert_close(got, yr, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(lengths):
+        assert torch.equal(y[i, :, :, n:], torch.zeros_like(y[i, :, :, n:]))       # padding comes out zero
+        assert torch.equal(x.grad[i, :, :, n:], torch.zeros_like(x.grad[i, :, :, n:]))
+    torch.testing.assert_close(torch.cat([x.grad[i, :, :, :n] for i, n in enumerate(lengths)], dim=2),
+                               torch.cat([xr.grad[i, :, :, :n] for i, n in enumerate(lengths)], dim=2),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.weight.grad, ref_bn.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.bias.grad, ref_bn.bias.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, atol=1e-6, rtol=1e-5)
 
 
 def test_checkpoints_from_before_convs_per_block_still_load(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from avemo.checkpoint import CheckpointError
-from avemo.cpu import set_torch_threads
+from avemo.cpu import reuse_freed_memory, set_torch_threads
 from avemo.io import NoSpaceError, write_json_atomic
 from avemo.model import FUSIONS, LOSSES, MODALITIES, STT_TOKENS, VIDEO_STREAMS, ModelConfig
 from train.augment import AugmentConfig
@@ -279,7 +279,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     g.add_argument("--features-on-device", choices=("auto", "yes", "no"), default=t["features_on_device"],
                    help="hold the padded cache on the training device (auto: when it fits)")
-    g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--no-amp", action="store_true", help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with bf16 in hardware)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the CPUs this process may use, "
                                                "from its affinity and cgroup quota, or OMP_NUM_THREADS)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -325,6 +325,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # distributed ranks on one machine share its CPUs
     set_torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.threads)
+    reuse_freed_memory()
     _setup_logging(Path(args.out), int(os.environ.get("RANK", "0")) == 0)
     try:
         model, cfg, split = options_from_args(args)

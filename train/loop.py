@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from avemo.batching import collate, to_device, trim_batch
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avemo.cpu import cpu_computes_bf16
 from avemo.features import ExtractionSettings
 from avemo.io import atomic_path, write_json_atomic
 from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
@@ -58,7 +59,7 @@ class TrainConfig:
     ensemble: int = 1                  # members trained with seeds seed, seed+1, ...; probabilities averaged
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     features_on_device: str = "auto"   # auto | yes | no
-    amp: bool = True                   # autocast (bf16) on CUDA
+    amp: bool = True                   # bf16 autocast on CUDA and on CPUs with bf16 in hardware
     progress: bool = True
     # end to end (train.finetune): the face encoder the cache was extracted with trains with the video stream
     finetune_encoder: bool = False
@@ -240,10 +241,18 @@ def evaluate(model, store: FeatureStore, classes: list[str], batch_size: int, am
     return classification_metrics(store.labels.cpu().numpy(), pred, classes)
 
 
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the hardware computes it: every CUDA GPU avemo supports, and CPUs with
+    AVX512-BF16 or AMX (there the audio FCN trains 1.3-1.8x faster, ``benchmarks/bench_train.py``).
+    The model keeps its softmaxes, losses and BatchNorm statistics in float32 either way."""
+    if amp and (device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())):
+        return torch.bfloat16
+    return None
+
+
 def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = autocast_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -413,9 +422,10 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "split.json", split.to_dict())
-        log.info("train %d clips (%s), val %d, test %d; device %s x%d, features %s", len(split.train),
+        log.info("train %d clips (%s), val %d, test %d; device %s x%d (%s), features %s", len(split.train),
                  ", ".join(split.speakers.get("train", [])) or "all", len(split.val), len(split.test),
-                 rt.device, rt.world, "held on the device" if train_store.on_device else "collated per batch")
+                 rt.device, rt.world, "bf16 autocast" if autocast_dtype(rt.device, cfg.amp) else "float32",
+                 "held on the device" if train_store.on_device else "collated per batch")
         if e2e:
             log.info("face encoder trained end to end from '%s' (lr %g): %s frames per clip a step, %d face crops %s",
                      mcfg.frame_encoder["started_from"]["name"], cfg.encoder_lr, cfg.frames_per_clip or "all",

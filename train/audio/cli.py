@@ -27,7 +27,7 @@ import torch
 
 import avemo
 from avemo.checkpoint import CheckpointError
-from avemo.cpu import set_torch_threads
+from avemo.cpu import reuse_freed_memory, set_torch_threads
 from avemo.features import ExtractionSettings
 from avemo.io import NoSpaceError
 from avemo.model import load_model
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_torch_threads(requested=args.threads)
+    reuse_freed_memory()
     _setup_logging(Path(args.out), True)
     command = "avemo-train-audio " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from avemo.checkpoint import CheckpointError
-from avemo.cpu import set_torch_threads
+from avemo.cpu import reuse_freed_memory, set_torch_threads
 from avemo.encoders import ARCH_PRESETS, ARCHITECTURES, DEFAULT_PRESET, load_encoder
 from train.face.data import DataError, read_image_folder
 from train.metrics import classification_metrics
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_torch_threads(requested=args.threads)
+    reuse_freed_memory()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.evaluate:
