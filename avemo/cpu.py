@@ -183,28 +183,46 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 TRIM_THRESHOLD = 512 * 2 ** 20
 
 
+def _glibc():
+    """The C library when it is glibc (musl and macOS have other allocators), else None."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _user_set_malloc() -> bool:
+    return "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ)
+
+
 def reuse_freed_memory() -> bool:
     """Let glibc's malloc serve torch's large CPU tensors from its heap, and keep freed memory.
 
     By default glibc gives every block over 32 MB fresh pages of its own (mmap) and returns them
     on free, so each training step's activations (78 MB for one 32-channel map of a batch of
     32 three-second spectrograms) are page-faulted and zeroed by the kernel anew: measured on
-    2 cores, that kernel time was 40 % of avemo-train's wall time, and heap-served blocks
-    trained the audio FCN 1.7x faster (``benchmarks/bench_train.py``), for about 35 % more
-    peak resident memory (blocks stay with the process for the next step). Only for processes
-    that repeat large allocations: the training commands. A user's own MALLOC_* or
-    GLIBC_TUNABLES settings win. Returns whether the setting was made (False off glibc).
+    2 cores, that kernel time was about 40 % of avemo-train's CPU time, and heap-served blocks
+    trained the default model 1.7x faster (``benchmarks/bench_train.py``). Blocks then stay
+    with the process for the next step; :func:`release_free_memory` hands back what a phase
+    left free. Only for processes that repeat large allocations: the training commands. A
+    user's own MALLOC_* or GLIBC_TUNABLES settings win. Returns whether the setting was made.
     """
-    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+    libc = None if _user_set_malloc() else _glibc()
+    if libc is None:
         return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version          # glibc only: musl and macOS have other allocators
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_free_memory() -> None:
+    """Hand the pages of free heap blocks back to the kernel (glibc's malloc_trim), between phases
+    whose blocks differ in size (training steps, then evaluation at another batch size), so that
+    what one phase left free does not add to the next one's peak. A no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=1)

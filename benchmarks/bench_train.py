@@ -116,7 +116,7 @@ def stream_rows(args) -> None:
     print(f"avemo-train, video only: {args.clips} clips x 16 frames (112 px crops; shipped 'default' encoder, 48 px "
           f"grey, 512-D), batch {args.batch_size}, mean of epochs 2..{args.epochs}; e2e = --finetune-encoder, "
           f"3 frames per clip a step; cpu rows: {threads} thread(s), "
-          f"{'bf16 autocast' if cpu_computes_bf16() else 'float32'} (avemo-train's default)")
+          f"{'bf16 autocast frozen, float32 end to end' if cpu_computes_bf16() else 'float32'} (avemo-train's defaults)")
     print(f"{'device':<8}{'stream':<11}{'encoder':<10}{'clips/s':>9}{'vs frozen':>11}{'peak RSS MB':>13}{'peak GPU MB':>13}")
     frozen = {}
     for dev, stream, mode, cps, rss, gpu in rows:

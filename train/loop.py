@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from avemo.batching import collate, to_device, trim_batch
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from avemo.cpu import cpu_computes_bf16
+from avemo.cpu import cpu_computes_bf16, release_free_memory
 from avemo.features import ExtractionSettings
 from avemo.io import atomic_path, write_json_atomic
 from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
@@ -225,7 +225,7 @@ def predict_outputs(model: torch.nn.Module, store: FeatureStore, batch_size: int
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for start in range(0, len(store), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(store)))
-        with _autocast(store.device, amp):
+        with _autocast(store.device, amp, getattr(model, "cfg", None)):
             out = model(store.batch(idx))
         for k in keys:
             outs[k].append(out[k].float().cpu())
@@ -241,17 +241,23 @@ def evaluate(model, store: FeatureStore, classes: list[str], batch_size: int, am
     return classification_metrics(store.labels.cpu().numpy(), pred, classes)
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the hardware computes it: every CUDA GPU avemo supports, and CPUs with
-    AVX512-BF16 or AMX (there the audio FCN trains 1.3-1.8x faster, ``benchmarks/bench_train.py``).
-    The model keeps its softmaxes, losses and BatchNorm statistics in float32 either way."""
-    if amp and (device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())):
+def autocast_dtype(device: torch.device, amp: bool, model_cfg: ModelConfig | None) -> torch.dtype | None:
+    """bf16 on every CUDA GPU avemo supports. On a CPU with bf16 in hardware (AVX512-BF16 or AMX)
+    too, except when a face encoder is trained end to end: measured on one such CPU
+    (``benchmarks/bench_train.py``), bf16 trained the default av model 1.3x faster than float32
+    and stt over cells 1.4x, while end-to-end video (the encoder's depth-wise convolutions) ran
+    0.85x. The model keeps its softmaxes, losses and BatchNorm statistics in float32 either way."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and (model_cfg is None or model_cfg.frame_encoder is None) and cpu_computes_bf16():
         return torch.bfloat16
     return None
 
 
-def _autocast(device: torch.device, amp: bool):
-    dtype = autocast_dtype(device, amp)
+def _autocast(device: torch.device, amp: bool, model_cfg: ModelConfig | None):
+    dtype = autocast_dtype(device, amp, model_cfg)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -424,7 +430,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         write_json_atomic(out / "split.json", split.to_dict())
         log.info("train %d clips (%s), val %d, test %d; device %s x%d (%s), features %s", len(split.train),
                  ", ".join(split.speakers.get("train", [])) or "all", len(split.val), len(split.test),
-                 rt.device, rt.world, "bf16 autocast" if autocast_dtype(rt.device, cfg.amp) else "float32",
+                 rt.device, rt.world, "bf16 autocast" if autocast_dtype(rt.device, cfg.amp, mcfg) else "float32",
                  "held on the device" if train_store.on_device else "collated per batch")
         if e2e:
             log.info("face encoder trained end to end from '%s' (lr %g): %s frames per clip a step, %d face crops %s",
@@ -447,7 +453,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
                 batch = train_store.crops.attach(batch, cfg.frames_per_clip, crop_aug)
             batch, partner, lam = augment.mixup(batch)
             target = train_store.labels[idx.to(rt.device)]
-            with _autocast(rt.device, cfg.amp):
+            with _autocast(rt.device, cfg.amp, mcfg):
                 logits = train_model(batch)["logits"].float()
                 loss = criterion(logits, target)
                 if partner is not None:
@@ -467,6 +473,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
             seen += len(idx)
         if cfg.schedule == "cosine":
             scheduler.step()
+        release_free_memory()
         row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0, "clips_per_s": seen * rt.world / max(time.perf_counter() - t0, 1e-9)}
         improved = True
@@ -474,6 +481,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
             m = evaluate(model, val_store, data.classes, cfg.batch_size * 2, cfg.amp)
             row.update(val_uar=m["uar"], val_war=m["accuracy"], val_f1=m["macro_f1"])
             improved = m["uar"] > best_uar
+            release_free_memory()
         improved = _broadcast(rt, improved)
         if improved:
             best_uar, since_best = row.get("val_uar", best_uar), 0
