@@ -205,7 +205,7 @@ def reuse_freed_memory() -> bool:
     on free, so each training step's activations (78 MB for one 32-channel map of a batch of
     32 three-second spectrograms) are page-faulted and zeroed by the kernel anew: measured on
     2 cores, that kernel time was about 40 % of avemo-train's CPU time, and heap-served blocks
-    trained the default model 1.7x faster (``benchmarks/bench_train.py``). Blocks then stay
+    trained the default model 1.5x faster (``benchmarks/bench_train.py``). Blocks then stay
     with the process for the next step; :func:`release_free_memory` hands back what a phase
     left free. Only for processes that repeat large allocations: the training commands. A
     user's own MALLOC_* or GLIBC_TUNABLES settings win. Returns whether the setting was made.
