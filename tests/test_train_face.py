@@ -119,6 +119,9 @@ def test_label_distribution_generator_targets_are_its_softmax(tmp_path):
     torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="must be the same"):
         LabelDistributionGenerator(load_encoder(tmp_path / "ldg.pt"), ["x", "y", "z"])
+    # the generator's distributions are the targets: a smoothing setting would be silently dropped, so it is refused
+    with pytest.raises(ValueError, match="leave --label-smoothing out"):
+        TrainConfig(ldg=str(tmp_path / "ldg.pt"), label_smoothing=0.1)
 
 
 def test_schedule_warms_up_then_anneals_to_zero():

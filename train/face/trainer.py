@@ -63,6 +63,9 @@ class TrainConfig:
             raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ldg and self.label_smoothing:
+            raise ValueError("label smoothing applies to hard labels; with --ldg the targets are the generator's "
+                             "distributions, so leave --label-smoothing out")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time budget must be > 0 minutes, got {self.time_budget}")
         if self.input_size < 16:
