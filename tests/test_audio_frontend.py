@@ -12,7 +12,8 @@ from avemo.model.frontend import FRONTEND_KIND, FRONTEND_VERSION, load_frontend,
 from train.audio.cli import main as train_audio_main, train_frontend
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
-from train.loop import TrainConfig, TrainError
+from avemo.model import ModelConfig, build_model
+from train.loop import TrainConfig, TrainError, parameter_groups
 
 torch.set_num_threads(1)
 SPLIT = SplitOptions(val_speakers="s3", test_speakers="s4")
@@ -69,6 +70,28 @@ def test_audio_init_copies_stream_and_normalisation_and_trains_a_new_head(fronte
         if k.startswith("audio.") and not k.endswith("num_batches_tracked") and "running" not in k:
             torch.testing.assert_close(model.state_dict()[k], v, msg=k)
     torch.testing.assert_close(model.mel_mean, front.state["mel_mean"])
+
+
+def test_audio_lr_lets_the_pretrained_stream_move_slower_than_the_new_head(frontend, tmp_path):
+    path, _ = frontend
+    cache = make_cache(tmp_path / "c", classes=("x", "y", "z"), video=False, seed=4)
+    cfg = quick(epochs=2, lr=1e-2, audio_lr=1e-9, audio_init=str(path), weight_decay=0.0)
+    groups = parameter_groups(build_model(ModelConfig(n_classes=3, n_mels=16, video_dim=0, modalities="audio",
+                                                      **TINY)), cfg)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-9]
+    assert len(parameter_groups(build_model(ModelConfig(n_classes=3, n_mels=16, video_dim=0, modalities="audio",
+                                                        **TINY)), quick())) == 1   # unset: one group, as before
+    front = load_frontend(path)
+    weights = [k for k in front.state if k.startswith("audio.") and k.endswith("weight")]
+    for run, c in (("slow", cfg), ("same", quick(epochs=2, lr=1e-2, audio_init=str(path), weight_decay=0.0))):
+        run_training(cache, tmp_path / run, {}, c, SPLIT)
+        model, ckpt = load_model(tmp_path / run / "best.pt")
+        assert ckpt["train_config"]["audio_lr"] == c.audio_lr
+        kept = [torch.allclose(model.state_dict()[k], front.state[k], atol=1e-6) for k in weights]
+        # at 1e-9 the stream keeps the front-end's weights; at the head's rate every layer moves
+        assert all(kept) if run == "slow" else not any(kept)
+    with pytest.raises(ValueError, match="audio_lr must be > 0"):
+        quick(audio_lr=0.0)
 
 
 def test_audio_init_refuses_other_spectrograms_and_contradicting_settings(frontend, tmp_path):

@@ -228,6 +228,10 @@ def add_optimisation_args(p: argparse.ArgumentParser, runs_of_avemo_train: bool 
     g.add_argument("--epochs", type=int, default=t["epochs"])
     g.add_argument("--batch-size", type=int, default=t["batch_size"])
     g.add_argument("--lr", type=float, default=t["lr"], help="peak learning rate (AdamW)")
+    if runs_of_avemo_train:
+        g.add_argument("--audio-lr", type=float, default=t["audio_lr"],
+                       help="the audio stream's own peak learning rate (e.g. lower, to keep more of the "
+                            "pretrained front-end); default: --lr")
     g.add_argument("--weight-decay", type=float, default=t["weight_decay"])
     g.add_argument("--schedule", choices=SCHEDULES, default=t["schedule"],
                    help="onecycle: warm-up then anneal, per batch; cosine: per epoch from --lr")

@@ -99,14 +99,6 @@ def sample_frames(mask: torch.Tensor, k: int) -> torch.Tensor:
     return mask & (scores <= kth)
 
 
-def parameter_groups(model: torch.nn.Module, lr: float, encoder_lr: float) -> list[dict[str, Any]]:
-    """AdamW groups: the streams and head at ``lr``, the frame encoder at ``encoder_lr``."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    encoder = [p for n, p in named if n.startswith(ENCODER_PREFIX)]
-    rest = [p for n, p in named if not n.startswith(ENCODER_PREFIX)]
-    return [{"params": rest, "lr": lr}] + ([{"params": encoder, "lr": encoder_lr}] if encoder else [])
-
-
 class CropBank:
     """Every face frame of a set of clips as encoder-input pixels, in one uint8 tensor.
 

@@ -33,7 +33,7 @@ from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build
 from avemo.model.frontend import AudioFrontend, load_frontend
 from train.augment import AugmentConfig, BatchAugment
 from train.data import TrainingData
-from train.finetune import (CropBank, FinetuneError, crop_augment_config, finetune_spec, parameter_groups,
+from train.finetune import (ENCODER_PREFIX, CropBank, FinetuneError, crop_augment_config, finetune_spec,
                             require_crops, starting_encoder)
 from train.metrics import classification_metrics, write_confusion
 from train.splits import Split
@@ -65,6 +65,7 @@ class TrainConfig:
     finetune_encoder: bool = False
     frames_per_clip: int = 3           # random face frames per clip per training step (FAN's 3); 0: all
     encoder_lr: float = 1e-4           # the encoder's peak learning rate (it starts trained; the head does not)
+    audio_lr: float | None = None      # the audio stream's peak learning rate (None: lr)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -74,6 +75,8 @@ class TrainConfig:
         if self.frames_per_clip < 0 or not self.encoder_lr > 0:
             raise ValueError(f"frames_per_clip must be >= 0 and encoder_lr > 0, got {self.frames_per_clip} and "
                              f"{self.encoder_lr}")
+        if self.audio_lr is not None and not self.audio_lr > 0:
+            raise ValueError(f"audio_lr must be > 0, got {self.audio_lr}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -286,6 +289,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
                                                steps_per_epoch=max(1, steps_per_epoch), pct_start=cfg.warmup)
 
 
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups with their own peaks, since the parts that start trained may need to move more slowly
+    than the new head: the face encoder (end to end) at ``encoder_lr``, the audio stream at ``audio_lr``
+    when one is set, everything else at ``lr`` (first: the history's lr column is the first group's)."""
+    rates = {"rest": cfg.lr, "audio": cfg.audio_lr, "encoder": cfg.encoder_lr}
+    groups: dict[str, list[torch.nn.Parameter]] = {k: [] for k in rates}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = ("encoder" if name.startswith(ENCODER_PREFIX) else
+                    "audio" if name.startswith("audio.") and cfg.audio_lr is not None else "rest")
+            groups[part].append(p)
+    return [{"params": ps, "lr": rates[k]} for k, ps in groups.items() if ps]
+
+
 def _class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
@@ -406,7 +423,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     val_store = store(split.val) if split.val else None
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, cfg.encoder_lr), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, 0))
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -432,6 +449,9 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
                  ", ".join(split.speakers.get("train", [])) or "all", len(split.val), len(split.test),
                  rt.device, rt.world, "bf16 autocast" if autocast_dtype(rt.device, cfg.amp, mcfg) else "float32",
                  "held on the device" if train_store.on_device else "collated per batch")
+        if cfg.audio_lr is not None and mcfg.uses_audio:
+            log.info("audio stream (%s) at its own peak lr %g, the rest at %g",
+                     f"from front-end '{front.name}'" if front is not None else "from scratch", cfg.audio_lr, cfg.lr)
         if e2e:
             log.info("face encoder trained end to end from '%s' (lr %g): %s frames per clip a step, %d face crops %s",
                      mcfg.frame_encoder["started_from"]["name"], cfg.encoder_lr, cfg.frames_per_clip or "all",
