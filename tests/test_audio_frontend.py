@@ -72,23 +72,24 @@ def test_audio_init_copies_stream_and_normalisation_and_trains_a_new_head(fronte
     torch.testing.assert_close(model.mel_mean, front.state["mel_mean"])
 
 
-def test_audio_lr_lets_the_pretrained_stream_move_slower_than_the_new_head(frontend, tmp_path):
+def test_the_pretrained_audio_stream_moves_slower_than_the_new_head(frontend, tmp_path):
     path, _ = frontend
+    net = build_model(ModelConfig(n_classes=3, n_mels=16, video_dim=0, modalities="audio", **TINY))
+    rates = lambda cfg, pretrained: [g["lr"] for g in parameter_groups(net, cfg, pretrained)]   # noqa: E731
+    assert rates(quick(lr=1e-2), False) == [1e-2]                 # from scratch: one rate, as before
+    assert rates(quick(lr=1e-2), True) == [1e-2, 1e-3]            # from a front-end: a tenth by default
+    assert rates(quick(lr=1e-2, audio_lr=1e-2), True) == [1e-2]   # the older single group, to resume old runs
+    assert rates(quick(lr=1e-2, audio_lr=1e-9), False) == [1e-2, 1e-9]
     cache = make_cache(tmp_path / "c", classes=("x", "y", "z"), video=False, seed=4)
-    cfg = quick(epochs=2, lr=1e-2, audio_lr=1e-9, audio_init=str(path), weight_decay=0.0)
-    groups = parameter_groups(build_model(ModelConfig(n_classes=3, n_mels=16, video_dim=0, modalities="audio",
-                                                      **TINY)), cfg)
-    assert [g["lr"] for g in groups] == [1e-2, 1e-9]
-    assert len(parameter_groups(build_model(ModelConfig(n_classes=3, n_mels=16, video_dim=0, modalities="audio",
-                                                        **TINY)), quick())) == 1   # unset: one group, as before
     front = load_frontend(path)
     weights = [k for k in front.state if k.startswith("audio.") and k.endswith("weight")]
-    for run, c in (("slow", cfg), ("same", quick(epochs=2, lr=1e-2, audio_init=str(path), weight_decay=0.0))):
-        run_training(cache, tmp_path / run, {}, c, SPLIT)
+    for run, audio_lr in (("slow", 1e-9), ("default", None)):
+        run_training(cache, tmp_path / run, {}, quick(epochs=2, lr=1e-2, audio_lr=audio_lr, audio_init=str(path),
+                                                      weight_decay=0.0), SPLIT)
         model, ckpt = load_model(tmp_path / run / "best.pt")
-        assert ckpt["train_config"]["audio_lr"] == c.audio_lr
+        assert ckpt["train_config"]["audio_lr"] == audio_lr
         kept = [torch.allclose(model.state_dict()[k], front.state[k], atol=1e-6) for k in weights]
-        # at 1e-9 the stream keeps the front-end's weights; at the head's rate every layer moves
+        # at 1e-9 the stream keeps the front-end's weights; at the default tenth of the head's rate it learns
         assert all(kept) if run == "slow" else not any(kept)
     with pytest.raises(ValueError, match="audio_lr must be > 0"):
         quick(audio_lr=0.0)

@@ -65,7 +65,7 @@ class TrainConfig:
     finetune_encoder: bool = False
     frames_per_clip: int = 3           # random face frames per clip per training step (FAN's 3); 0: all
     encoder_lr: float = 1e-4           # the encoder's peak learning rate (it starts trained; the head does not)
-    audio_lr: float | None = None      # the audio stream's peak learning rate (None: lr)
+    audio_lr: float | None = None      # the audio stream's peak lr (None: lr/10 from a front-end, else lr)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -289,16 +289,29 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
                                                steps_per_epoch=max(1, steps_per_epoch), pct_start=cfg.warmup)
 
 
-def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups with their own peaks, since the parts that start trained may need to move more slowly
-    than the new head: the face encoder (end to end) at ``encoder_lr``, the audio stream at ``audio_lr``
-    when one is set, everything else at ``lr`` (first: the history's lr column is the first group's)."""
-    rates = {"rest": cfg.lr, "audio": cfg.audio_lr, "encoder": cfg.encoder_lr}
+# the audio stream's peak learning rate, as a share of the head's, when it starts from a front-end: measured
+# on unseen EmoDB speakers (README, speech benchmark), fine-tuning it at the head's rate lost what it had learnt
+PRETRAINED_AUDIO_LR_SCALE = 0.1
+
+
+def audio_rate(cfg: TrainConfig, pretrained: bool) -> float | None:
+    """The audio stream's own peak learning rate; None: it shares the head's."""
+    if cfg.audio_lr is not None:
+        return cfg.audio_lr
+    return cfg.lr * PRETRAINED_AUDIO_LR_SCALE if pretrained else None
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, pretrained_audio: bool) -> list[dict[str, Any]]:
+    """AdamW groups with their own peaks, since the parts that start trained need to move more slowly
+    than the new head: the face encoder (end to end) at ``encoder_lr``, the audio stream at
+    ``audio_rate``, everything else at ``lr`` (first: the history's lr column is the first group's)."""
+    audio_lr = audio_rate(cfg, pretrained_audio)
+    rates = {"rest": cfg.lr, "audio": audio_lr, "encoder": cfg.encoder_lr}
     groups: dict[str, list[torch.nn.Parameter]] = {k: [] for k in rates}
     for name, p in model.named_parameters():
         if p.requires_grad:
             part = ("encoder" if name.startswith(ENCODER_PREFIX) else
-                    "audio" if name.startswith("audio.") and cfg.audio_lr is not None else "rest")
+                    "audio" if name.startswith("audio.") and audio_lr not in (None, cfg.lr) else "rest")
             groups[part].append(p)
     return [{"params": ps, "lr": rates[k]} for k, ps in groups.items() if ps]
 
@@ -423,7 +436,8 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     val_store = store(split.val) if split.val else None
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr,
+    pretrained_audio = front is not None or bool((state or {}).get("audio_init"))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg, pretrained_audio), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, 0))
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -431,7 +445,12 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     start_epoch, best_uar, since_best = 0, -1.0, 0
     if state is not None:
         r = state["resume"]
-        optimizer.load_state_dict(r["optimizer"])
+        try:
+            optimizer.load_state_dict(r["optimizer"])
+        except ValueError:
+            raise TrainError(f"cannot resume {out}: it was started with other learning-rate groups (an older avemo "
+                             "gave the audio stream the head's rate; pass --audio-lr with the run's --lr to "
+                             "resume it as it was)") from None
         scheduler.load_state_dict(r["scheduler"])
         history, start_epoch, best_uar, since_best = r["history"], r["epoch"], r["best_uar"], r["since_best"]
     train_model = model
@@ -449,9 +468,10 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
                  ", ".join(split.speakers.get("train", [])) or "all", len(split.val), len(split.test),
                  rt.device, rt.world, "bf16 autocast" if autocast_dtype(rt.device, cfg.amp, mcfg) else "float32",
                  "held on the device" if train_store.on_device else "collated per batch")
-        if cfg.audio_lr is not None and mcfg.uses_audio:
+        if audio_rate(cfg, pretrained_audio) is not None and mcfg.uses_audio:
             log.info("audio stream (%s) at its own peak lr %g, the rest at %g",
-                     f"from front-end '{front.name}'" if front is not None else "from scratch", cfg.audio_lr, cfg.lr)
+                     "from a front-end" if pretrained_audio else "from scratch", audio_rate(cfg, pretrained_audio),
+                     cfg.lr)
         if e2e:
             log.info("face encoder trained end to end from '%s' (lr %g): %s frames per clip a step, %d face crops %s",
                      mcfg.frame_encoder["started_from"]["name"], cfg.encoder_lr, cfg.frames_per_clip or "all",
