@@ -19,7 +19,6 @@ Prints UAR and WAR per config: the mean and standard deviation over seeds, and t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing as mp
 import statistics
@@ -27,16 +26,14 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speech_bench import _worker_init, logits_on, shared_class_metrics, task_fit  # noqa: E402
+from speech_bench import _worker_init, task_fit  # noqa: E402
 from avemo.model import load_model  # noqa: E402
 from avemo.model.frontend import export_frontend, load_frontend  # noqa: E402
 from train.cli import SplitOptions  # noqa: E402
-from train.data import load_training_data  # noqa: E402
+from train.evaluate import evaluate_cache  # noqa: E402
 from train.loop import TrainConfig  # noqa: E402
 
 
@@ -70,12 +67,7 @@ def config(name: str, frontend: Path) -> dict:
 
 
 def zero_shot(cache: Path, frontend: Path, test: list[str]) -> dict:
-    data = load_training_data(cache)
-    keep = [i for i, s in enumerate(data.speakers) if s in test]
-    sub = dataclasses.replace(data, clips=[data.clips[i] for i in keep], labels=data.labels[keep],
-                              speakers=[data.speakers[i] for i in keep], files=[])
-    front = load_frontend(frontend)
-    return shared_class_metrics(logits_on(front.model(), sub, torch.device("cpu")), front.classes, sub)
+    return evaluate_cache(cache, frontend=str(frontend), speakers=test, device="cpu")
 
 
 def main() -> None:

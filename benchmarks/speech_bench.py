@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import shutil
 import subprocess
 import sys
@@ -44,13 +43,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avemo.batching import collate, to_device  # noqa: E402
 from avemo.cpu import reuse_freed_memory  # noqa: E402
 from avemo.model import load_model  # noqa: E402
 from avemo.model.frontend import load_frontend  # noqa: E402
 from emodb_reference import log_mel_stats, logistic_regression  # noqa: E402
 from train.cli import SplitOptions, build_parser, options_from_args, run_training  # noqa: E402
 from train.data import TrainingData, load_training_data  # noqa: E402
+from train.evaluate import model_logits, shared_class_metrics  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 
 PARTS = ("ravdess", "emodb", "pretrained", "cross", "reference")
@@ -95,26 +94,6 @@ def task_pretrain(cache: str, out: str, model: dict, cfg) -> dict:
 
 # ----------------------------------------------------------------------------- scoring
 
-@torch.no_grad()
-def logits_on(model, data: TrainingData, device: torch.device, batch: int = 64) -> np.ndarray:
-    model.to(device).eval()
-    out = []
-    for i in range(0, len(data), batch):
-        b = to_device(collate(data.clips[i:i + batch], data.n_mels, 0), device)
-        out.append(model(b)["logits"].float().cpu())
-    return torch.cat(out).numpy()
-
-
-def shared_class_metrics(logits: np.ndarray, model_classes: list[str], data: TrainingData) -> dict:
-    """Scores on the classes both the model and the data have: other clips are left out, and the
-    prediction is the best of the shared classes (a model cannot be right about a class it never saw)."""
-    shared = [c for c in data.classes if c in model_classes]
-    keep = np.array([data.classes[y] in shared for y in data.labels])
-    truth = np.array([shared.index(data.classes[y]) for y in data.labels[keep]])
-    pred = logits[keep][:, [model_classes.index(c) for c in shared]].argmax(1)
-    return classification_metrics(truth, pred, shared)
-
-
 def fold_mean(reports: list[dict]) -> tuple[float, float]:
     return float(np.mean([r["uar"] for r in reports])), float(np.mean([r["accuracy"] for r in reports]))
 
@@ -156,7 +135,7 @@ def reference_rows(rav: TrainingData | None, emo: TrainingData | None) -> dict:
             # decision scores per class: a one-hot of each prediction is enough to restrict to shared classes
             pred = logistic_regression(xs, src.labels, xd, len(src.classes), l2)
             scores = np.eye(len(src.classes))[pred]
-            m = shared_class_metrics(scores, src.classes, dst)
+            m = shared_class_metrics(scores, src.classes, dst)[0]
             rows[name] = summarise([(m["uar"], m["accuracy"])], [])
     rows["seconds"] = time.perf_counter() - t0
     return rows
@@ -258,11 +237,11 @@ def main() -> None:
         fwd, back = [], []
         for _, _, res in runs.get("pretrain", []):
             front = load_frontend(res["frontend"])
-            m = shared_class_metrics(logits_on(front.model(), emo, device), front.classes, emo)
+            m = shared_class_metrics(model_logits(front.model(), emo, None, device), front.classes, emo)[0]
             fwd.append((m["uar"], m["accuracy"]))
         for _, _, res in runs.get("emodb-all", []):
             net, ckpt = load_model(Path(res["out"]) / "best.pt")
-            m = shared_class_metrics(logits_on(net, rav, device), ckpt["classes"], rav)
+            m = shared_class_metrics(model_logits(net, rav, None, device), ckpt["classes"], rav)[0]
             back.append((m["uar"], m["accuracy"]))
         shared = [c for c in emo.classes if c in rav.classes]
         table[f"cross-corpus RAVDESS -> EmoDB ({len(shared)} shared classes)"] = summarise(

@@ -10,6 +10,8 @@ $bin/avemo-predict examples/cremad/1001_DFA_HAP_XX.flv --explain "$out/default-e
 $bin/avemo-predict examples/cremad/1002_DFA_HAP_XX.mp3 --json
 # stage one: the 12 bundled clips -> $out/cache (features/*.npz + manifest.csv); resumes if re-run
 $bin/avemo-extract examples/cremad --out "$out/cache" --label-from cremad
+# the shipped default model scored on those labelled clips (it heard these two actors: the warning says so)
+$bin/avemo-evaluate "$out/cache" --out "$out/eval-default"
 # stage two: fit the fused model on all 12 clips (--no-split: six clips per actor measure nothing,
 # so the report it writes is training-set figures, not an accuracy); --resume makes a re-run a no-op
 $bin/avemo-train "$out/cache" --out "$out/run" --no-split --epochs 4 --batch-size 4 \
@@ -17,4 +19,4 @@ $bin/avemo-train "$out/cache" --out "$out/run" --no-split --epochs 4 --batch-siz
 # stage three: ask the trained model about one bundled clip, with the explanation picture
 $bin/avemo-predict examples/cremad/1001_DFA_HAP_XX.flv --model "$out/run/best.pt" --explain "$out/explain.png"
 $bin/avemo-predict examples/cremad/1002_DFA_ANG_XX.mp3 --model "$out/run/best.pt" --json
-echo "demo: done. Default model's explanation in $out/default-explain.png; cache in $out/cache, model in $out/run, explanation in $out/explain.png"
+echo "demo: done. Default model's explanation in $out/default-explain.png, its scores in $out/eval-default; cache in $out/cache, model in $out/run, explanation in $out/explain.png"

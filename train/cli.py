@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from avemo.checkpoint import CheckpointError
 from avemo.cpu import reuse_freed_memory, set_torch_threads

@@ -236,7 +236,8 @@ def build(caches: list[str], names: list[str] | None, fer: Path, holdout: str, o
         "licence": LICENCE,
         "classes": CLASS_NOTE,
         "fusion": FUSION_NOTE,
-        "data": {"voice": [{k: d[k] for k in ("name", "clips", "speakers", "classes")} for d in front.info["data"]],
+        "data": {"voice": [{k: d[k] for k in ("name", "clips", "speakers", "speaker_ids", "classes") if k in d}
+                           for d in front.info["data"]],
                  "face": {"name": "FER2013", "train_images": f_counts,
                           "encoder": {"name": encoder.name, "sha256": encoder.sha256,
                                       "test": encoder.metrics.get("test", {}).get("accuracy")}}},

@@ -1,0 +1,104 @@
+"""avemo-evaluate: a model, a shipped one or a front-end scored on a labelled cache."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _synthetic_cache import make_cache
+from avemo.features import ExtractionSettings
+from train.audio.cli import train_frontend
+from train.augment import AugmentConfig
+from train.cli import SplitOptions, run_training
+from train.evaluate import EvaluationError, cli, evaluate_cache
+from train.loop import TrainConfig
+
+torch.set_num_threads(1)
+TINY = dict(audio_channels=(4, 8), audio_convs_per_block=2, audio_attention_hidden=8, dropout=0.1)
+
+
+def quick(**kw):
+    base = dict(epochs=8, batch_size=8, lr=1e-2, progress=False, augment=AugmentConfig(2, 5, 1, 0.0))
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    cache = make_cache(root / "cache", per_class=3)
+    run_training(cache, root / "run", {"modalities": "av", **TINY}, quick(audio_init="none"),
+                 SplitOptions(val_speakers="s3", test_speakers="s4"))
+    return cache, root / "run"
+
+
+@pytest.fixture(scope="module")
+def frontend(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fe")
+    a = make_cache(root / "a", classes=("ang", "hap", "sad"), video=False, per_class=3)
+    b = make_cache(root / "b", classes=("ang", "neu"), speakers=("s1", "s9"), video=False, per_class=3, seed=1)
+    train_frontend([a, b], root / "run", ["a", "b"], dict(TINY), quick(audio_init="none"),
+                   licence="research use only (test)", command="avemo-train-audio test")
+    return root / "run" / "frontend.pt"
+
+
+def test_a_run_scored_on_its_test_speaker_reproduces_its_own_report(run):
+    cache, out = run
+    own = json.loads((out / "report.json").read_text())
+    r = evaluate_cache(cache, model=str(out / "best.pt"), speakers=["s4"], device="cpu")
+    assert r["n"] == own["n"] == 9 and r["speakers"] == ["s4"]
+    assert r["uar"] == pytest.approx(own["uar"]) and r["confusion"] == own["confusion"]
+    assert r["warnings"] == [] and r["left_out"] == {}
+    assert r["per_speaker"]["s4"]["uar"] == pytest.approx(r["uar"])
+
+
+def test_speakers_it_trained_or_chose_its_epoch_on_are_named(run):
+    cache, out = run
+    r = evaluate_cache(cache, model=str(out / "best.pt"), device="cpu")
+    assert r["n"] == 36 and set(r["per_speaker"]) == {"s1", "s2", "s3", "s4"}
+    (warning,) = r["warnings"]
+    assert "train: s1, s2" in warning and "val: s3" in warning and "s4" not in warning
+    with pytest.raises(EvaluationError, match=r"--speakers names \['s7'\]"):
+        evaluate_cache(cache, model=str(out / "best.pt"), speakers=["s7"], device="cpu")
+
+
+def test_a_frontend_chooses_among_the_caches_classes_and_leaves_out_the_ones_it_never_learned(frontend, tmp_path):
+    # the front-end knows ang, hap, neu, sad; this cache has ang, hap and a class of its own
+    cache = make_cache(tmp_path / "c", classes=("ang", "hap", "xyz"), video=False, speakers=("s1", "s9"),
+                       per_class=3, seed=2)
+    r = evaluate_cache(cache, frontend=str(frontend), device="cpu", out=tmp_path / "out")
+    assert r["classes"] == ["ang", "hap"] and r["n"] == 12
+    assert r["left_out"] == {"class 'xyz', which the model does not know": 6}
+    assert r["uar"] > 0.5                                      # the bands it learned are this cache's
+    # it heard "a:s1" and "b:s1", "b:s9": the ids are named as a hint
+    assert "a: s1" in r["warnings"][0] and "b: s1, s9" in r["warnings"][0]
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert len(rows) == 12 and set(rows["predicted"]) <= {"ang", "hap"}
+    np.testing.assert_allclose(rows[["p_ang", "p_hap"]].sum(axis=1), 1.0, atol=1e-5)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["uar"] == r["uar"] and (tmp_path / "out" / "confusion.png").stat().st_size > 0
+    assert (rows["label"] == rows["predicted"]).mean() == pytest.approx(r["accuracy"])
+
+
+def test_a_cache_made_otherwise_or_without_what_the_model_reads_is_refused_with_the_reason(frontend, run, tmp_path):
+    other = make_cache(tmp_path / "mels20", video=False, settings=ExtractionSettings(n_mels=20, feature_dim=8))
+    with pytest.raises(EvaluationError, match=r"n_mels 20 \(model: 16\)"):
+        evaluate_cache(other, frontend=str(frontend), device="cpu")
+    # an av model takes every setting into account, the face ones too
+    faces = make_cache(tmp_path / "faces", settings=ExtractionSettings(n_mels=16, feature_dim=8, frames=8))
+    with pytest.raises(EvaluationError, match=r"frames 8 \(model: 16\)"):
+        evaluate_cache(faces, model=str(run[1] / "best.pt"), device="cpu")
+    silent = make_cache(tmp_path / "silent", audio=False, classes=("ang", "hap"))
+    with pytest.raises(EvaluationError, match="32 with no usable audio, the only thing the model reads"):
+        evaluate_cache(silent, frontend=str(frontend), device="cpu")
+
+
+def test_the_command_prints_the_table_or_json_and_says_what_is_wrong(run, tmp_path, capsys):
+    cache, out = run
+    assert cli([str(cache), "--model", str(out / "best.pt"), "--speakers", "s4", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "UAR" in text and "confusion (rows: true class, columns: predicted)" in text and "9 clips" in text
+    assert cli([str(cache), "--model", str(out / "best.pt"), "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 36
+    assert cli([str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert "no manifest.csv" in capsys.readouterr().err
