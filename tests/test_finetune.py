@@ -13,6 +13,7 @@ from avemo.model.frames import FrameEncoder, clip_face_pixels, encoder_spec
 from avemo.prediction import EmotionRecognizer
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
+from train.evaluate import evaluate_cache
 from train.data import load_training_data
 from train.finetune import CropBank, sample_frames
 from train.loop import TrainConfig, TrainError
@@ -192,3 +193,9 @@ def test_cuda_end_to_end_learns_with_the_crops_on_the_device(blind, tmp_path, st
     assert report["uar"] >= 0.9, report
     model, _ = load_model(tmp_path / "run" / "best.pt")          # and it loads on the CPU, as avemo-predict does
     assert next(model.parameters()).device.type == "cpu" and model.cfg.frame_encoder is not None
+
+
+def test_avemo_evaluate_reads_the_crops_of_a_model_trained_end_to_end(blind, fan_run):
+    r = evaluate_cache(blind["cache"], model=str(fan_run["out"] / "best.pt"), speakers=["s4"], device="cpu")
+    assert r["n"] == fan_run["report"]["n"] and r["uar"] == pytest.approx(fan_run["report"]["uar"])
+    assert r["confusion"] == fan_run["report"]["confusion"]
