@@ -62,6 +62,14 @@ def test_speakers_it_trained_or_chose_its_epoch_on_are_named(run):
         evaluate_cache(cache, model=str(out / "best.pt"), speakers=["s7"], device="cpu")
 
 
+def test_a_run_trained_on_every_clip_says_its_figures_are_training_figures(tmp_path):
+    cache = make_cache(tmp_path / "c", video=False, per_class=2, speakers=("s1", "s2"))
+    run_training(cache, tmp_path / "run", {"modalities": "audio", **TINY}, quick(audio_init="none", epochs=2),
+                 SplitOptions(no_split=True))
+    (warning,) = evaluate_cache(cache, model=str(tmp_path / "run" / "best.pt"), device="cpu")["warnings"]
+    assert "every clip of its cache (--no-split)" in warning
+
+
 def test_a_frontend_chooses_among_the_caches_classes_and_leaves_out_the_ones_it_never_learned(frontend, tmp_path):
     # the front-end knows ang, hap, neu, sad; this cache has ang, hap and a class of its own
     cache = make_cache(tmp_path / "c", classes=("ang", "hap", "xyz"), video=False, speakers=("s1", "s9"),

@@ -60,6 +60,7 @@ class Scorer:
     compared: tuple[str, ...] | None     # the settings that must match the cache's (None: all but additive ones)
     heard: dict[str, list[str]]          # where it learned -> speaker ids (a run: "train", "val")
     same_ids: bool                       # the ids are the cache's own (a run) or only maybe (other corpora)
+    trained_on_all: bool = False         # a run with --no-split: every clip of its cache was training data
 
 
 def load_scorer(model: str | None = None, frontend: str | None = None) -> Scorer:
@@ -82,7 +83,8 @@ def load_scorer(model: str | None = None, frontend: str | None = None) -> Scorer
         same_ids = False
     cfg = network.cfg
     return Scorer(str(model or DEFAULT_MODEL), network, list(ckpt["classes"]), ckpt["extraction_settings"],
-                  None if cfg.uses_video else AUDIO_SETTING_KEYS, heard, same_ids)
+                  None if cfg.uses_video else AUDIO_SETTING_KEYS, heard, same_ids,
+                  trained_on_all=split.get("method") == "none")
 
 
 def check_settings(scorer: Scorer, cache_settings: dict[str, Any], cache: str) -> None:
@@ -152,6 +154,9 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
 
 def heard_speakers(scorer: Scorer, speakers: set[str]) -> str | None:
     """A warning naming the scored speakers the model may have heard in training, or None."""
+    if scorer.trained_on_all:
+        return (f"{scorer.name} was trained on every clip of its cache (--no-split): if this is that cache, these "
+                "are training-set figures, not an accuracy estimate")
     hits = {where: sorted(speakers & set(ids)) for where, ids in scorer.heard.items()}
     hits = {k: v for k, v in hits.items() if v}
     unnamed = [where for where, ids in scorer.heard.items() if not ids]
