@@ -8,19 +8,12 @@ import torch
 
 from _synthetic_cache import make_cache
 from avemo.features import ExtractionSettings
+from test_audio_frontend import TINY, quick   # the same tiny network and quick recipe
 from train.audio.cli import train_frontend
-from train.augment import AugmentConfig
 from train.cli import SplitOptions, run_training
 from train.evaluate import EvaluationError, cli, evaluate_cache
-from train.loop import TrainConfig
 
 torch.set_num_threads(1)
-TINY = dict(audio_channels=(4, 8), audio_convs_per_block=2, audio_attention_hidden=8, dropout=0.1)
-
-
-def quick(**kw):
-    base = dict(epochs=8, batch_size=8, lr=1e-2, progress=False, augment=AugmentConfig(2, 5, 1, 0.0))
-    return TrainConfig(**(base | kw))
 
 
 @pytest.fixture(scope="module")
