@@ -62,6 +62,17 @@ LEGACY_SETTINGS = {"track_faces": False, "feature_maps": False}
 ADDITIVE_SETTINGS = ("keep_crops", "feature_maps")
 
 
+def settings_differences(model_settings: dict[str, Any], cache_settings: dict[str, Any],
+                         keys: tuple[str, ...] | None = None) -> list[tuple[str, Any, Any]]:
+    """(setting, cache's value, model's value) wherever a cache was made otherwise than the one a
+    model learned from. ``keys``: the settings the model reads (``AUDIO_SETTING_KEYS`` for a
+    voice-only model, whose face-side settings never reach it); None: all but the additive ones."""
+    theirs = {**LEGACY_SETTINGS, **model_settings}
+    ours = {**LEGACY_SETTINGS, **cache_settings}
+    keys = keys or tuple(sorted((set(theirs) | set(ours)) - set(ADDITIVE_SETTINGS)))
+    return [(k, ours.get(k), theirs.get(k)) for k in keys if ours.get(k) != theirs.get(k)]
+
+
 @dataclass(frozen=True)
 class ExtractionSettings:
     """Everything that changes the numbers in a cache. Its hash names a cache's identity."""

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from _synthetic_cache import make_cache
+from _synthetic_cache import N_MELS, VIDEO_DIM, make_cache
 from avemo.features import ExtractionSettings
 from avemo.batching import collate
 from avemo.model import Ensemble, load_model
@@ -192,6 +192,22 @@ def test_resume_refuses_a_cache_with_other_extraction_settings(cache, tmp_path):
     other = make_cache(tmp_path / "other", settings=ExtractionSettings(n_mels=16, feature_dim=8, hop_length=320))
     with pytest.raises(TrainError, match="different settings.*hop_length"):
         run_training(other, out, dict(SMALL), quick(epochs=2), SPLIT, resume=True)
+
+
+def test_a_voice_only_run_resumes_on_a_cache_whose_face_settings_differ_and_an_av_run_does_not(cache, tmp_path):
+    # the same clips, extracted again with another face threshold: a voice-only model never reads that side
+    other = make_cache(tmp_path / "other", audio_only_every=7, maps=True,
+                       settings=ExtractionSettings(n_mels=N_MELS, feature_dim=VIDEO_DIM, feature_maps=True,
+                                                   min_face_prob=0.8))
+    voice = tmp_path / "voice"
+    run_training(cache, voice, dict(SMALL, modalities="audio"), quick(epochs=1), SPLIT)
+    report = (voice / "report.json").read_text()
+    run_training(other, voice, dict(SMALL, modalities="audio"), quick(epochs=1), SPLIT, resume=True)
+    assert (voice / "report.json").read_text() == report      # accepted, and already finished
+    av = tmp_path / "av"
+    run_training(cache, av, dict(SMALL), quick(epochs=1), SPLIT)
+    with pytest.raises(TrainError, match="different settings.*min_face_prob"):
+        run_training(other, av, dict(SMALL), quick(epochs=2), SPLIT, resume=True)
 
 
 def test_folds_run_every_fold_then_mean_and_std(cache, tmp_path):

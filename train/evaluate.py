@@ -33,7 +33,7 @@ import torch
 from avemo.checkpoint import CheckpointError
 from avemo.cpu import reuse_freed_memory, set_torch_threads
 from avemo.extraction import default_device
-from avemo.features import ADDITIVE_SETTINGS, AUDIO_SETTING_KEYS, LEGACY_SETTINGS
+from avemo.features import AUDIO_SETTING_KEYS, settings_differences
 from avemo.io import NoSpaceError, atomic_path, write_json_atomic
 from avemo.model import DEFAULT_MODEL, load_model
 from avemo.model.frontend import load_frontend
@@ -89,10 +89,8 @@ def load_scorer(model: str | None = None, frontend: str | None = None) -> Scorer
 
 def check_settings(scorer: Scorer, cache_settings: dict[str, Any], cache: str) -> None:
     """Refuse a cache whose features were made differently from the ones the model learned from."""
-    theirs = {**LEGACY_SETTINGS, **scorer.settings}
-    ours = {**LEGACY_SETTINGS, **cache_settings}
-    keys = scorer.compared or sorted((set(theirs) | set(ours)) - set(ADDITIVE_SETTINGS))
-    diff = [f"{k} {ours.get(k)!r} (model: {theirs.get(k)!r})" for k in keys if ours.get(k) != theirs.get(k)]
+    diff = [f"{k} {ours!r} (model: {theirs!r})"
+            for k, ours, theirs in settings_differences(scorer.settings, cache_settings, scorer.compared)]
     if diff:
         raise EvaluationError(
             f"{cache} was extracted with other settings than {scorer.name} was trained on: {'; '.join(diff)}. "

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from avemo.batching import collate, to_device, trim_batch
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avemo.cpu import cpu_computes_bf16, release_free_memory
-from avemo.features import ExtractionSettings
+from avemo.features import AUDIO_SETTING_KEYS, settings_differences
 from avemo.io import atomic_path, write_json_atomic
 from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
                          save_model)
@@ -622,7 +622,7 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
 
 def _load_resume(path: Path, data: TrainingData) -> dict:
     try:
-        _, ckpt = load_model(path)
+        network, ckpt = load_model(path)
     except CheckpointError as e:
         raise TrainError(f"cannot resume: {e}") from None
     r = ckpt.get("resume")
@@ -638,10 +638,10 @@ def _load_resume(path: Path, data: TrainingData) -> dict:
             raise ValueError("clip indices outside this cache")
     except (KeyError, TypeError, ValueError) as e:
         raise TrainError(f"cannot resume: {path} holds no usable split for this cache ({e})") from None
-    theirs = ExtractionSettings.from_dict(ckpt["extraction_settings"]).digest()
-    ours = ExtractionSettings.from_dict(data.settings).digest()
-    if theirs != ours:
-        diff = sorted(k for k in data.settings if data.settings.get(k) != ckpt["extraction_settings"].get(k))
+    # a voice-only run reads the spectrogram alone: the cache's face-side settings never reach it
+    read = None if network.cfg.uses_video else AUDIO_SETTING_KEYS
+    diff = [k for k, _, _ in settings_differences(ckpt["extraction_settings"], data.settings, read)]
+    if diff:
         raise TrainError(f"cannot resume {path}: the cache was extracted with different settings "
                          f"({', '.join(diff)}) than the run it continues; use the original cache or a new --out")
     if ckpt["classes"] != data.classes:
