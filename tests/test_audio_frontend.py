@@ -138,9 +138,11 @@ def test_shipped_default_frontend_describes_itself():
 @pytest.mark.parametrize("init", ["default", "none"])
 def test_a_handful_of_clips_trains_above_chance_with_and_without_the_pretrained_frontend(tmp_path, init):
     # the default recipe as it is (one-cycle, label smoothing, SpecAugment), on the shipped network's
-    # spectrogram shape; only the epochs are few
+    # spectrogram shape; only the epochs are few. At 12 epochs the pretrained stream (moving at a tenth
+    # of the head's rate) sat at 0.67 on some seeds and failed on an H200; at 20 it scored 0.83-1.0 over
+    # 5 seeds, bf16 and float32.
     cache = make_cache(tmp_path / "c", video=False, n_mels=64, per_class=4)
-    report = run_training(cache, tmp_path / "run", {}, TrainConfig(epochs=12, batch_size=8, progress=False,
+    report = run_training(cache, tmp_path / "run", {}, TrainConfig(epochs=20, batch_size=8, progress=False,
                                                                      audio_init=init), SPLIT)
     assert report["evaluated_on"] == "test" and report["n"] == 12
     assert report["uar"] >= 0.67, report          # chance is 1/3
