@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_silence
-from avemo.encoders import FaceEncoder, load_encoder
+from avemo.encoders import FaceEncoder, load_named_encoder
 from avemo.faces import Detections, FaceDetector, FaceTrack, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_video, unreadable_reason  # noqa: F401
@@ -63,7 +63,7 @@ class ClipExtractor:
         self.encoder = self.detector = None
         if with_video:
             if encoder is None:
-                self.encoder = load_encoder(settings.encoder, self.device)
+                self.encoder = load_named_encoder(settings.encoder, settings.encoder_sha256, self.device)
                 settings = with_encoder_identity(settings, self.encoder)
             else:
                 # a model's own encoder (fine-tuned end to end from the one ``settings`` name): no

@@ -87,6 +87,13 @@ class Cache:
         finally:
             os.close(fd)
 
+    def recorded_settings(self) -> dict | None:
+        """The settings this cache was made with (None for a new cache or an unreadable record)."""
+        try:
+            return json.loads(self.settings_path.read_text(encoding="utf-8"))["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def claim(self, settings: ExtractionSettings) -> None:
         """Record ``settings`` for a new cache, or refuse if the cache holds other settings."""
         if self.root.exists() and not self.root.is_dir():

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 # no torch here: this process only supervises, and the workers' start-up must not wait for its imports
 from avemo.cpu import default_workers, threads_for
+from avemo.encoders import file_sha256, is_shipped_name, resolve_encoder_path
 from avemo.features import ExtractionSettings
 from avemo.io import NoSpaceError, display_name, first_line
 from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_video
@@ -223,6 +224,7 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
     t_load = time.perf_counter()
     n_workers = min(workers, max(len(media), 1))
     cache = Cache(out)
+    settings = _with_cache_encoder(cache, settings, log)
     # the workers load the models while this process reads the cache; the first one ready says
     # which encoder file (its hash: part of the cache identity) and device they use
     pool = WorkerPool(n_workers, settings, device, threads_for(n_workers), cache, clip_timeout,
@@ -236,6 +238,22 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
                              retry_failed, progress, log, t_load)
     finally:
         pool.close()
+
+
+def _with_cache_encoder(cache: Cache, settings: ExtractionSettings, log) -> ExtractionSettings:
+    """A cache begun with a shipped encoder that a later release replaced (``default``) goes on
+    with the file it began with, which the package keeps under another name and the workers
+    find by its hash: one cache, one encoder, across an upgrade."""
+    recorded = cache.recorded_settings() or {}
+    sha = recorded.get("encoder_sha256")
+    if not sha or recorded.get("encoder") != settings.encoder or not is_shipped_name(settings.encoder):
+        return settings
+    current = resolve_encoder_path(settings.encoder)
+    if current.is_file() and file_sha256(current) != sha:
+        print(f"avemo-extract: {cache.root} was begun with an earlier '{settings.encoder}' face encoder "
+              f"(sha256 {sha[:12]}...); going on with that one so the cache stays consistent (use a new "
+              "--out for the current one)", file=log)
+    return dataclasses.replace(settings, encoder_sha256=sha)
 
 
 def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settings: ExtractionSettings,

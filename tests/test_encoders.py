@@ -310,3 +310,18 @@ def test_shipped_encoder_maps_are_3x3_cells_whose_mean_is_its_feature():
     assert maps.shape == (3, 3, 3, enc.feature_dim)
     torch.testing.assert_close(feats, enc.embed(crops))
     torch.testing.assert_close(maps.mean((1, 2)), feats, atol=1e-5, rtol=1e-4)
+
+
+def test_settings_that_name_a_replaced_shipped_encoder_find_it_by_its_hash():
+    # caches and models made before `default` was replaced record the old file's hash under that name
+    from avemo.encoders import file_sha256, load_named_encoder
+    from avemo.extraction import ClipExtractor
+    from avemo.features import ExtractionSettings
+    old = file_sha256(WEIGHTS_DIR / "default-v1.pt")
+    assert old != file_sha256(WEIGHTS_DIR / "default.pt")
+    assert load_named_encoder("default", old).name == "default-v1"
+    assert load_named_encoder("default", None).name == "default"
+    extractor = ClipExtractor(ExtractionSettings(encoder="default", encoder_sha256=old), "cpu")
+    assert extractor.encoder.sha256 == old and extractor.settings.encoder == "default"
+    with pytest.raises(ValueError, match="not the one these settings were made with"):
+        ClipExtractor(ExtractionSettings(encoder="default", encoder_sha256="0" * 64), "cpu")

@@ -366,3 +366,28 @@ def test_sparse_sampling_of_a_long_gop_file_never_seeks_in_a_loop(tmp_path):
     assert len(got) == 16
     np.testing.assert_allclose([t for t, _ in got], times, atol=0.11)
     np.testing.assert_allclose([f.mean() for _, f in got], 16 + np.floor(times - 0.05), atol=1.5)
+
+
+def test_a_cache_begun_with_a_replaced_default_encoder_goes_on_with_it(tmp_path, capsys):
+    # a cache made before `default` was replaced: its settings name `default` with the old file's hash
+    import json
+    from avemo.encoders import WEIGHTS_DIR, file_sha256
+    old = file_sha256(WEIGHTS_DIR / "default-v1.pt")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(CREMAD / "1001_DFA_ANG_XX.flv", clips)
+    kw = dict(frames=4, label_from="cremad", device="cpu", progress=False)
+    extract_folder(clips, tmp_path / "cache", face_encoder="default", **kw)
+    record = json.loads((tmp_path / "cache" / "settings.json").read_text())
+    record["settings"]["encoder_sha256"] = old
+    record["digest"] = ExtractionSettings.from_dict(record["settings"]).digest()
+    (tmp_path / "cache" / "settings.json").write_text(json.dumps(record))
+    for f in (tmp_path / "cache" / "features").glob("*.npz"):
+        f.unlink()                                # its clip is extracted again, with the old encoder
+    m = extract_folder(clips, tmp_path / "cache", face_encoder="default", **kw)
+    assert "begun with an earlier 'default' face encoder" in capsys.readouterr().err
+    direct = extract_folder(clips, tmp_path / "direct", face_encoder="default-v1", **kw)
+    ours = ClipFeatures.load(tmp_path / "cache" / m.loc[0, "feature_file"])
+    theirs = ClipFeatures.load(tmp_path / "direct" / direct.loc[0, "feature_file"])
+    np.testing.assert_array_equal(ours.arrays["video_features"], theirs.arrays["video_features"])
+    assert json.loads((tmp_path / "cache" / "settings.json").read_text())["settings"]["encoder_sha256"] == old

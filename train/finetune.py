@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from avemo.checkpoint import CheckpointError
-from avemo.encoders import FaceEncoder, load_encoder
+from avemo.encoders import FaceEncoder, load_named_encoder
 from avemo.features import ClipFeatures, ExtractionSettings, FeatureFileError
 from avemo.model.frames import clip_face_pixels, encoder_spec
 from train.data import TrainingData
@@ -68,7 +68,7 @@ def starting_encoder(settings: dict[str, Any]) -> FaceEncoder:
     from avemo.extraction import with_encoder_identity    # the one check that an encoder is the cache's
     s = ExtractionSettings.from_dict(settings)
     try:
-        encoder = load_encoder(s.encoder)
+        encoder = load_named_encoder(s.encoder, s.encoder_sha256)
         with_encoder_identity(s, encoder)
     except (CheckpointError, ValueError) as e:
         raise FinetuneError(f"--finetune-encoder starts from the face encoder the cache was extracted with "

@@ -185,6 +185,24 @@ def available_encoders() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
 
 
+def load_named_encoder(name: str, sha256: str | None, device: str | torch.device = "cpu") -> FaceEncoder:
+    """The encoder that extraction settings name, with the hash they recorded.
+
+    When a release replaces a shipped encoder (``default``), the one it replaced stays in the
+    package under another name (``default-v1``): a shipped name whose file no longer has the
+    recorded hash is looked up by that hash among the shipped encoders, so caches and models
+    made with an earlier release keep extracting what they were trained on. Paths are never
+    swapped; a hash found nowhere is left for the caller's check to name.
+    """
+    encoder = load_encoder(name, device)
+    if not sha256 or encoder.sha256 == sha256 or not is_shipped_name(name):
+        return encoder
+    for other in available_encoders():
+        if other != name and file_sha256(WEIGHTS_DIR / f"{other}.pt") == sha256:
+            return load_encoder(other, device)
+    return encoder
+
+
 def resolve_encoder_path(name_or_path: str | os.PathLike) -> Path:
     """A bare name ("default") means ``avemo/encoders/weights/NAME.pt``; anything else is a path."""
     text = os.fspath(name_or_path)
