@@ -8,6 +8,15 @@ mkdir -p "$out"
 # the shipped default model, no training: one bundled video with sound, one audio-only clip
 $bin/avemo-predict examples/cremad/1001_DFA_HAP_XX.flv --explain "$out/default-explain.png"
 $bin/avemo-predict examples/cremad/1002_DFA_HAP_XX.mp3 --json
+# a cache left by an earlier avemo whose shipped `default` face encoder has since been replaced would go
+# on with that encoder, which today's default model does not read: the demo begins it again
+if [ -f "$out/cache/settings.json" ] && ! $bin/python -c 'import json, sys
+from avemo.encoders import WEIGHTS_DIR, file_sha256
+sys.exit(json.load(open(sys.argv[1]))["settings"].get("encoder_sha256") != file_sha256(WEIGHTS_DIR / "default.pt"))' \
+        "$out/cache/settings.json"; then
+    echo "demo: $out/cache was made with an earlier default face encoder; extracting it again"
+    rm -rf "$out/cache" "$out/run" "$out/eval-default"
+fi
 # stage one: the 12 bundled clips -> $out/cache (features/*.npz + manifest.csv); resumes if re-run
 $bin/avemo-extract examples/cremad --out "$out/cache" --label-from cremad
 # the shipped default model scored on those labelled clips (it heard these two actors: the warning says so)
