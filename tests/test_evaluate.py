@@ -103,3 +103,13 @@ def test_the_command_prints_the_table_or_json_and_says_what_is_wrong(run, tmp_pa
     assert json.loads(capsys.readouterr().out)["n"] == 36
     assert cli([str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert "no manifest.csv" in capsys.readouterr().err
+
+
+def test_a_cache_embedded_by_an_earlier_default_encoder_is_refused_and_named():
+    from avemo.encoders import WEIGHTS_DIR, file_sha256
+    from train.evaluate import check_settings, load_scorer
+    scorer = load_scorer()                               # the shipped default model reads faces
+    old = {**scorer.settings, "encoder_sha256": file_sha256(WEIGHTS_DIR / "default-v1.pt")}
+    with pytest.raises(EvaluationError, match="encoder_sha256.*shipped encoder 'default-v1'.*as 'default'"):
+        check_settings(scorer, old, "CACHE")
+    check_settings(scorer, dict(scorer.settings), "CACHE")

@@ -32,6 +32,7 @@ import torch
 
 from avemo.checkpoint import CheckpointError
 from avemo.cpu import reuse_freed_memory, set_torch_threads
+from avemo.encoders import shipped_encoder_with
 from avemo.extraction import default_device
 from avemo.features import AUDIO_SETTING_KEYS, settings_differences
 from avemo.io import NoSpaceError, atomic_path, write_json_atomic
@@ -92,6 +93,10 @@ def check_settings(scorer: Scorer, cache_settings: dict[str, Any], cache: str) -
     diff = [f"{k} {ours!r} (model: {theirs!r})"
             for k, ours, theirs in settings_differences(scorer.settings, cache_settings, scorer.compared)]
     if diff:
+        earlier = shipped_encoder_with(cache_settings.get("encoder_sha256") or "")
+        if earlier and earlier != cache_settings.get("encoder"):
+            diff.append(f"the cache's faces were embedded by the shipped encoder '{earlier}', which an earlier "
+                        f"release shipped as '{cache_settings.get('encoder')}'")
         raise EvaluationError(
             f"{cache} was extracted with other settings than {scorer.name} was trained on: {'; '.join(diff)}. "
             f"Extract the clips again into a new cache with the model's settings "

@@ -197,10 +197,13 @@ def load_named_encoder(name: str, sha256: str | None, device: str | torch.device
     encoder = load_encoder(name, device)
     if not sha256 or encoder.sha256 == sha256 or not is_shipped_name(name):
         return encoder
-    for other in available_encoders():
-        if other != name and file_sha256(WEIGHTS_DIR / f"{other}.pt") == sha256:
-            return load_encoder(other, device)
-    return encoder
+    other = shipped_encoder_with(sha256)
+    return load_encoder(other, device) if other else encoder
+
+
+def shipped_encoder_with(sha256: str) -> str | None:
+    """The name of the shipped encoder whose file has this sha256, if one has."""
+    return next((n for n in available_encoders() if file_sha256(WEIGHTS_DIR / f"{n}.pt") == sha256), None)
 
 
 def resolve_encoder_path(name_or_path: str | os.PathLike) -> Path:
