@@ -263,6 +263,16 @@ def test_ldg_run_and_time_budget(dataset, tmp_path):
     history = json.loads((tmp_path / "student" / "history.json").read_text())
     assert len(history) < 50 and math.isfinite(history[-1]["train_loss"])
     assert 0 <= report["test"]["accuracy"] <= 1
+    # the generator is named by its hash in the exported file, and a resume refuses another one
+    generator = load_encoder(teacher / "encoder.pt")
+    student = load_encoder(tmp_path / "student" / "encoder.pt")
+    assert student.training["ldg_generator"]["sha256"] == generator.sha256
+    assert student.training["ldg_generator"]["test"] == generator.metrics["test"]["accuracy"]
+    other = tmp_path / "other"               # a generator trained again at the same path
+    run_training(quick_config(dataset, epochs=1, seed=1), other, log=lambda m: None)
+    (teacher / "encoder.pt").write_bytes((other / "encoder.pt").read_bytes())
+    with pytest.raises(ValueError, match="generator the run began with"):
+        run_training(cfg, tmp_path / "student", resume=True, log=lambda m: None)
 
 
 def test_cli_evaluate_json_on_a_class_subset(dataset, tmp_path, capsys):

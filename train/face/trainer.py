@@ -160,6 +160,7 @@ def _autocast(device: torch.device):
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, device: str = "cpu", log=print):
         self.cfg, self.out, self.log = cfg, Path(out), log
+        self.generator: dict | None = None     # --ldg: the generator's identity, recorded with the run
         self.device = torch.device(device)
         build_encoder(cfg.arch, 2, **cfg.model_cfg())   # fail on bad architecture settings before decoding data
 
@@ -317,6 +318,13 @@ def run_training(cfg: TrainConfig, out: str | Path, resume: bool = False, device
     ldg = None
     if cfg.ldg:
         ldg_encoder = load_encoder(cfg.ldg, device=device)
+        # the path alone names nothing once the run is copied elsewhere: the file's hash and figures do
+        trainer.generator = {"name": ldg_encoder.name, "sha256": ldg_encoder.sha256, "arch": ldg_encoder.arch,
+                             "test": (ldg_encoder.metrics or {}).get("test", {}).get("accuracy")}
+        began = (state or {}).get("progress", {}).get("generator", trainer.generator)["sha256"]
+        if began != ldg_encoder.sha256:
+            raise ValueError(f"{out}: --resume needs the generator the run began with; {cfg.ldg} is another file "
+                             f"(sha256 {ldg_encoder.sha256[:12]}... vs {began[:12]}...)")
         trainer.log(f"label distribution training: targets from '{ldg_encoder.name}' ({ldg_encoder.arch})")
     trainer.load_data()
     if cfg.ldg:
@@ -335,6 +343,8 @@ def run_training(cfg: TrainConfig, out: str | Path, resume: bool = False, device
         trainer.log(f"{cfg.arch} {trainer.model.feature_dim}-d features, {n_params / 1e6:.2f}M parameters, "
                     f"input {cfg.input_size}px {'grey' if cfg.grayscale else 'RGB'}, device {trainer.device}")
     progress.setdefault("commands", []).append(command)
+    if trainer.generator:
+        progress["generator"] = trainer.generator
     if progress["epoch"] < cfg.epochs and not progress.get("budget_spent"):
         progress = trainer.fit(progress, ldg)
     return finish(trainer, progress)
@@ -358,6 +368,8 @@ def finish(trainer: Trainer, progress: dict) -> dict:
         "history": progress["history"], "data": {s: len(d) for s, d in trainer.data.items()},
         "hardware": _hardware(trainer.device), "avemo_version": avemo.__version__, "torch": str(torch.__version__),
     }
+    if progress.get("generator"):
+        training["ldg_generator"] = progress["generator"]
     metrics = {"test": _brief(test) | {"confusion": test["confusion"]}, "test_flip_tta": _brief(test_tta),
                "validation": _brief(val)}
     trainer.export(trainer.out / "encoder.pt", metrics=metrics, training=training)
