@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -55,6 +56,19 @@ def source_stamp(source: Path) -> list[int] | None:
     except (OSError, ValueError):
         return None
     return [st.st_size, st.st_mtime_ns]
+
+
+def source_sha256(source: Path) -> str | None:
+    """The content hash of a source file, or None if it cannot be read. The stamp alone would redo
+    a whole folder copied without its times (``cp -r``); the hash tells a copy from an edit."""
+    h = hashlib.sha256()
+    try:
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except (OSError, ValueError):
+        return None
+    return h.hexdigest()
 
 
 class Cache:
@@ -141,6 +155,8 @@ class Cache:
         extra = {"source_stamp": source_stamp(source)}
         if row.get("feature_file"):
             extra["feature_bytes"] = os.path.getsize(self.root / row["feature_file"])
+            # only for extracted clips: a failed one is cheap to redo, and may be a huge file of anything
+            extra["source_sha256"] = source_sha256(source)
         write_json_atomic(self.row_path(row["clip"]), {**{k: row.get(k) for k in COLUMNS}, **extra})
 
     def is_done(self, clip: str, source: Path, digest: str, need_crops: bool, retry_failed: bool,
@@ -150,7 +166,9 @@ class Cache:
         row = self.read_row(clip)
         if row is None or row.get("settings_hash") != digest:
             return None
-        if row.get("source_stamp") != source_stamp(source):
+        stamp = source_stamp(source)
+        restamp = row.get("source_stamp") != stamp
+        if restamp and not self._same_content(row, source, stamp):
             return None     # the file was replaced or edited since
         if row["status"] == "failed":
             # an internal error may be transient (out of memory, a bug since fixed): always retry it
@@ -162,7 +180,16 @@ class Cache:
             return None
         if need_maps and row.get("has_video") and not row.get("feature_maps"):
             return None
+        if restamp:         # the same bytes under a new time (a copy): the new stamp saves hashing next time
+            write_json_atomic(self.row_path(clip), {**row, "source_stamp": stamp})
         return row
+
+    @staticmethod
+    def _same_content(row: dict, source: Path, stamp: list[int] | None) -> bool:
+        old = row.get("source_stamp")
+        if stamp is None or not old or old[0] != stamp[0] or row.get("source_sha256") is None:
+            return False
+        return row["source_sha256"] == source_sha256(source)
 
     def features_intact(self, row: dict, digest: str) -> bool:
         """The row's feature file is there, whole (its size as written) and made with these settings."""

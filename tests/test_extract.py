@@ -391,3 +391,26 @@ def test_a_cache_begun_with_a_replaced_default_encoder_goes_on_with_it(tmp_path,
     theirs = ClipFeatures.load(tmp_path / "direct" / direct.loc[0, "feature_file"])
     np.testing.assert_array_equal(ours.arrays["video_features"], theirs.arrays["video_features"])
     assert json.loads((tmp_path / "cache" / "settings.json").read_text())["settings"]["encoder_sha256"] == old
+
+
+def test_a_copied_folder_keeps_its_clips_and_an_edited_file_is_redone(setup, tmp_path, capsys):
+    # cp -r gives every file a new time: the same bytes are not extracted again; other bytes of the same
+    # size (an edit in place) are
+    _, _, kw, _ = setup
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("1002_DFA_SAD_XX.mp3", "1002_DFA_HAP_XX.mp3"):
+        shutil.copy(CREMAD / name, clips / name)
+    first = extract_folder(clips, tmp_path / "cache", **kw)
+    capsys.readouterr()
+    for p in clips.iterdir():
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    edited = clips / "1002_DFA_HAP_XX.mp3"
+    data = bytearray(edited.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    edited.write_bytes(bytes(data))
+    again = extract_folder(clips, tmp_path / "cache", **kw)
+    assert "1 already done, 1 to extract" in capsys.readouterr().err
+    assert list(again["clip"]) == list(first["clip"]) and list(again["status"]) == ["ok", "ok"]
+    extract_folder(clips, tmp_path / "cache", **kw)
+    assert "2 already done, 0 to extract" in capsys.readouterr().err
