@@ -75,8 +75,8 @@ class TrainConfig:
         if self.frames_per_clip < 0 or not self.encoder_lr > 0:
             raise ValueError(f"frames_per_clip must be >= 0 and encoder_lr > 0, got {self.frames_per_clip} and "
                              f"{self.encoder_lr}")
-        if self.audio_lr is not None and not self.audio_lr > 0:
-            raise ValueError(f"audio_lr must be > 0, got {self.audio_lr}")
+        if self.audio_lr is not None and not self.audio_lr >= 0:
+            raise ValueError(f"audio_lr must be >= 0 (0: the pretrained stream stays frozen), got {self.audio_lr}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,6 +301,12 @@ def audio_rate(cfg: TrainConfig, pretrained: bool) -> float | None:
     return cfg.lr * PRETRAINED_AUDIO_LR_SCALE if pretrained else None
 
 
+def audio_frozen(cfg: TrainConfig, model: torch.nn.Module) -> bool:
+    """``--audio-lr 0``: the pretrained stream is a fixed feature extractor, its BatchNorm statistics too
+    (eval mode while the rest trains); only what comes after it learns."""
+    return cfg.audio_lr == 0 and hasattr(model, "audio")
+
+
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, pretrained_audio: bool) -> list[dict[str, Any]]:
     """AdamW groups with their own peaks, since the parts that start trained need to move more slowly
     than the new head: the face encoder (end to end) at ``encoder_lr``, the audio stream at
@@ -309,7 +315,9 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, pretrained_audio:
     rates = {"rest": cfg.lr, "audio": audio_lr, "encoder": cfg.encoder_lr}
     groups: dict[str, list[torch.nn.Parameter]] = {k: [] for k in rates}
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if audio_lr == 0 and name.startswith("audio."):
+            p.requires_grad_(False)         # frozen (see audio_frozen)
+        elif p.requires_grad:
             part = ("encoder" if name.startswith(ENCODER_PREFIX) else
                     "audio" if name.startswith("audio.") and audio_lr not in (None, cfg.lr) else "rest")
             groups[part].append(p)
@@ -437,6 +445,9 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
     pretrained_audio = front is not None or bool((state or {}).get("audio_init"))
+    if cfg.audio_lr == 0 and mcfg.uses_audio and not pretrained_audio:
+        raise TrainError("--audio-lr 0 freezes the audio stream, which needs a pretrained front-end to start "
+                         "from (--audio-init default|PATH), not --audio-init none")
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg, pretrained_audio), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, 0))
@@ -481,6 +492,8 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
         _reseed(cfg.seed, epoch, rt.rank)
         train_model.train()
+        if audio_frozen(cfg, model):
+            model.audio.eval()
         t0 = time.perf_counter()
         batches = _global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, epoch)
         total, seen = 0.0, 0
