@@ -12,7 +12,9 @@ avemo-train's defaults (audio only) but for:
 - ``scratch``: ``--audio-init none``;
 - ``zero-shot``: no training, the front-end itself, its predictions restricted to CACHE's classes;
 - ``same``: the stream at the head's peak learning rate (avemo before the tenth);
-- ``tenth``: the stream at a tenth of it (the default), ``lr3e-4``-style names set ``--audio-lr`` itself.
+- ``tenth``: the stream at a tenth of it (the default), ``lr3e-4``-style names set ``--audio-lr`` itself
+  (``lr0``: frozen);
+- ``lpft12``-style names: frozen for the first 12 epochs, then at a tenth (``--audio-frozen-epochs``).
 
 Prints UAR and WAR per config: the mean and standard deviation over seeds, and the seconds per run.
 """
@@ -61,6 +63,8 @@ def config(name: str, frontend: Path) -> dict:
         fields["audio_lr"] = TrainConfig().lr
     elif name.startswith("lr"):
         fields["audio_lr"] = float(name[2:])
+    elif name.startswith("lpft"):
+        fields["audio_frozen_epochs"] = int(name[4:])
     elif name != "tenth":
         raise SystemExit(f"unknown config '{name}'")
     return fields

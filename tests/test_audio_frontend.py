@@ -91,8 +91,24 @@ def test_the_pretrained_audio_stream_moves_slower_than_the_new_head(frontend, tm
         kept = [torch.allclose(model.state_dict()[k], front.state[k], atol=1e-6) for k in weights]
         # at 1e-9 the stream keeps the front-end's weights; at the default tenth of the head's rate it learns
         assert all(kept) if run == "slow" else not any(kept)
-    with pytest.raises(ValueError, match="audio_lr must be > 0"):
-        quick(audio_lr=0.0)
+    with pytest.raises(ValueError, match="audio_lr must be >= 0"):
+        quick(audio_lr=-1e-3)
+
+
+def test_a_frozen_stream_keeps_the_frontend_exactly_and_lpft_frees_it_later(frontend, tmp_path):
+    path, _ = frontend
+    cache = make_cache(tmp_path / "c", classes=("x", "y", "z"), video=False, seed=4)
+    front = load_frontend(path)
+    # the weights and the BatchNorm statistics: a frozen stream normalises as the front-end did
+    stream = [k for k in front.state if k.startswith("audio.") and not k.endswith("num_batches_tracked")]
+    for run, kw in (("frozen", dict(audio_lr=0.0)), ("lpft", dict(audio_frozen_epochs=1))):
+        run_training(cache, tmp_path / run, {}, quick(epochs=2, lr=1e-2, audio_init=str(path), **kw), SPLIT)
+        model, ckpt = load_model(tmp_path / run / "last.pt")
+        kept = [torch.equal(model.state_dict()[k], front.state[k]) for k in stream]
+        assert all(kept) if run == "frozen" else not any(kept), run
+        assert ckpt["train_config"]["audio_frozen_epochs"] == kw.get("audio_frozen_epochs", 0)
+    with pytest.raises(TrainError, match="needs a pretrained front-end"):
+        run_training(cache, tmp_path / "scratch", {}, quick(audio_lr=0.0, audio_init="none"), SPLIT)
 
 
 def test_audio_init_refuses_other_spectrograms_and_contradicting_settings(frontend, tmp_path):

@@ -230,7 +230,9 @@ def add_optimisation_args(p: argparse.ArgumentParser, runs_of_avemo_train: bool 
     if runs_of_avemo_train:
         g.add_argument("--audio-lr", type=float, default=t["audio_lr"],
                        help="the audio stream's own peak learning rate (e.g. lower, to keep more of the "
-                            "pretrained front-end); default: --lr")
+                            "pretrained front-end; 0 keeps it frozen); default: --lr")
+        g.add_argument("--audio-frozen-epochs", type=int, default=t["audio_frozen_epochs"],
+                       help="a pretrained audio stream stays frozen for this many epochs, then trains at --audio-lr")
     g.add_argument("--weight-decay", type=float, default=t["weight_decay"])
     g.add_argument("--schedule", choices=SCHEDULES, default=t["schedule"],
                    help="onecycle: warm-up then anneal, per batch; cosine: per epoch from --lr")

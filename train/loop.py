@@ -65,7 +65,9 @@ class TrainConfig:
     finetune_encoder: bool = False
     frames_per_clip: int = 3           # random face frames per clip per training step (FAN's 3); 0: all
     encoder_lr: float = 1e-4           # the encoder's peak learning rate (it starts trained; the head does not)
-    audio_lr: float | None = None      # the audio stream's peak lr (None: lr/10 from a front-end, else lr)
+    audio_lr: float | None = None      # the audio stream's peak lr (None: lr/10 from a front-end, else lr;
+                                       # 0: a pretrained stream stays frozen)
+    audio_frozen_epochs: int = 0       # a pretrained stream stays frozen for this many epochs first (LP-FT)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -75,6 +77,8 @@ class TrainConfig:
         if self.frames_per_clip < 0 or not self.encoder_lr > 0:
             raise ValueError(f"frames_per_clip must be >= 0 and encoder_lr > 0, got {self.frames_per_clip} and "
                              f"{self.encoder_lr}")
+        if self.audio_frozen_epochs < 0:
+            raise ValueError(f"audio_frozen_epochs must be >= 0, got {self.audio_frozen_epochs}")
         if self.audio_lr is not None and not self.audio_lr >= 0:
             raise ValueError(f"audio_lr must be >= 0 (0: the pretrained stream stays frozen), got {self.audio_lr}")
 
@@ -301,10 +305,19 @@ def audio_rate(cfg: TrainConfig, pretrained: bool) -> float | None:
     return cfg.lr * PRETRAINED_AUDIO_LR_SCALE if pretrained else None
 
 
-def audio_frozen(cfg: TrainConfig, model: torch.nn.Module) -> bool:
-    """``--audio-lr 0``: the pretrained stream is a fixed feature extractor, its BatchNorm statistics too
-    (eval mode while the rest trains); only what comes after it learns."""
-    return cfg.audio_lr == 0 and hasattr(model, "audio")
+def audio_frozen(cfg: TrainConfig, model: torch.nn.Module, epoch: int) -> bool:
+    """Whether the pretrained audio stream is a fixed feature extractor in ``epoch`` (0-based), its
+    BatchNorm statistics too: throughout with ``--audio-lr 0``, for the first ``--audio-frozen-epochs``
+    otherwise (linear probing, then fine-tuning: LP-FT, Kumar et al., ICLR 2022)."""
+    return hasattr(model, "audio") and (cfg.audio_lr == 0 or epoch < cfg.audio_frozen_epochs)
+
+
+def set_audio_frozen(model: torch.nn.Module, frozen: bool) -> None:
+    # called after model.train(): a frozen stream normalises with its running statistics
+    for p in model.audio.parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        model.audio.eval()
 
 
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, pretrained_audio: bool) -> list[dict[str, Any]]:
@@ -315,9 +328,7 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, pretrained_audio:
     rates = {"rest": cfg.lr, "audio": audio_lr, "encoder": cfg.encoder_lr}
     groups: dict[str, list[torch.nn.Parameter]] = {k: [] for k in rates}
     for name, p in model.named_parameters():
-        if audio_lr == 0 and name.startswith("audio."):
-            p.requires_grad_(False)         # frozen (see audio_frozen)
-        elif p.requires_grad:
+        if p.requires_grad:
             part = ("encoder" if name.startswith(ENCODER_PREFIX) else
                     "audio" if name.startswith("audio.") and audio_lr not in (None, cfg.lr) else "rest")
             groups[part].append(p)
@@ -445,9 +456,9 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
     pretrained_audio = front is not None or bool((state or {}).get("audio_init"))
-    if cfg.audio_lr == 0 and mcfg.uses_audio and not pretrained_audio:
-        raise TrainError("--audio-lr 0 freezes the audio stream, which needs a pretrained front-end to start "
-                         "from (--audio-init default|PATH), not --audio-init none")
+    if (cfg.audio_lr == 0 or cfg.audio_frozen_epochs) and mcfg.uses_audio and not pretrained_audio:
+        raise TrainError("--audio-lr 0 and --audio-frozen-epochs freeze the audio stream, which needs a pretrained "
+                         "front-end to start from (--audio-init default|PATH), not --audio-init none")
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg, pretrained_audio), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, 0))
@@ -466,8 +477,14 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         history, start_epoch, best_uar, since_best = r["history"], r["epoch"], r["best_uar"], r["since_best"]
     train_model = model
     if rt.world > 1:
+        # a stream frozen throughout stays out of the gradient all-reduce; one frozen for a while is in it,
+        # and unused meanwhile
+        always = audio_frozen(cfg, model, cfg.epochs)
+        if always:
+            set_audio_frozen(model, True)
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=audio_frozen(cfg, model, 0) and not always)
     augment = BatchAugment(cfg.augment, data.settings["sample_rate"] / data.settings["hop_length"])
     crop_aug = crop_augment_config(mcfg.frame_encoder) if e2e else None
     extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict(),
@@ -492,8 +509,8 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
         _reseed(cfg.seed, epoch, rt.rank)
         train_model.train()
-        if audio_frozen(cfg, model):
-            model.audio.eval()
+        if mcfg.uses_audio and pretrained_audio:
+            set_audio_frozen(model, audio_frozen(cfg, model, epoch))
         t0 = time.perf_counter()
         batches = _global_batches(len(train_store), cfg.batch_size, rt.world, cfg.seed, epoch)
         total, seen = 0.0, 0
