@@ -1,7 +1,7 @@
 """Fine-tuning from a pretrained audio front-end on speakers it has never heard: how fast the stream may move.
 
-    python benchmarks/frontend_finetune.py CACHE --frontend FILE --test-speakers 08,12 [--seeds 6] [--jobs 2]
-                                           [--configs scratch,same,tenth,...] [--out DIR]
+    python benchmarks/frontend_finetune.py CACHE --frontend FILE --test-speakers 08,12 [--val-speakers 10]
+                                           [--seeds 6] [--jobs 2] [--configs scratch,same,tenth,...] [--out DIR]
 
 FILE is a front-end (``avemo-train-audio``'s frontend.pt) or the audio-only checkpoint of its held-out
 fit (``RUN/holdout/best.pt`` of ``avemo-train-audio ... --holdout-speakers``), which is exported to a
@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("cache", type=Path)
     p.add_argument("--frontend", type=Path, required=True)
     p.add_argument("--test-speakers", required=True)
+    p.add_argument("--val-speakers", help="validation speakers (best.pt is the best epoch on them); default none")
     p.add_argument("--configs", default="zero-shot,scratch,same,tenth")
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed..seeds-1 (to add seeds to a run)")
@@ -93,7 +94,7 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
         futures = [(n, pool.submit(task_fit, str(args.cache), str(args.out / f"{n}-s{seed}"), {"modalities": "audio"},
                                    TrainConfig(seed=seed, progress=False, **config(n, frontend)),
-                                   SplitOptions(test_speakers=args.test_speakers)))
+                                   SplitOptions(val_speakers=args.val_speakers, test_speakers=args.test_speakers)))
                    for seed in range(args.first_seed, args.seeds) for n in names if n != "zero-shot"]
         if "zero-shot" in names:
             r = zero_shot(args.cache, frontend, test)

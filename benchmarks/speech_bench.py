@@ -11,7 +11,8 @@ speaker in both training and test:
 - ``ravdess``: 4 folds of 4 consecutive actors (01-04, 05-08, ...; two women and two men each),
   train on the other 12, 8 classes, front-end from scratch (``--audio-init none``: the shipped
   front-end has heard these actors).
-- ``emodb``: leave one speaker out over the cache's speakers, the FCN from scratch;
+- ``emodb``: leave one speaker out over the cache's speakers, the FCN from scratch (trained on
+  all the others, or with ``--fold-val next`` on all but the next one, its validation speaker);
   ``pretrained``: the same folds, the FCN initialised from a front-end that
   ``avemo-train-audio``'s code pretrains on all of RAVDESS (one per seed), so that no EmoDB
   speaker leaks in.
@@ -154,6 +155,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time (worker processes, 1 torch thread each)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--fold-val", choices=("none", "next"), default="none",
+                   help="EmoDB folds: train on all other speakers for the set epochs (none), or validate on the "
+                        "next speaker (avemo-train --fold-val next: best.pt is the best epoch on it)")
     args = p.parse_args(argv)
     parts = [s for s in args.parts.split(",") if s]
     if set(parts) - set(PARTS):
@@ -191,7 +195,7 @@ def main() -> None:
             # one task per fold, so that folds run side by side
             for k in range(n_emo):
                 submit((part, seed, k), task_fit, str(emo_cache), str(out / f"{part}/seed{seed}"), model, c,
-                       SplitOptions(folds=n_emo, fold=k + 1, fold_val="none"))
+                       SplitOptions(folds=n_emo, fold=k + 1, fold_val=args.fold_val))
 
         # the pretraining first: the pretrained EmoDB folds wait for it
         for seed in range(args.seeds):

@@ -61,6 +61,22 @@ def test_every_stream_fusion_and_loss_learns_well_above_chance(cache, tmp_path, 
     assert report["uar"] >= 0.7, report  # chance is 1/3
 
 
+def test_best_pt_is_the_best_validation_epoch_or_with_keep_last_the_final_one(cache, tmp_path):
+    # lr so high that validation UAR moves from epoch to epoch, so the two rules pick different epochs
+    for keep in ("last", "best"):
+        out = tmp_path / keep
+        run_training(cache, out, dict(SMALL, modalities="audio"), quick(epochs=6, lr=0.3, keep=keep), SPLIT)
+        hist = pd.read_csv(out / "metrics.csv")
+        _, ckpt = load_model(out / "best.pt")
+        chosen = 6 if keep == "last" else int(hist["val_uar"].idxmax()) + 1
+        assert ckpt["metrics"]["epoch"] == chosen, (keep, hist["val_uar"].tolist())
+        assert ckpt["metrics"]["val_uar"] == pytest.approx(hist["val_uar"].iloc[chosen - 1], abs=1e-5)
+        assert json.loads((out / "report.json").read_text())["best_epoch"] == chosen
+    # early stopping keeps the best epoch: "last" contradicts it
+    with pytest.raises(ValueError, match="cannot be combined with keep 'last'"):
+        quick(patience=3, keep="last")
+
+
 def test_run_folder_holds_checkpoints_metrics_and_report(cache, tmp_path):
     out = tmp_path / "run"
     rc = cli([str(cache), "--out", str(out), "--audio-init", "none", "--val-speakers", "s3", "--test-speakers", "s4", "--epochs", "3",

@@ -22,7 +22,7 @@ from avemo.io import NoSpaceError, write_json_atomic
 from avemo.model import FUSIONS, LOSSES, MODALITIES, STT_TOKENS, VIDEO_STREAMS, ModelConfig
 from train.augment import AugmentConfig
 from train.data import CacheError, TrainingData, load_training_data
-from train.loop import SCHEDULES, TrainConfig, TrainError, fit, fit_ensemble, start_runtime
+from train.loop import KEEPS, SCHEDULES, TrainConfig, TrainError, fit, fit_ensemble, start_runtime
 from train.splits import Split, SplitError, auto_split, column_split, explicit_split, kfold_splits, no_split
 
 log = logging.getLogger("avemo.train")
@@ -239,6 +239,9 @@ def add_optimisation_args(p: argparse.ArgumentParser, runs_of_avemo_train: bool 
     if runs_of_avemo_train:
         g.add_argument("--patience", type=int, default=t["patience"],
                        help="early stop after this many epochs without a better val UAR (0: off)")
+        g.add_argument("--keep", choices=KEEPS, default=t["keep"],
+                       help="which epoch becomes RUN/best.pt: the one with the best validation UAR, or the "
+                            "final one (the one-cycle schedule's annealed end; not with --patience)")
     g.add_argument("--loss", choices=LOSSES, default=t["loss"])
     g.add_argument("--label-smoothing", type=float, default=t["label_smoothing"])
     g.add_argument("--compact-beta", type=float, default=t["compact_beta"], help="weight of compact softmax's extra term")

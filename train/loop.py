@@ -48,6 +48,7 @@ class TrainConfig:
     lr: float = 3e-3                   # peak of the one-cycle schedule (AdamW)
     weight_decay: float = 1e-2
     patience: int = 0                  # epochs without a better val UAR before stopping (0: never stop)
+    keep: str = "best"                 # best.pt: the epoch with the best val UAR (best) or the final one (last)
     seed: int = 0
     loss: str = "ce"
     label_smoothing: float = 0.1
@@ -77,6 +78,11 @@ class TrainConfig:
         if self.frames_per_clip < 0 or not self.encoder_lr > 0:
             raise ValueError(f"frames_per_clip must be >= 0 and encoder_lr > 0, got {self.frames_per_clip} and "
                              f"{self.encoder_lr}")
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep must be one of {', '.join(KEEPS)}, got '{self.keep}'")
+        if self.keep == "last" and self.patience:
+            raise ValueError("early stopping (patience) ends after the best validation epoch and keeps that one: "
+                             "it cannot be combined with keep 'last'")
         if self.audio_frozen_epochs < 0:
             raise ValueError(f"audio_frozen_epochs must be >= 0, got {self.audio_frozen_epochs}")
         if self.audio_lr is not None and not self.audio_lr >= 0:
@@ -87,6 +93,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("onecycle", "cosine")
+KEEPS = ("best", "last")
 
 
 class TrainError(RuntimeError):
@@ -392,7 +399,8 @@ def _check_modalities(cfg: ModelConfig, data: TrainingData, train_idx: list[int]
 
 def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainConfig, out: str | Path,
         resume: bool = False, rt: Runtime | None = None) -> dict[str, Any]:
-    """Train on ``split.train``, early-stop on ``split.val`` UAR, report on test (or val) with best.pt.
+    """Train on ``split.train``, early-stop on ``split.val`` UAR, report on test (or val) with best.pt
+    (the epoch with the best val UAR, or with ``keep`` "last" the final one).
 
     Writes ``out``/best.pt, last.pt, metrics.csv, split.json, report.json, confusion.csv/.png.
     """
@@ -564,7 +572,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
                      f" val UAR {row['val_uar']:.3f} WAR {row['val_war']:.3f}" if "val_uar" in row else "",
                      row["seconds"], " *" if improved and val_store is not None else "")
             metrics = {k: v for k, v in row.items() if k.startswith("val_")} | {"epoch": epoch + 1}
-            if improved:
+            if improved or cfg.keep == "last":
                 save_model(best_path, model, data.classes, data.settings, metrics, extra_common)
             save_model(last_path, model, data.classes, data.settings, metrics, extra_common | {"resume": {
                 "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
