@@ -1,6 +1,7 @@
 """The pretrained audio front-end: avemo-train-audio's file, --audio-init, and the shipped default."""
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from train.audio.cli import main as train_audio_main, train_frontend
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
 from avemo.model import ModelConfig, build_model
+from train import loop
 from train.loop import TrainConfig, TrainError, parameter_groups
 
 torch.set_num_threads(1)
@@ -109,6 +111,51 @@ def test_a_frozen_stream_keeps_the_frontend_exactly_and_lpft_frees_it_later(fron
         assert ckpt["train_config"]["audio_frozen_epochs"] == kw.get("audio_frozen_epochs", 0)
     with pytest.raises(TrainError, match="needs a pretrained front-end"):
         run_training(cache, tmp_path / "scratch", {}, quick(audio_lr=0.0, audio_init="none"), SPLIT)
+
+
+def test_an_audio_stream_stays_frozen_by_default_when_its_frontend_knows_the_corpus(frontend, tmp_path, monkeypatch):
+    path, _ = frontend
+    front = load_frontend(path)
+    stream = [k for k in front.state if k.startswith("audio.") and not k.endswith("num_batches_tracked")]
+    # corpus_a again (same generator and seed): the front-end was trained on it, so it knows it
+    known = make_cache(tmp_path / "known", classes=("ang", "hap", "sad"), video=False, per_class=3)
+    # the same clips with the labels rotated: its own classes, but it cannot tell them apart
+    rows = pd.read_csv(known / "manifest.csv")
+    rotate = {"ang": "hap", "hap": "sad", "sad": "ang"}
+    pd.DataFrame({"clip": rows["clip"], "label": rows["label"].map(rotate), "speaker": rows["speaker"]}).to_csv(
+        tmp_path / "rotated.csv", index=False)
+    for run, labels, frozen in (("known", None, True), ("rotated", tmp_path / "rotated.csv", False)):
+        run_training(known, tmp_path / run, {}, quick(epochs=2, lr=1e-2, audio_init=str(path)), SPLIT, labels=labels)
+        model, ckpt = load_model(tmp_path / run / "last.pt")
+        fam = ckpt["audio_init"]["familiarity"]
+        assert fam["frozen"] is frozen and fam["threshold"] == pytest.approx(2 / 3, abs=1e-3), fam
+        assert (fam["zero_shot_uar"] >= 0.8) if frozen else (fam["zero_shot_uar"] < 0.5), fam
+        assert ckpt["train_config"]["audio_lr"] == (0.0 if frozen else None)
+        kept = [torch.equal(model.state_dict()[k], front.state[k]) for k in stream]
+        assert all(kept) if frozen else not any(kept), run
+    # interrupted and resumed, the run keeps its decision (its command line says nothing about it)
+    real_reseed = loop._reseed
+
+    def crash_at_epoch_2(seed, epoch, rank):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        real_reseed(seed, epoch, rank)
+
+    monkeypatch.setattr(loop, "_reseed", crash_at_epoch_2)
+    cfg = quick(epochs=3, lr=1e-2, audio_init=str(path))
+    with pytest.raises(KeyboardInterrupt):
+        run_training(known, tmp_path / "resumed", {}, cfg, SPLIT)
+    monkeypatch.setattr(loop, "_reseed", real_reseed)
+    run_training(known, tmp_path / "resumed", {}, cfg, SPLIT, resume=True)
+    model, ckpt = load_model(tmp_path / "resumed" / "last.pt")
+    assert ckpt["resume"]["epoch"] == 3 and ckpt["audio_init"]["familiarity"]["frozen"]
+    assert all(torch.equal(model.state_dict()[k], front.state[k]) for k in stream)
+    # classes it does not have, or an explicit rate: no judgement, the flags as given
+    other = make_cache(tmp_path / "other", classes=("x", "y", "z"), video=False, seed=4)
+    run_training(other, tmp_path / "other-run", {}, quick(epochs=1, audio_init=str(path)), SPLIT)
+    assert "familiarity" not in load_model(tmp_path / "other-run" / "best.pt")[1]["audio_init"]
+    run_training(known, tmp_path / "explicit", {}, quick(epochs=1, audio_init=str(path), audio_lr=1e-3), SPLIT)
+    assert "familiarity" not in load_model(tmp_path / "explicit" / "best.pt")[1]["audio_init"]
 
 
 def test_audio_init_refuses_other_spectrograms_and_contradicting_settings(frontend, tmp_path):

@@ -66,7 +66,8 @@ class TrainConfig:
     finetune_encoder: bool = False
     frames_per_clip: int = 3           # random face frames per clip per training step (FAN's 3); 0: all
     encoder_lr: float = 1e-4           # the encoder's peak learning rate (it starts trained; the head does not)
-    audio_lr: float | None = None      # the audio stream's peak lr (None: lr/10 from a front-end, else lr;
+    audio_lr: float | None = None      # the audio stream's peak lr (None: from a front-end, frozen when it
+                                       # knows the cache's corpus (audio only), else lr/10; without one, lr;
                                        # 0: a pretrained stream stays frozen)
     audio_frozen_epochs: int = 0       # a pretrained stream stays frozen for this many epochs first (LP-FT)
 
@@ -312,6 +313,29 @@ def audio_rate(cfg: TrainConfig, pretrained: bool) -> float | None:
     return cfg.lr * PRETRAINED_AUDIO_LR_SCALE if pretrained else None
 
 
+def corpus_familiarity(front: AudioFrontend, data: TrainingData, indices: list[int], device: torch.device,
+                       batch_size: int, amp: bool) -> dict[str, Any] | None:
+    """How well the front-end, as it is, tells apart the classes of the training clips ``indices``:
+    its zero-shot UAR (predictions restricted to the cache's classes) against a threshold halfway
+    between chance and perfect. None when it cannot say: some class of the cache is not one of its own.
+
+    Why: a frozen stream with a new head kept everything a front-end knew about a corpus it had
+    heard (EmoDB: +7 points UAR on new speakers, and +9 to +11 with new training speakers too), tied
+    on RAVDESS, and lost 9 points on a corpus it had never heard, where its zero-shot UAR was 0.18
+    against 0.45-0.66 on new speakers of its own corpora (README, speech benchmark).
+    """
+    idx = [i for i in indices if data.has_audio[i]]
+    if len(data.classes) < 2 or not set(data.classes) <= set(front.classes) or not idx:
+        return None
+    store = FeatureStore(data, idx, 0, device, on_device=False)
+    logits = predict_outputs(front.model().to(device), store, batch_size, amp)["logits"]
+    pred = logits[:, [front.classes.index(c) for c in data.classes]].argmax(1)
+    uar = classification_metrics(data.labels[idx], pred, data.classes)["uar"]
+    threshold = (1.0 / len(data.classes) + 1.0) / 2
+    return {"zero_shot_uar": round(float(uar), 4), "threshold": round(threshold, 4), "clips": len(idx),
+            "frozen": bool(uar >= threshold)}
+
+
 def audio_frozen(cfg: TrainConfig, model: torch.nn.Module, epoch: int) -> bool:
     """Whether the pretrained audio stream is a fixed feature extractor in ``epoch`` (0-based), its
     BatchNorm statistics too: throughout with ``--audio-lr 0``, for the first ``--audio-frozen-epochs``
@@ -464,6 +488,16 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
     pretrained_audio = front is not None or bool((state or {}).get("audio_init"))
+    familiarity = None
+    if cfg.audio_lr is None and not cfg.audio_frozen_epochs and mcfg.modalities == "audio" and pretrained_audio:
+        # the default for an audio-only model: a stream frozen when its front-end already knows the corpus
+        if state is None:
+            familiarity = _broadcast(rt, corpus_familiarity(front, data, split.train, rt.device, cfg.batch_size * 2,
+                                                            cfg.amp))
+        else:
+            familiarity = (state.get("audio_init") or {}).get("familiarity")
+        if familiarity and familiarity["frozen"]:
+            cfg = dataclasses.replace(cfg, audio_lr=0.0)
     if (cfg.audio_lr == 0 or cfg.audio_frozen_epochs) and mcfg.uses_audio and not pretrained_audio:
         raise TrainError("--audio-lr 0 and --audio-frozen-epochs freeze the audio stream, which needs a pretrained "
                          "front-end to start from (--audio-init default|PATH), not --audio-init none")
@@ -495,8 +529,10 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
             find_unused_parameters=audio_frozen(cfg, model, 0) and not always)
     augment = BatchAugment(cfg.augment, data.settings["sample_rate"] / data.settings["hop_length"])
     crop_aug = crop_augment_config(mcfg.frame_encoder) if e2e else None
-    extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict(),
-                    "audio_init": front.describe() if front is not None else (state or {}).get("audio_init")}
+    audio_init = front.describe() if front is not None else (state or {}).get("audio_init")
+    if front is not None and familiarity is not None:
+        audio_init = audio_init | {"familiarity": familiarity}
+    extra_common = {"split": split.to_dict(), "train_config": cfg.to_dict(), "audio_init": audio_init}
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "split.json", split.to_dict())
@@ -504,6 +540,12 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
                  ", ".join(split.speakers.get("train", [])) or "all", len(split.val), len(split.test),
                  rt.device, rt.world, "bf16 autocast" if autocast_dtype(rt.device, cfg.amp, mcfg) else "float32",
                  "held on the device" if train_store.on_device else "collated per batch")
+        if familiarity is not None and state is None:
+            log.info("the audio front-end's zero-shot UAR on the training clips is %.3f (threshold %.3f, halfway "
+                     "from chance): %s", familiarity["zero_shot_uar"], familiarity["threshold"],
+                     f"it knows this corpus, so its stream stays frozen (--audio-lr "
+                     f"{cfg.lr * PRETRAINED_AUDIO_LR_SCALE:g} fine-tunes it)"
+                     if familiarity["frozen"] else "it does not know this corpus, so its stream is fine-tuned")
         if audio_rate(cfg, pretrained_audio) is not None and mcfg.uses_audio:
             log.info("audio stream (%s) at its own peak lr %g, the rest at %g",
                      "from a front-end" if pretrained_audio else "from scratch", audio_rate(cfg, pretrained_audio),
