@@ -12,8 +12,10 @@ avemo-train's defaults (audio only) but for:
 - ``scratch``: ``--audio-init none``;
 - ``zero-shot``: no training, the front-end itself, its predictions restricted to CACHE's classes;
 - ``same``: the stream at the head's peak learning rate (avemo before the tenth);
-- ``tenth``: the stream at a tenth of it (the default), ``lr3e-4``-style names set ``--audio-lr`` itself
+- ``tenth``: the stream at a tenth of it, ``lr3e-4``-style names set ``--audio-lr`` itself
   (``lr0``: frozen);
+- ``default``: avemo-train's own choice (frozen when the front-end's zero-shot UAR on the training
+  clips is at least halfway from chance to 1, else a tenth);
 - ``lpft12``-style names: frozen for the first 12 epochs, then at a tenth (``--audio-frozen-epochs``).
 
 Prints UAR and WAR per config: the mean and standard deviation over seeds, and the seconds per run.
@@ -36,7 +38,7 @@ from avemo.model import load_model  # noqa: E402
 from avemo.model.frontend import export_frontend, load_frontend  # noqa: E402
 from train.cli import SplitOptions  # noqa: E402
 from train.evaluate import evaluate_cache  # noqa: E402
-from train.loop import TrainConfig  # noqa: E402
+from train.loop import PRETRAINED_AUDIO_LR_SCALE, TrainConfig  # noqa: E402
 
 
 def as_frontend(path: Path, out: Path) -> Path:
@@ -61,11 +63,13 @@ def config(name: str, frontend: Path) -> dict:
     fields = {"audio_init": str(frontend)}
     if name == "same":
         fields["audio_lr"] = TrainConfig().lr
+    elif name == "tenth":
+        fields["audio_lr"] = TrainConfig().lr * PRETRAINED_AUDIO_LR_SCALE
     elif name.startswith("lr"):
         fields["audio_lr"] = float(name[2:])
     elif name.startswith("lpft"):
         fields["audio_frozen_epochs"] = int(name[4:])
-    elif name != "tenth":
+    elif name != "default":
         raise SystemExit(f"unknown config '{name}'")
     return fields
 
@@ -80,7 +84,7 @@ def main() -> None:
     p.add_argument("--frontend", type=Path, required=True)
     p.add_argument("--test-speakers", required=True)
     p.add_argument("--val-speakers", help="validation speakers (best.pt is the best epoch on them); default none")
-    p.add_argument("--configs", default="zero-shot,scratch,same,tenth")
+    p.add_argument("--configs", default="zero-shot,scratch,tenth,default")
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed..seeds-1 (to add seeds to a run)")
     p.add_argument("--jobs", type=int, default=2)
