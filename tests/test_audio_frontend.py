@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _interrupt import training_interrupted_at
 from _synthetic_cache import make_cache
 from avemo.checkpoint import CheckpointError, save_checkpoint
 from avemo.features import AUDIO_SETTING_KEYS, ExtractionSettings
@@ -14,7 +15,6 @@ from train.audio.cli import main as train_audio_main, train_frontend
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
 from avemo.model import ModelConfig, build_model
-from train import loop
 from train.loop import TrainConfig, TrainError, parameter_groups
 
 torch.set_num_threads(1)
@@ -113,7 +113,7 @@ def test_a_frozen_stream_keeps_the_frontend_exactly_and_lpft_frees_it_later(fron
         run_training(cache, tmp_path / "scratch", {}, quick(audio_lr=0.0, audio_init="none"), SPLIT)
 
 
-def test_an_audio_stream_stays_frozen_by_default_when_its_frontend_knows_the_corpus(frontend, tmp_path, monkeypatch):
+def test_an_audio_stream_stays_frozen_by_default_when_its_frontend_knows_the_corpus(frontend, tmp_path):
     path, _ = frontend
     front = load_frontend(path)
     stream = [k for k in front.state if k.startswith("audio.") and not k.endswith("num_batches_tracked")]
@@ -134,18 +134,9 @@ def test_an_audio_stream_stays_frozen_by_default_when_its_frontend_knows_the_cor
         kept = [torch.equal(model.state_dict()[k], front.state[k]) for k in stream]
         assert all(kept) if frozen else not any(kept), run
     # interrupted and resumed, the run keeps its decision (its command line says nothing about it)
-    real_reseed = loop._reseed
-
-    def crash_at_epoch_2(seed, epoch, rank):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        real_reseed(seed, epoch, rank)
-
-    monkeypatch.setattr(loop, "_reseed", crash_at_epoch_2)
     cfg = quick(epochs=3, lr=1e-2, audio_init=str(path))
-    with pytest.raises(KeyboardInterrupt):
+    with training_interrupted_at(2), pytest.raises(KeyboardInterrupt):
         run_training(known, tmp_path / "resumed", {}, cfg, SPLIT)
-    monkeypatch.setattr(loop, "_reseed", real_reseed)
     run_training(known, tmp_path / "resumed", {}, cfg, SPLIT, resume=True)
     model, ckpt = load_model(tmp_path / "resumed" / "last.pt")
     assert ckpt["resume"]["epoch"] == 3 and ckpt["audio_init"]["familiarity"]["frozen"]

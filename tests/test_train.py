@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from _interrupt import training_interrupted_at
 from _synthetic_cache import N_MELS, VIDEO_DIM, make_cache
 from avemo.features import ExtractionSettings
 from avemo.batching import collate
 from avemo.model import Ensemble, load_model
-from train import loop
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
 from train.data import CacheError, load_training_data
@@ -104,24 +104,15 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_resume_continues_exactly(cache, tmp_path, monkeypatch):
+def test_resume_continues_exactly(cache, tmp_path):
     cfg = quick(epochs=5)
     run_training(cache, tmp_path / "straight", dict(SMALL), cfg, SPLIT)
 
-    real_reseed = loop._reseed
-
-    def crash_at_epoch_3(seed, epoch, rank):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        real_reseed(seed, epoch, rank)
-
-    monkeypatch.setattr(loop, "_reseed", crash_at_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with training_interrupted_at(3), pytest.raises(KeyboardInterrupt):
         run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT)
     assert len(pd.read_csv(tmp_path / "resumed" / "metrics.csv")) == 3
     with pytest.raises(TrainError, match="--resume"):
         run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT)
-    monkeypatch.setattr(loop, "_reseed", real_reseed)
     run_training(cache, tmp_path / "resumed", dict(SMALL), cfg, SPLIT, resume=True)
 
     for name in ("last.pt", "best.pt"):
