@@ -229,8 +229,9 @@ def add_optimisation_args(p: argparse.ArgumentParser, runs_of_avemo_train: bool 
     g.add_argument("--lr", type=float, default=t["lr"], help="peak learning rate (AdamW)")
     if runs_of_avemo_train:
         g.add_argument("--audio-lr", type=float, default=t["audio_lr"],
-                       help="the audio stream's own peak learning rate (e.g. lower, to keep more of the "
-                            "pretrained front-end; 0 keeps it frozen); default: --lr")
+                       help="the audio stream's own peak learning rate (0 keeps a pretrained stream frozen); "
+                            "default: from a front-end, frozen for an audio-only model when the front-end already "
+                            "tells the cache's classes apart (zero-shot), else a tenth of --lr; without one, --lr")
         g.add_argument("--audio-frozen-epochs", type=int, default=t["audio_frozen_epochs"],
                        help="a pretrained audio stream stays frozen for this many epochs, then trains at --audio-lr")
     g.add_argument("--weight-decay", type=float, default=t["weight_decay"])
