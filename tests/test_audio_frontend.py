@@ -15,7 +15,7 @@ from train.audio.cli import main as train_audio_main, train_frontend
 from train.augment import AugmentConfig
 from train.cli import SplitOptions, cli, run_training
 from avemo.model import ModelConfig, build_model
-from train.loop import TrainConfig, TrainError, parameter_groups
+from train.loop import TrainConfig, TrainError, kept_epoch, parameter_groups
 
 torch.set_num_threads(1)
 SPLIT = SplitOptions(val_speakers="s3", test_speakers="s4")
@@ -133,6 +133,10 @@ def test_an_audio_stream_stays_frozen_by_default_when_its_frontend_knows_the_cor
         assert ckpt["train_config"]["audio_lr"] == (0.0 if frozen else None)
         kept = [torch.equal(model.state_dict()[k], front.state[k]) for k in stream]
         assert all(kept) if frozen else not any(kept), run
+        # only a new head trains on a frozen stream: best.pt is then the final epoch, not the best on validation
+        assert ckpt["train_config"]["keep"] == ("last" if frozen else "best"), run
+        if frozen:
+            assert load_model(tmp_path / run / "best.pt")[1]["metrics"]["epoch"] == 2
     # interrupted and resumed, the run keeps its decision (its command line says nothing about it)
     cfg = quick(epochs=3, lr=1e-2, audio_init=str(path))
     with training_interrupted_at(2), pytest.raises(KeyboardInterrupt):
@@ -147,6 +151,10 @@ def test_an_audio_stream_stays_frozen_by_default_when_its_frontend_knows_the_cor
     assert "familiarity" not in load_model(tmp_path / "other-run" / "best.pt")[1]["audio_init"]
     run_training(known, tmp_path / "explicit", {}, quick(epochs=1, audio_init=str(path), audio_lr=1e-3), SPLIT)
     assert "familiarity" not in load_model(tmp_path / "explicit" / "best.pt")[1]["audio_init"]
+    # which epoch is kept: as asked, and with early stopping always the best
+    assert kept_epoch(quick(keep="best"), head_only=True) == "best"
+    assert kept_epoch(quick(patience=3), head_only=True) == "best"
+    assert kept_epoch(quick(), head_only=False) == "best" and kept_epoch(quick(), head_only=True) == "last"
 
 
 def test_audio_init_refuses_other_spectrograms_and_contradicting_settings(frontend, tmp_path):

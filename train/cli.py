@@ -242,7 +242,8 @@ def add_optimisation_args(p: argparse.ArgumentParser, runs_of_avemo_train: bool 
                        help="early stop after this many epochs without a better val UAR (0: off)")
         g.add_argument("--keep", choices=KEEPS, default=t["keep"],
                        help="which epoch becomes RUN/best.pt: the one with the best validation UAR, or the "
-                            "final one (the one-cycle schedule's annealed end; not with --patience)")
+                            "final one (the one-cycle schedule's annealed end; not with --patience); auto: the "
+                            "final one where only a new head trains on a frozen pretrained audio stream, else best")
     g.add_argument("--loss", choices=LOSSES, default=t["loss"])
     g.add_argument("--label-smoothing", type=float, default=t["label_smoothing"])
     g.add_argument("--compact-beta", type=float, default=t["compact_beta"], help="weight of compact softmax's extra term")
