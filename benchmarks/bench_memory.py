@@ -1,6 +1,6 @@
-"""Peak memory of extracting long recordings: avemo-extract against a whole-signal baseline.
+"""Peak memory of long recordings: avemo-extract and avemo-predict against whole-signal baselines.
 
-    python benchmarks/bench_memory.py [--minutes 1,10,60] [--out bench-out/memory]
+    python benchmarks/bench_memory.py [--minutes 1,10,60] [--out bench-out/memory] [--no-predict]
 
 For each length, a speech-like WAV (16 kHz mono: a tone switched on and off) is written
 once, then each contender runs in its own process and its peak resident memory is read
@@ -12,6 +12,13 @@ from the kernel (``wait4``):
 
 Both hold the result, the log-mel spectrogram (92 MB an hour at 64 bins and a 10 ms hop),
 and avemo also the decoded waveform (230 MB an hour); anything above that is overhead.
+
+A second table runs ``avemo-predict`` with the shipped model on the same file:
+
+- ``avemo-predict``: the real command (the audio FCN evaluates a long spectrogram in chunks).
+- ``one pass``: the same command with the FCN's evaluation budget lifted, so the whole
+  spectrogram goes through it at once, as it did before the chunks (and as most research
+  code does).
 """
 from __future__ import annotations
 
@@ -34,6 +41,15 @@ mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, hop_length=160, n_m
 with torch.no_grad():
     out = torch.log(mel(torch.from_numpy(wav)) + 1e-6)
 print(tuple(out.shape))
+"""
+
+
+ONE_PASS = """
+import sys
+from avemo.model.audio import FCNAudioStream
+FCNAudioStream.eval_frames = 1 << 62
+from avemo.predict_cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -68,9 +84,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", default="1,10,60", help="comma-separated recording lengths")
     p.add_argument("--out", type=Path, default=Path("bench-out/memory"))
+    p.add_argument("--no-predict", action="store_true", help="only the extraction table")
     args = p.parse_args()
     exe = shutil.which("avemo-extract") or str(Path(sys.executable).parent / "avemo-extract")
-    rows = []
+    predict = shutil.which("avemo-predict") or str(Path(sys.executable).parent / "avemo-predict")
+    rows, predict_rows = [], []
     for minutes in (float(m) for m in args.minutes.split(",")):
         folder = args.out / f"{minutes:g}min"
         write_long_wav(folder / "recording.wav", minutes)
@@ -79,14 +97,25 @@ def main() -> None:
         ours = peak_rss([exe, str(folder), "--out", str(cache), "--quiet"])
         base = peak_rss([sys.executable, "-c", BASELINE, str(folder / "recording.wav")])
         rows.append((minutes, ours, base))
+        if not args.no_predict:
+            wav = str(folder / "recording.wav")
+            predict_rows.append((minutes, peak_rss([predict, wav]),
+                                 peak_rss([sys.executable, "-c", ONE_PASS, wav])))
         print(f"{minutes:g} min done", file=sys.stderr)
-    print(f"{'recording':>10}  {'avemo-extract MB':>17}{'s':>7}  {'baseline MB':>12}{'s':>7}  {'memory vs baseline':>19}")
+    print_table(rows, "avemo-extract", "baseline")
+    if predict_rows:
+        print()
+        print_table(predict_rows, "avemo-predict", "one pass")
+
+
+def print_table(rows: list, ours: str, base: str) -> None:
+    print(f"{'recording':>10}  {ours + ' MB':>17}{'s':>7}  {base + ' MB':>12}{'s':>7}  {'memory vs ' + base:>19}")
     for minutes, (om, os_), (bm, bs) in rows:
         print(f"{minutes:>7g} min  {om:>17.0f}{os_:>7.1f}  {bm:>12.0f}{bs:>7.1f}  {om / bm:>18.2f}x")
     if len(rows) > 1:
         (m0, (o0, _), (b0, _)), (m1, (o1, _), (b1, _)) = rows[0], rows[-1]
         per_hour = 60 / (m1 - m0)
-        print(f"growth per hour of audio: avemo-extract {(o1 - o0) * per_hour:.0f} MB, baseline {(b1 - b0) * per_hour:.0f} MB")
+        print(f"growth per hour of audio: {ours} {(o1 - o0) * per_hour:.0f} MB, {base} {(b1 - b0) * per_hour:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,8 @@ def main() -> None:
     p.add_argument("--emodb", type=Path, help="EmoDB: avemo cache or folder of wav files")
     p.add_argument("--out", type=Path, default=Path("bench-out/speech"))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds FIRST..FIRST+SEEDS-1 (to add seeds to an earlier run's, e.g. taken elsewhere)")
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time (worker processes, 1 torch thread each)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--fold-val", choices=("none", "next"), default="none",
@@ -176,7 +178,7 @@ def main() -> None:
     emo = load_training_data(emo_cache) if emo_cache else None
     out = args.out
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"avemo-train options: {' '.join(extra) or '(defaults)'}; device {device}; {args.seeds} seeds; "
+    print(f"avemo-train options: {' '.join(extra) or '(defaults)'}; device {device}; seeds {args.first_seed}..{args.first_seed + args.seeds - 1}; "
           f"{args.jobs} jobs", flush=True)
 
     results: dict = {"options": extra, "device": str(device), "seeds": args.seeds, "parts": {}}
@@ -198,11 +200,12 @@ def main() -> None:
                        SplitOptions(folds=n_emo, fold=k + 1, fold_val=args.fold_val))
 
         # the pretraining first: the pretrained EmoDB folds wait for it
-        for seed in range(args.seeds):
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        for seed in seeds:
             if {"pretrained", "cross"} & set(parts):
                 submit(("pretrain", seed, None), task_pretrain, str(rav_cache),
                        str(out / f"frontend-ravdess/seed{seed}"), model, _replace(cfg_scratch, seed=seed))
-        for seed in range(args.seeds):
+        for seed in seeds:
             c = _replace(cfg_scratch, seed=seed)
             if "ravdess" in parts:
                 for k, group in enumerate(ravdess_folds(rav.speakers)):

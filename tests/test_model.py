@@ -195,6 +195,30 @@ def test_audio_fcn_padding_invariance_in_eval_and_training(training, convs):
     assert w.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("convs", [1, 2])
+def test_audio_fcn_in_chunks_computes_what_one_pass_computes(convs):
+    # evaluation of a long recording goes through the FCN in chunks of time (bounded memory); every
+    # cell, attention weight and pooled vector must be the one-pass value, padding included
+    torch.manual_seed(0)
+    fcn = FCNAudioStream(n_mels=16, channels=(4, 8, 8), attention_hidden=8, convs_per_block=convs)
+    for bn in (m for m in fcn.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_(1.0, 0.2)
+        bn.bias.data.normal_(0.0, 0.2)
+    fcn.eval()
+    lengths = [1001, 999, 517, 33]
+    mask = lengths_mask(lengths, 1001)
+    mel = torch.randn(4, 16, 1001) * mask[:, None, :]
+    with torch.no_grad():
+        ref, ref_w = fcn(mel, mask)
+        fcn.eval_frames = 4 * 40            # chunks of a few receptive fields: most edges cut through real audio
+        out, w = fcn(mel, mask)
+    assert fcn._grid_in_chunks(mel.unsqueeze(1), mask)[0].shape[-1] == ref_w.shape[-1]
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def _clip(i, t_a, t_v, video=True, audio=True):
     g = torch.Generator().manual_seed(i)
     arrays = {}

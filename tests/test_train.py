@@ -354,3 +354,70 @@ def test_cuda_bf16_training_learns_and_its_checkpoint_predicts_on_the_cpu(cache,
         gpu_model, _ = load_model(tmp_path / "run" / "best.pt", map_location="cuda")
         gpu_logits = gpu_model({k: v.cuda() for k, v in batch.items()})["logits"].cpu()
     torch.testing.assert_close(gpu_logits, cpu_logits, atol=1e-3, rtol=1e-3)
+
+
+def _with_a_long_clip(root: Path, frames: int) -> Path:
+    """make_cache's clips last 0.24-0.48 s; its first clip becomes ``frames`` mel frames long."""
+    from avemo.features import ClipFeatures
+    cache = make_cache(root, audio_only_every=7)
+    first = pd.read_csv(cache / "manifest.csv").feature_file[0]
+    clip = ClipFeatures.load(cache / first)
+    rng = np.random.default_rng(1)
+    clip.arrays["mel"] = np.tile(clip.arrays["mel"], (1, -(-frames // clip.arrays["mel"].shape[1])))[:, :frames]
+    clip.arrays["mel"] += rng.normal(0, 0.1, clip.arrays["mel"].shape).astype(np.float32)
+    clip.save(cache / first)
+    return cache
+
+
+def test_a_long_clip_trains_on_random_windows_and_never_pads_a_batch_to_its_length(tmp_path):
+    from train.loop import FeatureStore
+    data = load_training_data(_with_a_long_clip(tmp_path / "cache", 3000))
+    assert data.clips[0].arrays["mel"].shape[1] == 3000
+    store = FeatureStore(data, list(range(len(data.clips))), VIDEO_DIM, torch.device("cpu"), on_device=True,
+                         audio_window=50)
+    assert not store.on_device                      # a held padded copy would be 3000 frames wide
+    long_mel = data.clips[0].arrays["mel"]
+    starts = set()
+    for _ in range(20):
+        b = store.batch(torch.tensor([0, 1, 2]))
+        assert b["mel"].shape[2] == 50 and bool(b["mel_mask"][0].all())
+        window = b["mel"][0].numpy()
+        # a contiguous stretch of the clip itself
+        start = int(np.argmin([np.abs(long_mel[:, s:s + 50] - window).max() for s in range(3000 - 49)]))
+        assert np.array_equal(long_mel[:, start:start + 50], window)
+        starts.add(start)
+        # the short clips are untouched
+        assert np.array_equal(b["mel"][1, :, :data.clips[1].arrays["mel"].shape[1]].numpy(), data.clips[1].arrays["mel"])
+    assert len(starts) > 10                         # drawn anew each time
+    # a store of short clips only is not affected by the bound
+    short = FeatureStore(data, [1, 2, 3], VIDEO_DIM, torch.device("cpu"), on_device=True, audio_window=50)
+    assert short.on_device and short.audio_window == 0
+
+    # end to end: the run records the bound, trains, and its report scores the long clip whole
+    cfg = quick(epochs=2, max_train_seconds=0.5)
+    report = run_training(tmp_path / "cache", tmp_path / "run", {"modalities": "audio", **SMALL}, cfg,
+                          SplitOptions(no_split=True))
+    assert report["n"] == len(data.clips)
+    _, ckpt = load_model(tmp_path / "run" / "best.pt")
+    assert ckpt["train_config"]["max_train_seconds"] == 0.5
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        TrainConfig(max_train_seconds=-1)
+
+
+def test_evaluation_batches_by_length_and_returns_outputs_in_the_store_order(tmp_path):
+    from train.loop import FeatureStore, predict_outputs
+    data = load_training_data(_with_a_long_clip(tmp_path / "cache", 20000))   # over EVAL_FRAMES on its own
+    torch.manual_seed(0)
+    from avemo.model import build_model, ModelConfig
+    net = build_model(ModelConfig(n_mels=N_MELS, video_dim=VIDEO_DIM, n_classes=len(data.classes), **SMALL)).eval()
+    idx = list(range(len(data.clips)))
+    store = FeatureStore(data, idx, VIDEO_DIM, torch.device("cpu"), on_device=False)
+    seen = []
+    real_batch = store.batch
+    store.batch = lambda i, faces=True: seen.append(i.clone()) or real_batch(i, faces)
+    out = predict_outputs(net, store, 8, amp=False)["logits"]
+    # the long clip is alone in its batch: no short clip is padded to its length
+    assert any(len(b) == 1 and int(b[0]) == 0 for b in seen)
+    with torch.no_grad():
+        one_by_one = torch.cat([net(collate([data.clips[i]], N_MELS, VIDEO_DIM))["logits"] for i in idx]).numpy()
+    np.testing.assert_allclose(out, one_by_one, atol=1e-5, rtol=1e-4)

@@ -289,6 +289,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     g.add_argument("--features-on-device", choices=("auto", "yes", "no"), default=t["features_on_device"],
                    help="hold the padded cache on the training device (auto: when it fits)")
+    g.add_argument("--max-train-seconds", type=float, default=t["max_train_seconds"], metavar="S",
+                   help="a clip longer than S seconds trains on a random S-second window of its audio each time "
+                        "it is drawn, so one long recording cannot blow up a batch's memory; evaluation and "
+                        "prediction see whole clips (0: no bound)")
     g.add_argument("--no-amp", action="store_true", help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with bf16 in hardware)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the CPUs this process may use, "
                                                "from its affinity and cgroup quota, or OMP_NUM_THREADS)")

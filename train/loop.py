@@ -26,10 +26,11 @@ from tqdm import tqdm
 from avemo.batching import collate, to_device, trim_batch
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avemo.cpu import cpu_computes_bf16, release_free_memory
-from avemo.features import AUDIO_SETTING_KEYS, settings_differences
+from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, settings_differences
 from avemo.io import atomic_path, write_json_atomic
 from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
                          save_model)
+from avemo.model.audio import EVAL_FRAMES
 from avemo.model.frontend import AudioFrontend, load_frontend
 from train.augment import AugmentConfig, BatchAugment
 from train.data import TrainingData
@@ -62,6 +63,8 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     features_on_device: str = "auto"   # auto | yes | no
     amp: bool = True                   # bf16 autocast on CUDA and on CPUs with bf16 in hardware
+    max_train_seconds: float = 10.0    # a longer clip trains on a random window this long each time it is drawn
+                                       # (bounds a batch's memory; evaluation sees whole clips); 0: no bound
     progress: bool = True
     # end to end (train.finetune): the face encoder the cache was extracted with trains with the video stream
     finetune_encoder: bool = False
@@ -85,6 +88,8 @@ class TrainConfig:
         if self.keep == "last" and self.patience:
             raise ValueError("early stopping (patience) ends after the best validation epoch and keeps that one: "
                              "it cannot be combined with keep 'last'")
+        if not self.max_train_seconds >= 0:
+            raise ValueError(f"max_train_seconds must be >= 0 (0: no bound), got {self.max_train_seconds}")
         if self.audio_frozen_epochs < 0:
             raise ValueError(f"audio_frozen_epochs must be >= 0, got {self.audio_frozen_epochs}")
         if self.audio_lr is not None and not self.audio_lr >= 0:
@@ -149,16 +154,21 @@ class FeatureStore:
     collated from the clips on the host and copied over, as a data loader would.
     ``crops`` (end-to-end training): the clips' face pixels; a batch then carries ``faces``
     (or, with ``faces=False``, the ``frame_rows`` that ``CropBank.attach`` turns into them).
+    ``audio_window`` (training): a clip with more mel frames than this gives a batch a random
+    window of that many instead, drawn anew each time; such a store collates per batch, so
+    no tensor is ever padded to the long clip.
     """
 
     def __init__(self, data: TrainingData, indices: list[int], video_dim: int, device: torch.device,
-                 on_device: bool, video_cells: int = 0, crops: CropBank | None = None):
+                 on_device: bool, video_cells: int = 0, crops: CropBank | None = None, audio_window: int = 0):
         self.crops = crops
         self.clips = [data.clips[i] for i in indices]
         self.n_mels, self.video_dim, self.video_cells, self.device = data.n_mels, video_dim, video_cells, device
-        self.on_device = on_device
+        self.audio_window = audio_window if audio_window and any(
+            _mel_frames(c) > audio_window for c in self.clips) else 0
+        self.on_device = on_device and not self.audio_window
         self.tensors = (to_device(collate(self.clips, self.n_mels, video_dim, video_cells), device)
-                        if on_device else None)
+                        if self.on_device else None)
         self.labels = torch.as_tensor(data.labels[indices], dtype=torch.long, device=device)
 
     def __len__(self) -> int:
@@ -168,12 +178,29 @@ class FeatureStore:
         if self.tensors is not None:
             b = trim_batch({k: v[idx.to(self.device)] for k, v in self.tensors.items()})
         else:
-            b = to_device(collate([self.clips[i] for i in idx.tolist()], self.n_mels, self.video_dim,
-                                  self.video_cells), self.device, non_blocking=True)
+            b = to_device(collate([self._windowed(self.clips[i]) for i in idx.tolist()], self.n_mels,
+                                  self.video_dim, self.video_cells), self.device, non_blocking=True)
         if self.crops is None:
             return b
         b["frame_rows"] = self.crops.rows_of(idx, b["video_mask"].shape[1])
         return self.crops.attach(b) if faces else b
+
+    def _windowed(self, clip: ClipFeatures) -> ClipFeatures:
+        extra = _mel_frames(clip) - self.audio_window
+        if not self.audio_window or extra <= 0:
+            return clip
+        start = int(torch.randint(extra + 1, ()))
+        return dataclasses.replace(clip, arrays={**clip.arrays,
+                                                 "mel": clip.arrays["mel"][:, start:start + self.audio_window]})
+
+    def lengths(self) -> np.ndarray:
+        """Each clip's longest time axis (mel frames or video frames), for batching alike lengths together."""
+        return np.array([max(_mel_frames(c), len(c.arrays.get("face_mask", ()))) for c in self.clips])
+
+
+def _mel_frames(clip: ClipFeatures) -> int:
+    mel = clip.arrays.get("mel")
+    return 0 if mel is None or mel.ndim != 2 else mel.shape[1]
 
 
 def padded_bytes(data: TrainingData, indices: list[int], video_dim: int, video_cells: int = 0) -> int:
@@ -239,13 +266,25 @@ def predict_outputs(model: torch.nn.Module, store: FeatureStore, batch_size: int
     """The model's outputs named in ``keys`` for every clip of ``store`` (float32, on the host)."""
     model.eval()
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    for start in range(0, len(store), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(store)))
+    # clips of like length batched together, and batches of at most EVAL_FRAMES clip-frames: a long
+    # recording then pads no short clip to its length (a clip's outputs do not depend on its batch)
+    lengths = store.lengths()
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < batch_size and \
+                (end + 1 - start) * max(int(lengths[order[end]]), 1) <= EVAL_FRAMES:
+            end += 1
+        batches.append(torch.as_tensor(order[start:end]))
+        start = end
+    for idx in batches:
         with _autocast(store.device, amp, getattr(model, "cfg", None)):
             out = model(store.batch(idx))
         for k in keys:
             outs[k].append(out[k].float().cpu())
-    return {k: torch.cat(v).numpy() for k, v in outs.items()}
+    back = torch.as_tensor(np.argsort(order))
+    return {k: torch.cat(v)[back].numpy() for k, v in outs.items()}
 
 
 def predict_store(model: torch.nn.Module, store: FeatureStore, batch_size: int, amp: bool) -> np.ndarray:
@@ -487,16 +526,17 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         model.load_state_dict(state["model"])
     model.to(rt.device)
 
-    def store(indices):
+    def store(indices, audio_window=0):
         cells = 0 if e2e else mcfg.map_cells       # end to end, the model's encoder makes the maps from the crops
         on_dev = decide_on_device(cfg.features_on_device, padded_bytes(data, indices, video_dim, cells), rt.device)
         crops = None
         if e2e:
             crops = CropBank(data, indices, mcfg.frame_encoder)
             crops.place(rt.device, decide_on_device(cfg.features_on_device, crops.nbytes, rt.device))
-        return FeatureStore(data, indices, video_dim, rt.device, on_dev, cells, crops)
+        return FeatureStore(data, indices, video_dim, rt.device, on_dev, cells, crops, audio_window)
 
-    train_store = store(split.train)
+    frames_per_second = data.settings["sample_rate"] / data.settings["hop_length"]
+    train_store = store(split.train, round(cfg.max_train_seconds * frames_per_second))
     val_store = store(split.val) if split.val else None
     weights = _class_weights(data.labels[split.train], len(data.classes)) if cfg.balance else None
     criterion = build_loss(cfg.loss, cfg.label_smoothing, weights, cfg.compact_beta).to(rt.device)
@@ -542,7 +582,7 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             find_unused_parameters=audio_frozen(cfg, model, 0) and not always)
-    augment = BatchAugment(cfg.augment, data.settings["sample_rate"] / data.settings["hop_length"])
+    augment = BatchAugment(cfg.augment, frames_per_second)
     crop_aug = crop_augment_config(mcfg.frame_encoder) if e2e else None
     audio_init = front.describe() if front is not None else (state or {}).get("audio_init")
     if front is not None and familiarity is not None:

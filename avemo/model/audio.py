@@ -4,6 +4,8 @@ Deep Fusion feeds the spectrogram to an FCN so that any length works; its output
 L = F' * T' cells a_i in R^C is pooled by the scaled-softmax attention (eq. 1-3).
 Padded time steps are zeroed after every layer and excluded from the normalisation
 statistics, so a clip's output does not depend on how much padding its batch needed.
+In evaluation a long spectrogram goes through the FCN in overlapping chunks, so that an
+hour of audio needs the memory of a few minutes (``EVAL_FRAMES``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ from torch import nn
 import torch.nn.functional as F
 
 from avemo.model.attention import ScaledSoftmaxAttention
+
+# clip-frames (batch size x time steps) one evaluation pass of the FCN may take: about 1 GB of
+# activations on the CPU, whose convolutions unfold 9 x C_in values per cell
+EVAL_FRAMES = 16384
 
 
 class MaskedBatchNorm2d(nn.BatchNorm2d):
@@ -98,7 +104,16 @@ class ConvBlock(nn.Module):
 
 
 class FCNAudioStream(nn.Module):
-    """Log-mel [B, n_mels, T] -> FCN grid [B, C, F', T'] -> attention over the F'*T' cells -> [B, C]."""
+    """Log-mel [B, n_mels, T] -> FCN grid [B, C, F', T'] -> attention over the F'*T' cells -> [B, C].
+
+    In evaluation (BatchNorm on its running statistics, so no cell depends on the rest of the
+    batch) a batch of more than ``eval_frames`` clip-frames goes through the FCN in chunks of
+    time. Each chunk carries a margin of one receptive field on either side, and its starts are
+    multiples of the pooling stride, so every kept cell sees exactly the frames it sees in one
+    pass: the grid is the same, and the memory is that of one chunk, not of the whole clip.
+    """
+
+    eval_frames = EVAL_FRAMES
 
     def __init__(self, n_mels: int, channels: tuple[int, ...] = (32, 64, 128, 128),
                  attention_hidden: int = 64, lam: float = 1.0, convs_per_block: int = 2):
@@ -113,13 +128,37 @@ class FCNAudioStream(nn.Module):
         self.attention = ScaledSoftmaxAttention(c_in, attention_hidden, lam)
         self.out_dim = c_in
         self.n_mels = n_mels
+        self.stride = 2 ** len(blocks)
+        # receptive field in frames: a 3x3 conv at stride s adds 2s, a 2x2 pool adds s
+        field = 1 + sum(2 ** k * (2 * convs_per_block + 1) for k in range(len(blocks)))
+        self.margin = -(-field // self.stride) * self.stride
+
+    def _grid(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = not bool(mask.all())                            # equal lengths: skip the masking work
+        for block in self.blocks:
+            x, mask = block(x, mask, padded)
+        return x, mask
+
+    def _grid_in_chunks(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, total = self.stride, x.shape[-1]
+        step = max(self.eval_frames // x.shape[0], 4 * self.margin) // s * s
+        grids, masks = [], []
+        for start in range(0, total, step):
+            end = min(start + step, total)
+            lo, hi = max(start - self.margin, 0), min(end + self.margin, total)
+            g, m = self._grid(x[..., lo:hi], mask[:, lo:hi])
+            keep = slice((start - lo) // s, -(-end // s) - lo // s)
+            grids.append(g[..., keep])
+            masks.append(m[:, keep])
+        return torch.cat(grids, -1), torch.cat(masks, -1)
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # mel [B, n_mels, T] (normalised, zero where padded), mask [B, T] bool
         x = mel.unsqueeze(1)                                     # [B, 1, n_mels, T]
-        padded = not bool(mask.all())                            # equal lengths: skip the masking work
-        for block in self.blocks:
-            x, mask = block(x, mask, padded)                             # [B, C, F', T'], [B, T']
+        if self.training or x.shape[0] * x.shape[-1] <= self.eval_frames:
+            x, mask = self._grid(x, mask)                        # [B, C, F', T'], [B, T']
+        else:
+            x, mask = self._grid_in_chunks(x, mask)
         b, c, f, t = x.shape
         cells = x.flatten(2).transpose(1, 2)                     # [B, F'*T', C], cell index = f * T' + t
         cell_mask = mask[:, None, :].expand(b, f, t).reshape(b, f * t)
