@@ -44,7 +44,8 @@ def plot_prediction(pred, path: str | os.PathLike) -> None:
     rows = [r for r, on in (("crops", has_video and "crops" in arrays), ("video", has_video),
                             ("audio", has_audio)) if on]
     fig = plt.figure(figsize=(13, 2.4 * max(len(rows), 1) + 0.6))
-    grid = fig.add_gridspec(max(len(rows), 1), 4, width_ratios=[1, 1, 1, 0.9], hspace=0.55, wspace=0.75)
+    # column 3 is a spacer: the audio row's right-hand axis label and the class names need the room
+    grid = fig.add_gridspec(max(len(rows), 1), 5, width_ratios=[1, 1, 1, 0.3, 0.9], hspace=0.55, wspace=0.75)
     title = f"{Path(pred.clip).name}: {pred.emotion}" + (f"  [{pred.start:.1f}-{pred.end:.1f} s]" if pred.start is not None else "")
     fig.suptitle(title + f"   (from {' + '.join(pred.modalities)})", fontsize=11)
 
@@ -64,7 +65,7 @@ def plot_prediction(pred, path: str | os.PathLike) -> None:
         else:
             _audio_row(fig.add_subplot(grid[r, :3]), arrays["mel"], pred.attention["audio"], feats.settings)
 
-    ax = fig.add_subplot(grid[:, 3])
+    ax = fig.add_subplot(grid[:, 4])
     names = list(pred.probabilities)
     probs = np.array([pred.probabilities[n] for n in names])
     colors = ["tab:red" if n == pred.emotion else "tab:gray" for n in names]
@@ -81,8 +82,9 @@ def plot_prediction(pred, path: str | os.PathLike) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("probability")
     if pred.warnings:
-        ax.text(0, -0.12, "\n".join(w[:70] for w in pred.warnings[:4]), transform=ax.transAxes,
-                fontsize=7, va="top", color="tab:red")
+        # below the axis label, whatever the panel's height
+        ax.annotate("\n".join(w[:70] for w in pred.warnings[:4]), (0, 0), xycoords="axes fraction",
+                    xytext=(0, -34), textcoords="offset points", fontsize=7, va="top", color="tab:red")
     _save(fig, path)
     plt.close(fig)
 
