@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
@@ -64,6 +65,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError) and not isinstance(e, NoSpaceError) and e.errno in NO_SPACE:
             raise NoSpaceError(path) from e
         raise
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock this one asked for."""
+
+
+@contextlib.contextmanager
+def held_lock(path: str | os.PathLike, exclusive: bool = True, busy: type[Busy] = Busy,
+              message: str = "") -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if needed) for the block: exclusive, or shared
+    with other shared holders. Refused at once with ``busy(message)``, never waited for; the
+    kernel lets go of it when the process ends, however it ends."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise busy(message or f"{path} is locked by another process") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -16,8 +16,6 @@ whichever finishes last writes the full manifest (``merge_manifest`` rebuilds it
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +26,7 @@ import pandas as pd
 
 from avemo.features import (ADDITIVE_SETTINGS, LEGACY_SETTINGS, ClipFeatures, ExtractionSettings, FeatureFileError,
                             feature_filename)
-from avemo.io import display_name, write_json_atomic
+from avemo.io import Busy, display_name, held_lock, write_json_atomic
 from avemo.tables import restore, write_csv_atomic
 
 COLUMNS = ["clip", "status", "reason", "label", "speaker", "feature_file", "duration", "frames_sampled",
@@ -45,7 +43,7 @@ class SettingsMismatch(ValueError):
     """The cache was made with other extraction settings; mixing them would corrupt it."""
 
 
-class CacheBusy(RuntimeError):
+class CacheBusy(Busy):
     """Another avemo-extract is working on this cache in a way this run cannot share."""
 
 
@@ -86,20 +84,11 @@ class Cache:
         if self.root.exists() and not self.root.is_dir():
             raise SettingsMismatch(f"--out {self.root} exists and is not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                raise CacheBusy(
-                    f"{self.root} is in use by another avemo-extract run"
-                    + (" (shards of one job may share a cache: use --shard I/N in every one)" if exclusive
-                       else " without --shard") + "; wait for it to finish, or use another --out") from None
+        with held_lock(self.root / ".lock", exclusive, CacheBusy,
+                       f"{self.root} is in use by another avemo-extract run"
+                       + (" (shards of one job may share a cache: use --shard I/N in every one)" if exclusive
+                          else " without --shard") + "; wait for it to finish, or use another --out"):
             yield
-        finally:
-            os.close(fd)
 
     def recorded_settings(self) -> dict | None:
         """The settings this cache was made with (None for a new cache or an unreadable record)."""

@@ -323,6 +323,23 @@ def test_two_unsharded_runs_on_one_cache_cannot_both_hold_it(tmp_path):
             pass
 
 
+def test_a_second_training_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    # without the lock both would start fresh (or resume one last.pt) and overwrite each other's checkpoints
+    from avemo.io import held_lock
+    cache = make_cache(tmp_path / "cache")
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = [str(cache), "--out", str(run), "--val-speakers", "s3", "--epochs", "1", "--modalities", "audio",
+            "--audio-init", "none", "--audio-channels", "8", "--quiet", "--threads", "1"]
+    with held_lock(run / ".lock"):                 # what the first run holds while it trains
+        assert train_cli(argv) == 4
+        assert "in use by another training run" in capsys.readouterr().err
+        assert not (run / "last.pt").exists()
+        assert train_cli(argv + ["--resume"]) == 4
+    assert train_cli(argv) == 0                    # the first run's end lets go of it
+    assert (run / "best.pt").is_file()
+
+
 def test_full_disk_stops_extraction_with_status_3_and_keeps_finished_clips(hostile, tmp_path, monkeypatch, capsys):
     import avemo.features
     clips = tmp_path / "clips"

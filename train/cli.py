@@ -22,7 +22,7 @@ from avemo.io import NoSpaceError, write_json_atomic
 from avemo.model import FUSIONS, LOSSES, MODALITIES, STT_TOKENS, VIDEO_STREAMS, ModelConfig
 from train.augment import AugmentConfig
 from train.data import CacheError, TrainingData, load_training_data
-from train.loop import KEEPS, SCHEDULES, TrainConfig, TrainError, fit, fit_ensemble, start_runtime
+from train.loop import KEEPS, SCHEDULES, RunBusy, TrainConfig, TrainError, fit, fit_ensemble, start_runtime
 from train.splits import Split, SplitError, auto_split, column_split, explicit_split, kfold_splits, no_split
 
 log = logging.getLogger("avemo.train")
@@ -347,6 +347,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (CacheError, SplitError, TrainError, CheckpointError, ValueError) as e:
         log.error("avemo-train: error: %s", e)
         return 2
+    except RunBusy as e:
+        log.error("avemo-train: error: %s", e)
+        return 4
     except NoSpaceError as e:
         log.error("avemo-train: error: %s; the last finished epoch is kept in %s/last.pt: free some space and "
                   "run the same command with --resume", e.strerror, args.out)

@@ -27,7 +27,7 @@ from avemo.batching import collate, to_device, trim_batch
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avemo.cpu import cpu_computes_bf16, release_free_memory
 from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, settings_differences
-from avemo.io import atomic_path, write_json_atomic
+from avemo.io import Busy, atomic_path, held_lock, write_json_atomic
 from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
                          save_model)
 from avemo.model.audio import EVAL_FRAMES
@@ -105,6 +105,10 @@ KEEPS = ("auto", "best", "last")
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue, with the reason in words."""
+
+
+class RunBusy(Busy):
+    """Another process is training into the same run folder."""
 
 
 # ----------------------------------------------------------------------------- processes
@@ -479,9 +483,22 @@ def fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainC
     (the epoch with the best val UAR, or with ``keep`` "last" the final one).
 
     Writes ``out``/best.pt, last.pt, metrics.csv, split.json, report.json, confusion.csv/.png.
+    A second process training into the same ``out`` is refused (``RunBusy``) while this one runs:
+    both would start fresh, or resume from one last.pt, and overwrite each other's checkpoints.
     """
     rt = rt or start_runtime()
     out = Path(out)
+    if not rt.main:                 # distributed ranks: the main process holds the folder for all
+        return _fit(data, split, model_cfg, cfg, out, resume, rt)
+    out.mkdir(parents=True, exist_ok=True)
+    with held_lock(out / ".lock", busy=RunBusy,
+                   message=f"{out} is in use by another training run (the same command started twice?); wait for "
+                           "it to finish, or use another --out"):
+        return _fit(data, split, model_cfg, cfg, out, resume, rt)
+
+
+def _fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: TrainConfig, out: Path,
+         resume: bool, rt: Runtime) -> dict[str, Any]:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if (out / "report.json").is_file() and not resume:
         raise TrainError(f"{out} already holds a finished run; choose another --out (or --resume to keep it)")

@@ -35,7 +35,7 @@ from avemo.model.frontend import export_frontend
 from train.cli import (_setup_logging, add_augmentation_args, add_model_args, add_optimisation_args, add_run_args,
                        options_from_args)
 from train.data import CacheError, TrainingData, load_training_data, merge_training_data
-from train.loop import FeatureStore, TrainConfig, TrainError, fit, predict_store, start_runtime
+from train.loop import FeatureStore, RunBusy, TrainConfig, TrainError, fit, predict_store, start_runtime
 from train.metrics import classification_metrics
 from train.splits import SplitError, explicit_split, no_split
 
@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CacheError, SplitError, TrainError, CheckpointError, ValueError) as e:
         log.error("avemo-train-audio: error: %s", e)
         return 2
+    except RunBusy as e:
+        log.error("avemo-train-audio: error: %s", e)
+        return 4
     except NoSpaceError as e:
         log.error("avemo-train-audio: error: %s; finished epochs are kept in %s: free some space and run the "
                   "same command with --resume", e.strerror, args.out)
