@@ -106,3 +106,19 @@ def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str, non_blocking: bool = False):
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, budget: int) -> list[torch.Tensor]:
+    """Indices into ``lengths`` in batches of clips of like length, each of at most ``batch_size`` clips and
+    ``budget`` clip-frames (one clip alone may exceed it): a long recording then pads no short clip to its
+    length (a clip's outputs do not depend on its batch)."""
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < batch_size and \
+                (end + 1 - start) * max(int(lengths[order[end]]), 1) <= budget:
+            end += 1
+        batches.append(torch.as_tensor(order[start:end]))
+        start = end
+    return batches

@@ -13,6 +13,7 @@ from avemo.checkpoint import CheckpointError
 from avemo.cpu import set_torch_threads
 from avemo.extraction import ClipError
 from avemo.io import display_name, first_line
+from avemo.model.adapt import MIN_CLIPS, AdaptError
 from avemo.prediction import MIN_WINDOW_S, Prediction, load_model, media_files
 
 
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--window); with several clips, the clip name is added to OUT")
     p.add_argument("--window", type=_seconds, metavar="S", help="slide a window of S seconds over each file")
     p.add_argument("--hop", type=_seconds, metavar="S", help="seconds between window starts (default: --window)")
+    p.add_argument("--adapt", action="store_true",
+                   help="the files are one speaker (or one recording set-up): first adapt the model's voice side to "
+                        "all of them (its mel and BatchNorm statistics; no labels), then predict each; use 20 clips "
+                        "or more, fewer than 10 can cost accuracy")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--face-encoder", metavar="PATH",
                    help="where the face encoder the model was trained with lives, if not where it was")
@@ -112,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("avemo-predict: no media files found in " + ", ".join(map(display_name, args.paths)), file=sys.stderr)
         return 2
+    if args.adapt:
+        try:
+            n, problems = model.adapt_to(paths)
+        except AdaptError as e:
+            print(f"avemo-predict: --adapt: {e}", file=sys.stderr)
+            return 2
+        for problem in problems:
+            print(f"avemo-predict: --adapt: left out {problem}", file=sys.stderr)
+        print(f"avemo-predict: adapted the voice side to {n} clip{'s' * (n != 1)}"
+              + (f" (fewer than {MIN_CLIPS}: statistics of so few clips can cost accuracy)" if n < MIN_CLIPS else ""),
+              file=sys.stderr)
     failed, pictures = 0, set()
     for path in paths:
         try:

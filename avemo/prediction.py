@@ -27,6 +27,7 @@ from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
+from avemo.model.adapt import adapt, check_adaptable
 from avemo.model.frames import clip_face_pixels
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
@@ -139,6 +140,27 @@ class EmotionRecognizer:
                            classes=[str(i) for i in range(spec["n_classes"])], input_size=spec["input_size"],
                            grayscale=spec["grayscale"], mean=spec["mean"], std=spec["std"], arch=spec["arch"],
                            arch_cfg=spec["arch_cfg"], device=self.device)
+
+    def adapt_to(self, paths: list[str | os.PathLike]) -> tuple[int, list[str]]:
+        """Adapt the voice side to the audio of ``paths``, clips of one speaker or one recording set-up
+        (``avemo.model.adapt``: no labels; every later prediction uses the adapted model). Returns how
+        many clips it adapted to and, for each file that gave no audio, why. Raises ``AdaptError`` when
+        none did, or when the model reads no audio."""
+        check_adaptable(self.network)
+        audio = ClipExtractor(self.settings, str(self.device), with_video=False)
+        mels, problems = [], []
+        for path in paths:
+            try:
+                feats = audio.extract(path)
+            except ClipError as e:
+                problems.append(f"{display_name(path)}: {e}")
+                continue
+            if feats.has_audio:
+                mels.append(feats.arrays["mel"])
+            else:
+                problems.append(f"{display_name(path)}: {'; '.join(feats.warnings) or 'no usable audio'}")
+        self.network = adapt(self.network, mels)
+        return len(mels), problems
 
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,
                 start: float | None = None, end: float | None = None) -> Prediction:

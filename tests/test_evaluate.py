@@ -8,6 +8,7 @@ import torch
 
 from _synthetic_cache import make_cache
 from avemo.features import ExtractionSettings
+from avemo.model import load_model
 from test_audio_frontend import TINY, quick   # the same tiny network and quick recipe
 from train.audio.cli import train_frontend
 from train.cli import SplitOptions, run_training
@@ -113,3 +114,81 @@ def test_a_cache_embedded_by_an_earlier_default_encoder_is_refused_and_named():
     with pytest.raises(EvaluationError, match="encoder_sha256.*shipped encoder 'default-v1'.*as 'default'"):
         check_settings(scorer, old, "CACHE")
     check_settings(scorer, dict(scorer.settings), "CACHE")
+
+
+def _speaker_with_a_voice_of_its_own(cache, speaker: str, offset: np.ndarray) -> None:
+    """Every clip of ``speaker`` gets the same per-bin offset: a timbre (or microphone) no training speaker has."""
+    from avemo.features import ClipFeatures
+    manifest = pd.read_csv(cache / "manifest.csv", dtype=str)
+    for name in manifest.loc[manifest.speaker == speaker, "feature_file"]:
+        clip = ClipFeatures.load(cache / name)
+        clip.arrays["mel"] = (clip.arrays["mel"] + offset[:, None]).astype(np.float32)
+        clip.save(cache / name)
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    """An audio model trained on three speakers; a fourth whose voice lights the first class's band in every clip."""
+    root = tmp_path_factory.mktemp("adapt")
+    cache = make_cache(root / "cache", video=False, per_class=8)
+    offset = np.zeros(16, np.float32)
+    offset[0:4] = 2.0                           # class "ang" lights bins 0-3 by 1.5
+    offset[8:16] = -1.5
+    _speaker_with_a_voice_of_its_own(cache, "s4", offset)
+    run_training(cache, root / "run", {"modalities": "audio", **TINY}, quick(audio_init="none", epochs=12),
+                 SplitOptions(test_speakers="s4"))
+    return cache, root / "run" / "best.pt"
+
+
+def test_adapting_to_a_new_speakers_clips_undoes_the_shift_of_their_voice(shifted, tmp_path):
+    cache, model = shifted
+    plain = evaluate_cache(cache, str(model), speakers=["s4"])
+    adapted = evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="speaker", out=tmp_path / "ev")
+    print(plain["uar"], adapted["uar"])
+    assert plain["uar"] < 0.6 < 0.9 <= adapted["uar"]
+    assert adapted["adapted"] == {"to": "speaker", "clips": {"s4": 24}}
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["uar"] == adapted["uar"]
+    # the training speakers' own statistics are what the model already has: adapting to them changes little
+    assert evaluate_cache(cache, str(model), speakers=["s1"], adapt_to="speaker")["uar"] >= 0.9
+    # one speaker scored: adapting to all the scored clips is adapting to that speaker
+    assert evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="all")["uar"] == adapted["uar"]
+
+
+def test_the_command_adapts_per_speaker_and_says_so(shifted, tmp_path, capsys):
+    cache, model = shifted
+    assert cli([str(cache), "--model", str(model), "--speakers", "s3,s4", "--adapt", "speaker"]) == 0
+    out = capsys.readouterr().out
+    assert "adapted to each speaker: s3 (24 clips), s4 (24 clips)" in out
+    # a speaker with fewer clips than adaptation needs is warned about
+    few = pd.read_csv(cache / "manifest.csv", dtype=str)
+    few = few[few.speaker.isin(["s1", "s2", "s3"]) | few["clip"].str.contains("_0")]
+    few[["clip", "label", "speaker"]].to_csv(tmp_path / "few.csv", index=False)
+    report = evaluate_cache(cache, str(model), labels=tmp_path / "few.csv", speakers=["s4"], adapt_to="speaker")
+    assert report["adapted"]["clips"] == {"s4": 3} and "fewer than 10 clips (s4)" in report["warnings"][-1]
+    # clips without a speaker cannot be grouped by speaker
+    from types import SimpleNamespace
+    from train.evaluate import adapt_groups
+    data = SimpleNamespace(speakers=["a", None, "b"])
+    assert adapt_groups("speaker", data, [0, 2]) == ["a", "b"] and adapt_groups("all", data, [0, 1]) == ["all"] * 2
+    with pytest.raises(EvaluationError, match="1 have none.*--adapt all"):
+        adapt_groups("speaker", data, [0, 1, 2])
+
+
+def test_speaker_norm_trains_on_each_speakers_own_statistics_for_a_model_to_be_adapted(shifted, tmp_path):
+    from train.data import load_training_data, speaker_normalised
+    cache, _ = shifted
+    data = load_training_data(cache)
+    s1 = [i for i, s in enumerate(data.speakers) if s == "s1"]
+    s4 = [i for i, s in enumerate(data.speakers) if s == "s4"]
+    mean, std = np.linspace(-1, 1, 16), np.linspace(0.5, 2, 16)
+    moved = speaker_normalised(data, s1 + s4[:12], mean, std)
+    for members in (s1, s4[:12]):
+        cat = np.concatenate([moved.clips[i].arrays["mel"] for i in members], 1)
+        np.testing.assert_allclose(cat.mean(1), mean, atol=1e-4)
+        np.testing.assert_allclose(cat.std(1), std, rtol=1e-4)
+    assert all(moved.clips[i] is data.clips[i] for i in s4[12:])          # not among the indices: as it was
+    # trained so, then adapted to the new speaker
+    run_training(cache, tmp_path / "run", {"modalities": "audio", **TINY},
+                 quick(audio_init="none", epochs=12, speaker_norm=True), SplitOptions(test_speakers="s4"))
+    assert load_model(tmp_path / "run" / "best.pt")[1]["train_config"]["speaker_norm"] is True
+    assert evaluate_cache(cache, str(tmp_path / "run" / "best.pt"), speakers=["s4"], adapt_to="speaker")["uar"] >= 0.9

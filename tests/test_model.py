@@ -1,5 +1,7 @@
 """The fused model's parts: the paper identities, masking, padding invariance, checkpoints."""
 import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -497,3 +499,49 @@ def test_product_fusion_is_the_normalised_product_and_a_missing_modality_drops_o
     v = torch.as_tensor(clips[0].arrays["video_features"])[torch.as_tensor(clips[0].arrays["face_mask"])]
     frame_logits = model.fusion.video_head(v)
     torch.testing.assert_close(out["video_logits"][0], torch.log_softmax(frame_logits.mean(0), -1))
+
+
+def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_as_it_was(monkeypatch):
+    import avemo.model.adapt as adapting
+    from avemo.model.adapt import AdaptError, adapt, mel_statistics
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_classes=3, n_mels=16, modalities="audio", audio_channels=(4, 8))).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mels = [_clip(i, t, 1, video=False).arrays["mel"] * (1 + i) + i for i, t in enumerate((30, 17, 24))]
+    adapted = adapt(model, mels)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])                         # the model itself is untouched
+    cat = np.concatenate(mels, 1).astype(np.float64)
+    np.testing.assert_allclose(adapted.mel_mean.numpy(), cat.mean(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mel_statistics(mels)["mel_std"], cat.std(1), rtol=1e-9)
+    assert not adapted.training
+    # the first BatchNorm's statistics are the first convolution's output over the group's frames, padding
+    # left out (the three clips are one padded batch)
+    batch = collate([ClipFeatures(clip=str(i), settings={}, arrays={"mel": m}) for i, m in enumerate(mels)], 16, 0)
+    mask = batch["mel_mask"]
+    x = adapted.audio.blocks[0].convs[0](adapted._normalise_mel(batch["mel"], mask).unsqueeze(1))
+    valid = x.permute(1, 0, 2, 3)[:, mask[:, None, :].expand(-1, 16, -1)]       # [C, valid cells]
+    bn = adapted.audio.blocks[0].bns[0]
+    torch.testing.assert_close(bn.running_mean, valid.mean(1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.running_var, valid.var(1), atol=1e-5, rtol=1e-4)
+    assert bn.momentum == model.audio.blocks[0].bns[0].momentum
+    assert not torch.allclose(adapted(batch)["logits"], model(batch)["logits"])
+    # clips of one length in batches of one clip each: the mean over batches is the group's mean
+    same = [m[:, :17] for m in mels]
+    whole = adapt(model, same)
+    monkeypatch.setattr(adapting, "EVAL_FRAMES", 17)
+    one_by_one = adapt(model, same)
+    torch.testing.assert_close(one_by_one.audio.blocks[0].bns[0].running_mean,
+                               whole.audio.blocks[0].bns[0].running_mean, atol=1e-5, rtol=1e-4)
+    # a long clip adapts in windows, never in one pass of its whole length
+    monkeypatch.setattr(adapting, "ADAPT_FRAMES", 8)
+    seen = []
+    monkeypatch.setattr(type(model.audio), "_grid", lambda self, x, mask: (seen.append(x.shape[-1]), (
+        torch.ones(x.shape[0], 8, 1, 1), mask[:, :1]))[1])
+    adapt(model, [np.zeros((16, 30), np.float32)])
+    assert max(seen) <= 8
+    with pytest.raises(AdaptError, match="no clip"):
+        adapt(model, [])
+    face_only = build_model(ModelConfig(n_classes=3, video_dim=6, modalities="video"))
+    with pytest.raises(AdaptError, match="reads no audio"):
+        adapt(face_only, mels)

@@ -319,3 +319,30 @@ def test_a_model_over_cells_gets_feature_maps_even_if_its_settings_predate_them(
     assert pred.features.arrays["feature_maps"].shape == (6, 4, 4, settings.feature_dim)
     assert pred.attention["video_cells"].shape == (6, 4, 4)
     np.testing.assert_allclose(pred.attention["video_cells"].sum((1, 2)), pred.attention["video"], atol=1e-6)
+
+
+def test_adapt_fits_the_voice_side_to_the_files_given_and_leaves_out_those_without_audio(work, media, capsys):
+    clips = sorted(SAMPLES.glob("*.flv")) + sorted(SAMPLES.glob("*.mp3"))
+    args = ["--model", str(work["audio"]), "--json", "--device", "cpu"]
+    assert main([*map(str, clips), *args]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rc = main([*map(str, clips), str(media["silent_video"]), str(media["garbage"]), *args, "--adapt"])
+    captured = capsys.readouterr()
+    assert rc == 1                                               # the two files without audio fail as ever
+    assert "adapted the voice side to 12 clips" in captured.err and "fewer than" not in captured.err
+    left_out = [line for line in captured.err.splitlines() if "--adapt: left out" in line]
+    assert len(left_out) == 2 and "silent.mp4: audio: no audio stream" in left_out[0] and "garbage.mp4" in left_out[1]
+    adapted = [json.loads(line) for line in captured.out.splitlines()][:12]
+    assert [r["clip"] for r in adapted] == [r["clip"] for r in plain]
+    assert any(abs(a["probabilities"][c] - p["probabilities"][c]) > 1e-3
+               for a, p in zip(adapted, plain) for c in CLASSES)
+    # the Python API gives the same predictions
+    model = load_model(work["audio"], "cpu")
+    assert model.adapt_to(clips)[0] == 12
+    assert model.predict(clips[0]).probabilities == pytest.approx(adapted[0]["probabilities"], abs=1e-6)
+    # two clips are few, and a model that reads no audio has nothing to adapt
+    assert main([*map(str, clips[:2]), *args, "--adapt"]) == 0
+    assert "fewer than 10" in capsys.readouterr().err
+    face_only = _checkpoint(work["root"] / "video.pt", work["settings"], "video")
+    assert main([str(FLV), "--model", str(face_only), "--face-encoder", work["enc"], "--adapt"]) == 2
+    assert "reads no audio" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from avemo.extraction import default_device
 from avemo.features import AUDIO_SETTING_KEYS, settings_differences
 from avemo.io import NoSpaceError, atomic_path, write_json_atomic
 from avemo.model import DEFAULT_MODEL, load_model
+from avemo.model.adapt import MIN_CLIPS, adapt
 from avemo.model.frontend import load_frontend
 from train.data import CacheError, TrainingData, load_training_data
 from train.finetune import CropBank, FinetuneError, require_crops
@@ -140,12 +141,20 @@ def shared_class_metrics(scores: np.ndarray, model_classes: list[str], data: Tra
 
 
 def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | None, device: torch.device,
-                 batch_size: int = 64) -> np.ndarray:
+                 batch_size: int = 64, groups: list | None = None) -> np.ndarray:
     """[N, model classes] logits of ``net`` for the clips ``indices`` (a model trained end to end reads the
-    cache's face crops, as it was trained)."""
+    cache's face crops, as it was trained). With ``groups`` (one key per clip of ``indices``), the clips of
+    each group are scored by the model adapted to that group (``adapted_to``)."""
     cfg = net.cfg
     indices = list(range(len(data))) if indices is None else list(indices)
     net.to(device)
+    if groups is not None:
+        out = np.zeros((len(indices), cfg.n_classes), np.float32)
+        for key in dict.fromkeys(groups):
+            rows = [k for k, g in enumerate(groups) if g == key]
+            members = [indices[k] for k in rows]
+            out[rows] = model_logits(adapted_to(net, data, members), data, members, device, batch_size)
+        return out
     crops = None
     if cfg.uses_video and cfg.frame_encoder is not None:
         require_crops(data, indices)
@@ -153,6 +162,12 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
     store = FeatureStore(data, indices, cfg.video_dim if cfg.uses_video else 0, device, on_device=False,
                          video_cells=0 if crops is not None else cfg.map_cells if cfg.uses_video else 0, crops=crops)
     return predict_outputs(net, store, batch_size, amp=True)["logits"]
+
+
+def adapted_to(net: torch.nn.Module, data: TrainingData, indices: list[int]) -> torch.nn.Module:
+    """``net`` adapted (``avemo.model.adapt``) to the audio of the clips ``indices``; as it is when none has any."""
+    mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
+    return adapt(net, mels) if mels else net
 
 
 def heard_speakers(scorer: Scorer, speakers: set[str]) -> str | None:
@@ -187,8 +202,10 @@ def per_speaker_uar(data: TrainingData, indices: list[int], truth: np.ndarray, p
 
 def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | None = None,
                    speakers: list[str] | None = None, labels: str | Path | None = None,
-                   device: str | None = None, out: str | Path | None = None) -> dict:
-    """Score a model (or front-end) on a labelled cache; returns the report (also written to ``out``)."""
+                   device: str | None = None, out: str | Path | None = None, adapt_to: str | None = None) -> dict:
+    """Score a model (or front-end) on a labelled cache; returns the report (also written to ``out``).
+    ``adapt_to``: "speaker" scores each speaker's clips with the model adapted to them (``adapted_to``),
+    "all" with the model adapted to all the scored clips at once."""
     scorer = load_scorer(model, frontend)
     cfg = scorer.network.cfg
     data = load_training_data(cache, labels, with_maps=bool(cfg.uses_video and cfg.uses_maps))
@@ -204,22 +221,47 @@ def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | 
         raise EvaluationError(f"no clip of {cache} can be scored by {scorer.name} ({why}); its classes: "
                               f"{', '.join(scorer.classes)}")
     dev = torch.device(device or default_device())
-    logits = model_logits(scorer.network.to(dev), data, indices, dev)
+    groups = adapt_groups(adapt_to, data, indices)
+    logits = model_logits(scorer.network.to(dev), data, indices, dev, groups=groups)
     metrics, probs, _ = shared_class_metrics(logits, scorer.classes, data, indices)
     shared = [c for c in data.classes if c in scorer.classes]
     truth = np.array([shared.index(data.classes[data.labels[i]]) for i in indices])
     pred = probs.argmax(1)
     scored_speakers = {str(data.speakers[i]) for i in indices if data.speakers[i]}
     warnings = [w for w in (heard_speakers(scorer, scored_speakers),) if w]
+    adapted = None
+    if groups is not None:
+        sizes = {str(g): groups.count(g) for g in dict.fromkeys(groups)}
+        adapted = {"to": adapt_to, "clips": sizes}
+        small = [g for g, n in sizes.items() if n < MIN_CLIPS]
+        if small:
+            warnings.append(f"adapted to fewer than {MIN_CLIPS} clips ({', '.join(small)}): statistics of so "
+                            "few clips follow their emotions as much as the speaker, and can cost accuracy")
     report = {
         "model": scorer.name, "cache": str(cache), "classes": shared,
         "speakers": sorted(scored_speakers), "left_out": left_out,
         "per_speaker": per_speaker_uar(data, indices, truth, pred, shared) if scored_speakers else {},
-        "warnings": warnings, **metrics,
+        "adapted": adapted, "warnings": warnings, **metrics,
     }
     if out is not None:
         write_outputs(Path(out), report, data, indices, probs, shared)
     return report
+
+
+def adapt_groups(adapt_to: str | None, data: TrainingData, indices: list[int]) -> list[str] | None:
+    """The group of each scored clip for ``adapt_to`` (None: no adaptation)."""
+    if adapt_to is None:
+        return None
+    if adapt_to == "all":
+        return ["all"] * len(indices)
+    if adapt_to != "speaker":
+        raise EvaluationError(f"--adapt takes speaker or all, not '{adapt_to}'")
+    missing = sum(1 for i in indices if not data.speakers[i])
+    if missing:
+        raise EvaluationError(f"--adapt speaker needs every scored clip's speaker, and {missing} have none: give "
+                              "them in a --labels CSV (clip,label,speaker), or pass --adapt all to adapt to "
+                              "all the scored clips as one group")
+    return [str(data.speakers[i]) for i in indices]
 
 
 def write_outputs(out: Path, report: dict, data: TrainingData, indices: list[int], probs: np.ndarray,
@@ -243,6 +285,9 @@ def format_report(r: dict) -> str:
     lines = [f"{r['model']} on {r['cache']}: {r['n']} clips of {len(r['speakers'])} speakers, "
              f"classes {', '.join(r['classes'])}"]
     lines += [f"  left out: {n} clips with {why}" for why, n in r["left_out"].items()]
+    if r.get("adapted"):
+        lines.append(f"adapted to each {'speaker' if r['adapted']['to'] == 'speaker' else 'the whole set'}: "
+                     + ", ".join(f"{g} ({n} clips)" for g, n in r["adapted"]["clips"].items()))
     lines.append(f"UAR {r['uar']:.3f}  WAR {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}")
     width = max(len(c) for c in r["classes"])
     lines.append("recall per class: " + ", ".join(f"{c} {v:.2f} ({r['support'][c]})"
@@ -272,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "shipped one by name: default)")
     p.add_argument("--speakers", help="comma-separated speakers to score (default: every speaker)")
     p.add_argument("--labels", help="CSV with clip,label[,speaker] columns (default: the cache's own labels)")
+    p.add_argument("--adapt", choices=("speaker", "all"),
+                   help="adapt the model's audio normalisation (mel and BatchNorm statistics, no labels used) to "
+                        "each speaker's clips before scoring them (speaker), or to all scored clips at once (all)")
     p.add_argument("--out", help="folder for report.json, predictions.csv and confusion.csv/.png")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -286,7 +334,8 @@ def cli(argv: list[str] | None = None) -> int:
     reuse_freed_memory()
     speakers = [s.strip() for s in args.speakers.split(",") if s.strip()] if args.speakers else None
     try:
-        report = evaluate_cache(args.cache, args.model, args.frontend, speakers, args.labels, args.device, args.out)
+        report = evaluate_cache(args.cache, args.model, args.frontend, speakers, args.labels, args.device, args.out,
+                                args.adapt)
     except (EvaluationError, CacheError, CheckpointError, FinetuneError, ValueError) as e:
         print(f"avemo-evaluate: error: {e}", file=sys.stderr)
         return 2

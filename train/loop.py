@@ -23,17 +23,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from avemo.batching import collate, to_device, trim_batch
+from avemo.batching import collate, length_batches, to_device, trim_batch
 from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avemo.cpu import cpu_computes_bf16, release_free_memory
 from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, settings_differences
 from avemo.io import Busy, atomic_path, held_lock, write_json_atomic
 from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
                          save_model)
+from avemo.model.adapt import mel_statistics
 from avemo.model.audio import EVAL_FRAMES
 from avemo.model.frontend import AudioFrontend, load_frontend
 from train.augment import AugmentConfig, BatchAugment
-from train.data import TrainingData
+from train.data import TrainingData, speaker_normalised
 from train.finetune import (ENCODER_PREFIX, CropBank, FinetuneError, crop_augment_config, finetune_spec,
                             require_crops, starting_encoder)
 from train.metrics import classification_metrics, write_confusion
@@ -74,6 +75,8 @@ class TrainConfig:
                                        # knows the cache's corpus (audio only), else lr/10; without one, lr;
                                        # 0: a pretrained stream stays frozen)
     audio_frozen_epochs: int = 0       # a pretrained stream stays frozen for this many epochs first (LP-FT)
+    speaker_norm: bool = False         # train (and validate) on each speaker's mel standardised by their own
+                                       # statistics, as the model then sees a speaker it is adapted to
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -233,8 +236,7 @@ def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int,
     stats = {}
     mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
     if mels:
-        cat = np.concatenate(mels, axis=1).astype(np.float64)
-        stats["mel_mean"], stats["mel_std"] = cat.mean(1), np.maximum(cat.std(1), 1e-3)
+        stats.update(mel_statistics(mels))
     if video_dim:
         frames = [data.clips[i].arrays["video_features"][np.asarray(data.clips[i].arrays["face_mask"], bool)]
                   for i in indices if data.clips[i].has_video]
@@ -270,24 +272,13 @@ def predict_outputs(model: torch.nn.Module, store: FeatureStore, batch_size: int
     """The model's outputs named in ``keys`` for every clip of ``store`` (float32, on the host)."""
     model.eval()
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    # clips of like length batched together, and batches of at most EVAL_FRAMES clip-frames: a long
-    # recording then pads no short clip to its length (a clip's outputs do not depend on its batch)
-    lengths = store.lengths()
-    order = np.argsort(lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and end - start < batch_size and \
-                (end + 1 - start) * max(int(lengths[order[end]]), 1) <= EVAL_FRAMES:
-            end += 1
-        batches.append(torch.as_tensor(order[start:end]))
-        start = end
+    batches = length_batches(store.lengths(), batch_size, EVAL_FRAMES)
     for idx in batches:
         with _autocast(store.device, amp, getattr(model, "cfg", None)):
             out = model(store.batch(idx))
         for k in keys:
             outs[k].append(out[k].float().cpu())
-    back = torch.as_tensor(np.argsort(order))
+    back = torch.as_tensor(np.argsort(torch.cat(batches).numpy()))
     return {k: torch.cat(v)[back].numpy() for k, v in outs.items()}
 
 
@@ -542,6 +533,9 @@ def _fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: Train
     else:
         model.load_state_dict(state["model"])
     model.to(rt.device)
+    if cfg.speaker_norm and mcfg.uses_audio:
+        data = speaker_normalised(data, split.train + split.val, model.mel_mean.cpu().numpy(),
+                                  model.mel_std.cpu().numpy())
 
     def store(indices, audio_window=0):
         cells = 0 if e2e else mcfg.map_cells       # end to end, the model's encoder makes the maps from the crops

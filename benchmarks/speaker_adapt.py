@@ -1,0 +1,69 @@
+"""How many of a new speaker's clips does adaptation need? Prints a table.
+
+    python benchmarks/speaker_adapt.py CACHE RUN [RUN ...] [--clips 3,5,10,20] [--draws 5]
+
+Each RUN is a finished avemo-train run (RUN/best.pt, RUN/split.json) whose test speakers are in
+CACHE, e.g. the folds of ``benchmarks/speech_bench.py`` (``OUT/emodb-scratch/seed0/fold*``). For each
+run and each test speaker, the model is adapted (``avemo-evaluate --adapt``'s ``adapted_to``) to k
+clips of that speaker drawn at random (``--draws`` times), and scored on all of the speaker's clips;
+"all" adapts to every clip, as ``--adapt speaker`` does. UAR per speaker, averaged over the draws,
+then over speakers and runs; "none" is the model as trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avemo.model import load_model  # noqa: E402
+from train.data import load_training_data  # noqa: E402
+from train.evaluate import adapted_to, model_logits, shared_class_metrics  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("cache", type=Path)
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--clips", default="3,5,10,20", help="comma-separated numbers of clips to adapt to")
+    p.add_argument("--draws", type=int, default=5, help="random draws of k clips per speaker")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ks = [int(k) for k in args.clips.split(",") if k]
+    cols = ["none", *map(str, ks), "all"]
+    data = load_training_data(args.cache)
+    device = torch.device("cpu")
+    rows = []
+    for run in args.runs:
+        net, ckpt = load_model(run / "best.pt")
+        test = json.loads((run / "split.json").read_text())["speakers"]["test"]
+        for spk in test:
+            idx = [i for i, s in enumerate(data.speakers) if s == spk]
+
+            def uar(model) -> float:
+                return shared_class_metrics(model_logits(model, data, idx, device), ckpt["classes"], data, idx)[0]["uar"]
+
+            rng = np.random.default_rng(0)
+            row = {"run": str(run), "speaker": spk, "clips": len(idx), "none": uar(net),
+                   "all": uar(adapted_to(net, data, idx))}
+            for k in ks:
+                draws = [sorted(rng.choice(idx, min(k, len(idx)), replace=False)) for _ in range(args.draws)]
+                row[str(k)] = float(np.mean([uar(adapted_to(net, data, d)) for d in draws]))
+            rows.append(row)
+            print(f"{run} {spk} ({len(idx)} clips): " + " ".join(f"{c} {row[c]:.3f}" for c in cols), flush=True)
+    print(f"\nUAR on each test speaker's clips, the model adapted to k of them ({args.draws} random draws per k; "
+          f"{len(rows)} speakers of {len(args.runs)} runs)")
+    print(f"{'adapted to':<12}" + "".join(f"{c:>9}" for c in cols))
+    means = [np.mean([r[c] for r in rows]) for c in cols]
+    print(f"{'UAR':<12}" + "".join(f"{m:>9.3f}" for m in means))
+    print(f"{'vs none':<12}" + "".join(f"{m - means[0]:>+9.3f}" for m in means))
+
+
+if __name__ == "__main__":
+    main()
