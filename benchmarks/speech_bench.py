@@ -25,7 +25,9 @@ Everything after ``--`` goes to avemo-train's option parser (the same recipe for
 the pretraining included): with none, the figures are avemo-train's defaults. Runs go to
 ``--jobs`` worker processes (on one GPU when there is one); finished runs are kept, so the
 same command resumes. UAR and WAR per part: the mean over folds for each seed, then the mean
-and standard deviation of those over seeds; seconds per training run.
+and standard deviation of those over seeds; seconds per training run. "adapted": the same
+models scored with ``avemo-evaluate --adapt speaker`` (each adapted to its test speakers' clips,
+one speaker at a time; ``avemo.model.adapt``).
 """
 from __future__ import annotations
 

@@ -526,6 +526,12 @@ def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_a
     torch.testing.assert_close(bn.running_var, valid.var(1), atol=1e-5, rtol=1e-4)
     assert bn.momentum == model.audio.blocks[0].bns[0].momentum
     assert not torch.allclose(adapted(batch)["logits"], model(batch)["logits"])
+    # an ensemble adapts each member as that member alone would be
+    ensemble = Ensemble([model, model])
+    pair = adapt(ensemble, mels)
+    assert ensemble.members[0] is model                                  # the ensemble itself is untouched
+    assert isinstance(pair, Ensemble) and all(m.training is False for m in pair.members)
+    torch.testing.assert_close(pair.members[1].audio.blocks[0].bns[0].running_var, bn.running_var)
     # clips of one length in batches of one clip each: the mean over batches is the group's mean
     same = [m[:, :17] for m in mels]
     whole = adapt(model, same)

@@ -66,6 +66,8 @@ def adapt(model: nn.Module, mels: Sequence[np.ndarray]) -> nn.Module:
     stream ends with the mean over the batches of their statistics.
     """
     check_adaptable(model)
+    if hasattr(model, "members"):               # an Ensemble: each member has statistics of its own
+        return type(model)([adapt(m, mels) for m in model.members]).eval()
     cfg = model.cfg
     mels = [np.asarray(m, np.float32) for m in mels if m is not None and np.ndim(m) == 2 and np.shape(m)[1]]
     if not mels:
