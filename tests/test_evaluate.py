@@ -8,7 +8,6 @@ import torch
 
 from _synthetic_cache import make_cache
 from avemo.features import ExtractionSettings
-from avemo.model import load_model
 from test_audio_frontend import TINY, quick   # the same tiny network and quick recipe
 from train.audio.cli import train_frontend
 from train.cli import SplitOptions, run_training
@@ -172,23 +171,3 @@ def test_the_command_adapts_per_speaker_and_says_so(shifted, tmp_path, capsys):
     assert adapt_groups("speaker", data, [0, 2]) == ["a", "b"] and adapt_groups("all", data, [0, 1]) == ["all"] * 2
     with pytest.raises(EvaluationError, match="1 have none.*--adapt all"):
         adapt_groups("speaker", data, [0, 1, 2])
-
-
-def test_speaker_norm_trains_on_each_speakers_own_statistics_for_a_model_to_be_adapted(shifted, tmp_path):
-    from train.data import load_training_data, speaker_normalised
-    cache, _ = shifted
-    data = load_training_data(cache)
-    s1 = [i for i, s in enumerate(data.speakers) if s == "s1"]
-    s4 = [i for i, s in enumerate(data.speakers) if s == "s4"]
-    mean, std = np.linspace(-1, 1, 16), np.linspace(0.5, 2, 16)
-    moved = speaker_normalised(data, s1 + s4[:12], mean, std)
-    for members in (s1, s4[:12]):
-        cat = np.concatenate([moved.clips[i].arrays["mel"] for i in members], 1)
-        np.testing.assert_allclose(cat.mean(1), mean, atol=1e-4)
-        np.testing.assert_allclose(cat.std(1), std, rtol=1e-4)
-    assert all(moved.clips[i] is data.clips[i] for i in s4[12:])          # not among the indices: as it was
-    # trained so, then adapted to the new speaker
-    run_training(cache, tmp_path / "run", {"modalities": "audio", **TINY},
-                 quick(audio_init="none", epochs=12, speaker_norm=True), SplitOptions(test_speakers="s4"))
-    assert load_model(tmp_path / "run" / "best.pt")[1]["train_config"]["speaker_norm"] is True
-    assert evaluate_cache(cache, str(tmp_path / "run" / "best.pt"), speakers=["s4"], adapt_to="speaker")["uar"] >= 0.9

@@ -248,9 +248,6 @@ def add_optimisation_args(p: argparse.ArgumentParser, runs_of_avemo_train: bool 
     g.add_argument("--label-smoothing", type=float, default=t["label_smoothing"])
     g.add_argument("--compact-beta", type=float, default=t["compact_beta"], help="weight of compact softmax's extra term")
     g.add_argument("--balance", action="store_true", help="class-balanced loss weights")
-    g.add_argument("--speaker-norm", action="store_true",
-                   help="train on each speaker's mel standardised by their own statistics, for a model that will "
-                        "be adapted to each new speaker (avemo-evaluate --adapt, avemo-predict --adapt)")
     g.add_argument("--seed", type=int, default=t["seed"])
     if runs_of_avemo_train:
         g.add_argument("--ensemble", type=int, default=t["ensemble"], metavar="N",

@@ -1,7 +1,6 @@
 """Reading a feature cache (``CACHE/manifest.csv`` + one ``.npz`` per clip) for training."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -10,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, ExtractionSettings, FeatureFileError
-from avemo.model.adapt import mel_statistics
 from avemo.tables import TableError, read_csv_text, read_strict_csv
 
 log = logging.getLogger("avemo.train")
@@ -201,25 +199,3 @@ def merge_training_data(parts: list[TrainingData], names: list[str]) -> Training
         raise CacheError(f"no clip with audio in {', '.join(names)}")
     return TrainingData(clips=clips, labels=np.array(labels, np.int64), classes=classes, speakers=speakers,
                         split_column=None, settings=dict(ref), n_mels=parts[0].n_mels, video_dim=0)
-
-
-def speaker_normalised(data: TrainingData, indices: list[int], mean: np.ndarray, std: np.ndarray) -> TrainingData:
-    """``data`` with the mel of each speaker's clips among ``indices`` standardised by that speaker's own
-    statistics (over those clips), then given ``mean`` and ``std`` per bin: a model normalising with
-    ``mean`` and ``std`` (its own) then sees per-speaker standardised input, as it does adapted to a speaker
-    (``avemo.model.adapt``). Clips without a speaker, and the other clips, are left as they are."""
-    by_speaker: dict[str, list[int]] = {}
-    for i in indices:
-        if data.speakers[i] and data.clips[i].has_audio:
-            by_speaker.setdefault(data.speakers[i], []).append(i)
-    clips = list(data.clips)
-    mean, std = np.asarray(mean, np.float64)[:, None], np.asarray(std, np.float64)[:, None]
-    for members in by_speaker.values():
-        own = mel_statistics(data.clips[i].arrays["mel"] for i in members)
-        scale = std / own["mel_std"][:, None]
-        shift = mean - own["mel_mean"][:, None] * scale
-        for i in members:
-            c = clips[i]
-            clips[i] = dataclasses.replace(c, arrays={**c.arrays, "mel": (c.arrays["mel"] * scale + shift)
-                                                      .astype(c.arrays["mel"].dtype)})
-    return dataclasses.replace(data, clips=clips)

@@ -34,7 +34,7 @@ from avemo.model.adapt import mel_statistics
 from avemo.model.audio import EVAL_FRAMES
 from avemo.model.frontend import AudioFrontend, load_frontend
 from train.augment import AugmentConfig, BatchAugment
-from train.data import TrainingData, speaker_normalised
+from train.data import TrainingData
 from train.finetune import (ENCODER_PREFIX, CropBank, FinetuneError, crop_augment_config, finetune_spec,
                             require_crops, starting_encoder)
 from train.metrics import classification_metrics, write_confusion
@@ -75,8 +75,6 @@ class TrainConfig:
                                        # knows the cache's corpus (audio only), else lr/10; without one, lr;
                                        # 0: a pretrained stream stays frozen)
     audio_frozen_epochs: int = 0       # a pretrained stream stays frozen for this many epochs first (LP-FT)
-    speaker_norm: bool = False         # train (and validate) on each speaker's mel standardised by their own
-                                       # statistics, as the model then sees a speaker it is adapted to
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -533,9 +531,6 @@ def _fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: Train
     else:
         model.load_state_dict(state["model"])
     model.to(rt.device)
-    if cfg.speaker_norm and mcfg.uses_audio:
-        data = speaker_normalised(data, split.train + split.val, model.mel_mean.cpu().numpy(),
-                                  model.mel_std.cpu().numpy())
 
     def store(indices, audio_window=0):
         cells = 0 if e2e else mcfg.map_cells       # end to end, the model's encoder makes the maps from the crops
