@@ -24,7 +24,7 @@ from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_sil
 from avemo.encoders import FaceEncoder, load_named_encoder
 from avemo.faces import Detections, FaceDetector, FaceTrack, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
-from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_video, unreadable_reason  # noqa: F401
+from avemo.media import ClipError, expects_video, unreadable_reason
 from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
                          sample_times, scan_ends, video_span, video_stream)
 

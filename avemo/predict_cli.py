@@ -13,7 +13,7 @@ from avemo.checkpoint import CheckpointError
 from avemo.cpu import set_torch_threads
 from avemo.extraction import ClipError
 from avemo.io import display_name, first_line
-from avemo.model.adapt import MIN_CLIPS, AdaptError
+from avemo.model.adapt import PRIOR_CLIPS, AdaptError
 from avemo.prediction import MIN_WINDOW_S, Prediction, load_model, media_files
 
 
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hop", type=_seconds, metavar="S", help="seconds between window starts (default: --window)")
     p.add_argument("--adapt", action="store_true",
                    help="the files are one speaker (or one recording set-up): first adapt the model's voice side to "
-                        "all of them (its mel and BatchNorm statistics; no labels), then predict each; use 20 clips "
-                        "or more, fewer than 10 can cost accuracy")
+                        "all of them (its mel and BatchNorm statistics, blended with the model's own, which weigh as "
+                        f"{PRIOR_CLIPS} clips; no labels), then predict each; the more clips, the more it adapts")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--face-encoder", metavar="PATH",
                    help="where the face encoder the model was trained with lives, if not where it was")
@@ -125,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for problem in problems:
             print(f"avemo-predict: --adapt: left out {problem}", file=sys.stderr)
-        print(f"avemo-predict: adapted the voice side to {n} clip{'s' * (n != 1)}"
-              + (f" (fewer than {MIN_CLIPS}: statistics of so few clips can cost accuracy)" if n < MIN_CLIPS else ""),
-              file=sys.stderr)
+        print(f"avemo-predict: adapted the voice side to {n} clip{'s' * (n != 1)} (their statistics weigh "
+              f"{n}/{n + PRIOR_CLIPS} against the model's own)", file=sys.stderr)
     failed, pictures = 0, set()
     for path in paths:
         try:

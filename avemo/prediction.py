@@ -22,12 +22,13 @@ import torch
 from avemo.batching import collate, to_device
 from avemo.checkpoint import CheckpointError
 from avemo.encoders import FaceEncoder, is_shipped_name
-from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, ClipExtractor, default_device
+from avemo.extraction import ClipError, ClipExtractor, default_device
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name
+from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
-from avemo.model.adapt import adapt, check_adaptable
+from avemo.model.adapt import PRIOR_CLIPS, adapt, check_adaptable
 from avemo.model.frames import clip_face_pixels
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
@@ -141,9 +142,10 @@ class EmotionRecognizer:
                            grayscale=spec["grayscale"], mean=spec["mean"], std=spec["std"], arch=spec["arch"],
                            arch_cfg=spec["arch_cfg"], device=self.device)
 
-    def adapt_to(self, paths: list[str | os.PathLike]) -> tuple[int, list[str]]:
+    def adapt_to(self, paths: list[str | os.PathLike], prior_clips: float = PRIOR_CLIPS) -> tuple[int, list[str]]:
         """Adapt the voice side to the audio of ``paths``, clips of one speaker or one recording set-up
-        (``avemo.model.adapt``: no labels; every later prediction uses the adapted model). Returns how
+        (``avemo.model.adapt``: no labels; the model's own statistics weigh as ``prior_clips`` clips; every
+        later prediction uses the adapted model). Returns how
         many clips it adapted to and, for each file that gave no audio, why. Raises ``AdaptError`` when
         none did, or when the model reads no audio."""
         check_adaptable(self.network)
@@ -159,7 +161,7 @@ class EmotionRecognizer:
                 mels.append(feats.arrays["mel"])
             else:
                 problems.append(f"{display_name(path)}: {'; '.join(feats.warnings) or 'no usable audio'}")
-        self.network = adapt(self.network, mels)
+        self.network = adapt(self.network, mels, prior_clips)
         return len(mels), problems
 
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,

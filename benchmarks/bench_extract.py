@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))
 
 from avemo.audio import audio_stream, decode_audio  # noqa: E402
 from avemo.encoders import available_encoders, build_encoder, export_encoder  # noqa: E402
-from avemo.extraction import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipExtractor  # noqa: E402
+from avemo.extraction import ClipExtractor  # noqa: E402
+from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS  # noqa: E402
 from avemo.features import ExtractionSettings  # noqa: E402
 from avemo.video import VideoFrames, iter_frames_at, open_media, sample_times, video_span, video_stream  # noqa: E402
 

@@ -1,13 +1,15 @@
 """How many of a new speaker's clips does adaptation need? Prints a table.
 
-    python benchmarks/speaker_adapt.py CACHE RUN [RUN ...] [--clips 3,5,10,20] [--draws 5]
+    python benchmarks/speaker_adapt.py CACHE RUN [RUN ...] [--clips 3,5,10,20] [--draws 5] [--priors 0,10]
 
 Each RUN is a finished avemo-train run (RUN/best.pt, RUN/split.json) whose test speakers are in
 CACHE, e.g. the folds of ``benchmarks/speech_bench.py`` (``OUT/emodb-scratch/seed0/fold*``). For each
 run and each test speaker, the model is adapted (``avemo-evaluate --adapt``'s ``adapted_to``) to k
 clips of that speaker drawn at random (``--draws`` times), and scored on all of the speaker's clips;
 "all" adapts to every clip, as ``--adapt speaker`` does. UAR per speaker, averaged over the draws,
-then over speakers and runs; "none" is the model as trained.
+then over speakers and runs; "none" is the model as trained. One row per ``--priors`` value: how many
+clips the model's own statistics weigh against the speaker's (``avemo.model.adapt``; 0 is plain AdaBN,
+the speaker's statistics alone; the default, PRIOR_CLIPS, is what the commands do).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avemo.model import load_model  # noqa: E402
 from train.data import load_training_data  # noqa: E402
+from avemo.model.adapt import PRIOR_CLIPS  # noqa: E402
 from train.evaluate import adapted_to, model_logits, shared_class_metrics  # noqa: E402
 
 
@@ -32,11 +35,14 @@ def main() -> None:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--clips", default="3,5,10,20", help="comma-separated numbers of clips to adapt to")
     p.add_argument("--draws", type=int, default=5, help="random draws of k clips per speaker")
+    p.add_argument("--priors", default=f"0,{PRIOR_CLIPS}",
+                   help="comma-separated weights of the model's own statistics, in clips (one row each)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.clips.split(",") if k]
-    cols = ["none", *map(str, ks), "all"]
+    priors = [float(v) for v in args.priors.split(",") if v]
+    cols = [*map(str, ks), "all"]
     data = load_training_data(args.cache)
     device = torch.device("cpu")
     rows = []
@@ -50,20 +56,23 @@ def main() -> None:
                 return shared_class_metrics(model_logits(model, data, idx, device), ckpt["classes"], data, idx)[0]["uar"]
 
             rng = np.random.default_rng(0)
-            row = {"run": str(run), "speaker": spk, "clips": len(idx), "none": uar(net),
-                   "all": uar(adapted_to(net, data, idx))}
-            for k in ks:
-                draws = [sorted(rng.choice(idx, min(k, len(idx)), replace=False)) for _ in range(args.draws)]
-                row[str(k)] = float(np.mean([uar(adapted_to(net, data, d)) for d in draws]))
+            draws = {str(k): [sorted(rng.choice(idx, min(k, len(idx)), replace=False)) for _ in range(args.draws)]
+                     for k in ks}
+            draws["all"] = [idx]
+            row = {"run": str(run), "speaker": spk, "clips": len(idx), "none": uar(net)}
+            for prior in priors:
+                row[prior] = {c: float(np.mean([uar(adapted_to(net, data, d, prior)) for d in draws[c]])) for c in cols}
             rows.append(row)
-            print(f"{run} {spk} ({len(idx)} clips): " + " ".join(f"{c} {row[c]:.3f}" for c in cols), flush=True)
+            print(f"{run} {spk} ({len(idx)} clips): none {row['none']:.3f}; " + "; ".join(
+                f"prior {prior:g}: " + " ".join(f"{c} {row[prior][c]:.3f}" for c in cols) for prior in priors), flush=True)
+    none = float(np.mean([r["none"] for r in rows]))
     print(f"\nUAR on each test speaker's clips, the model adapted to k of them ({args.draws} random draws per k; "
-          f"{len(rows)} speakers of {len(args.runs)} runs)")
-    print(f"{'adapted to':<12}" + "".join(f"{c:>9}" for c in cols))
-    means = [np.mean([r[c] for r in rows]) for c in cols]
-    print(f"{'UAR':<12}" + "".join(f"{m:>9.3f}" for m in means))
-    print(f"{'vs none':<12}" + "".join(f"{m - means[0]:>+9.3f}" for m in means))
-
+          f"{len(rows)} speakers of {len(args.runs)} runs); the model as trained: {none:.3f}")
+    print(f"{'prior (clips)':<14}" + "".join(f"{c:>9}" for c in cols) + "   (change against the model as trained)")
+    for prior in priors:
+        means = [np.mean([r[prior][c] for r in rows]) for c in cols]
+        print(f"{prior:<14g}" + "".join(f"{m:>9.3f}" for m in means) + "   "
+              + " ".join(f"{m - none:+.3f}" for m in means))
 
 if __name__ == "__main__":
     main()

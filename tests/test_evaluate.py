@@ -145,7 +145,7 @@ def test_adapting_to_a_new_speakers_clips_undoes_the_shift_of_their_voice(shifte
     adapted = evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="speaker", out=tmp_path / "ev")
     print(plain["uar"], adapted["uar"])
     assert plain["uar"] < 0.6 < 0.9 <= adapted["uar"]
-    assert adapted["adapted"] == {"to": "speaker", "clips": {"s4": 24}}
+    assert adapted["adapted"] == {"to": "speaker", "clips": {"s4": 24}, "prior_clips": 10}
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["uar"] == adapted["uar"]
     # the training speakers' own statistics are what the model already has: adapting to them changes little
     assert evaluate_cache(cache, str(model), speakers=["s1"], adapt_to="speaker")["uar"] >= 0.9
@@ -157,13 +157,17 @@ def test_the_command_adapts_per_speaker_and_says_so(shifted, tmp_path, capsys):
     cache, model = shifted
     assert cli([str(cache), "--model", str(model), "--speakers", "s3,s4", "--adapt", "speaker"]) == 0
     out = capsys.readouterr().out
-    assert "adapted to each speaker: s3 (24 clips), s4 (24 clips)" in out
-    # a speaker with fewer clips than adaptation needs is warned about
+    assert "adapted to each speaker: s3 (24 clips), s4 (24 clips); the model's own statistics weighing as 10" in out
+    # a speaker of three clips is adapted to without a warning (they weigh 3 against the model's 10), and
+    # --adapt-prior sets that weight (0: the clips' statistics alone), recorded in the report
     few = pd.read_csv(cache / "manifest.csv", dtype=str)
     few = few[few.speaker.isin(["s1", "s2", "s3"]) | few["clip"].str.contains("_0")]
     few[["clip", "label", "speaker"]].to_csv(tmp_path / "few.csv", index=False)
     report = evaluate_cache(cache, str(model), labels=tmp_path / "few.csv", speakers=["s4"], adapt_to="speaker")
-    assert report["adapted"]["clips"] == {"s4": 3} and "fewer than 10 clips (s4)" in report["warnings"][-1]
+    assert report["adapted"]["clips"] == {"s4": 3} and not report["warnings"]
+    assert cli([str(cache), "--model", str(model), "--labels", str(tmp_path / "few.csv"), "--speakers", "s4",
+                "--adapt", "speaker", "--adapt-prior", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapted"]["prior_clips"] == 0
     # clips without a speaker cannot be grouped by speaker
     from types import SimpleNamespace
     from train.evaluate import adapt_groups

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _synthetic_cache import make_cache
-from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avemo.checkpoint import CheckpointError, save_checkpoint
 from avemo.encoders import ENCODER_FORMAT, ENCODER_FORMAT_VERSION, load_encoder
 from avemo.features import ClipFeatures
 from avemo.io import write_text_atomic

@@ -506,9 +506,15 @@ def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_a
     from avemo.model.adapt import AdaptError, adapt, mel_statistics
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_classes=3, n_mels=16, modalities="audio", audio_channels=(4, 8))).eval()
+    with torch.no_grad():                                                # statistics of its own, as if trained
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_mean", "mel_mean")):
+                buf.normal_()
+            elif name.endswith(("running_var", "mel_std")):
+                buf.uniform_(0.5, 2.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mels = [_clip(i, t, 1, video=False).arrays["mel"] * (1 + i) + i for i, t in enumerate((30, 17, 24))]
-    adapted = adapt(model, mels)
+    adapted = adapt(model, mels, prior_clips=0)                          # the group's statistics alone
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])                         # the model itself is untouched
     cat = np.concatenate(mels, 1).astype(np.float64)
@@ -526,17 +532,34 @@ def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_a
     torch.testing.assert_close(bn.running_var, valid.var(1), atol=1e-5, rtol=1e-4)
     assert bn.momentum == model.audio.blocks[0].bns[0].momentum
     assert not torch.allclose(adapted(batch)["logits"], model(batch)["logits"])
+    # with a prior of 6 clips, 3 clips weigh a third: every statistic is a third of the way from the model's
+    # own to the group's, each layer's measured on what the blended layers before it pass on
+    blended = adapt(model, mels, prior_clips=6)
+    torch.testing.assert_close(blended.mel_mean, (adapted.mel_mean + 2 * model.mel_mean) / 3)
+    torch.testing.assert_close(blended.mel_std ** 2, (adapted.mel_std ** 2 + 2 * model.mel_std ** 2) / 3)
+    x = blended.audio.blocks[0].convs[0](blended._normalise_mel(batch["mel"], mask).unsqueeze(1))
+    valid = x.permute(1, 0, 2, 3)[:, mask[:, None, :].expand(-1, 16, -1)]
+    first, own = blended.audio.blocks[0].bns[0], model.audio.blocks[0].bns[0]
+    torch.testing.assert_close(first.running_mean, (valid.mean(1) + 2 * own.running_mean) / 3, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(first.running_var, (valid.var(1) + 2 * own.running_var) / 3, atol=1e-5, rtol=1e-4)
+    x = blended.audio.blocks[0](blended._normalise_mel(batch["mel"], mask).unsqueeze(1), mask, True)[0]
+    x = blended.audio.blocks[1].convs[0](x)
+    valid = x.permute(1, 0, 2, 3)[:, mask[:, None, ::2].expand(-1, x.shape[2], -1)]
+    second, own = blended.audio.blocks[1].bns[0], model.audio.blocks[1].bns[0]
+    torch.testing.assert_close(second.running_mean, (valid.mean(1) + 2 * own.running_mean) / 3, atol=1e-5, rtol=1e-4)
+    with pytest.raises(AdaptError, match="at least 0"):
+        adapt(model, mels, prior_clips=-1)
     # an ensemble adapts each member as that member alone would be
     ensemble = Ensemble([model, model])
-    pair = adapt(ensemble, mels)
+    pair = adapt(ensemble, mels, prior_clips=0)
     assert ensemble.members[0] is model                                  # the ensemble itself is untouched
     assert isinstance(pair, Ensemble) and all(m.training is False for m in pair.members)
     torch.testing.assert_close(pair.members[1].audio.blocks[0].bns[0].running_var, bn.running_var)
     # clips of one length in batches of one clip each: the mean over batches is the group's mean
     same = [m[:, :17] for m in mels]
-    whole = adapt(model, same)
+    whole = adapt(model, same, prior_clips=0)
     monkeypatch.setattr(adapting, "EVAL_FRAMES", 17)
-    one_by_one = adapt(model, same)
+    one_by_one = adapt(model, same, prior_clips=0)
     torch.testing.assert_close(one_by_one.audio.blocks[0].bns[0].running_mean,
                                whole.audio.blocks[0].bns[0].running_mean, atol=1e-5, rtol=1e-4)
     # a long clip adapts in windows, never in one pass of its whole length

@@ -37,7 +37,7 @@ from avemo.extraction import default_device
 from avemo.features import AUDIO_SETTING_KEYS, settings_differences
 from avemo.io import NoSpaceError, atomic_path, write_json_atomic
 from avemo.model import DEFAULT_MODEL, load_model
-from avemo.model.adapt import MIN_CLIPS, adapt
+from avemo.model.adapt import PRIOR_CLIPS, adapt
 from avemo.model.frontend import load_frontend
 from train.data import CacheError, TrainingData, load_training_data
 from train.finetune import CropBank, FinetuneError, require_crops
@@ -141,10 +141,10 @@ def shared_class_metrics(scores: np.ndarray, model_classes: list[str], data: Tra
 
 
 def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | None, device: torch.device,
-                 batch_size: int = 64, groups: list | None = None) -> np.ndarray:
+                 batch_size: int = 64, groups: list | None = None, prior_clips: float = PRIOR_CLIPS) -> np.ndarray:
     """[N, model classes] logits of ``net`` for the clips ``indices`` (a model trained end to end reads the
     cache's face crops, as it was trained). With ``groups`` (one key per clip of ``indices``), the clips of
-    each group are scored by the model adapted to that group (``adapted_to``)."""
+    each group are scored by the model adapted to that group (``adapted_to``, with ``prior_clips``)."""
     cfg = net.cfg
     indices = list(range(len(data))) if indices is None else list(indices)
     net.to(device)
@@ -153,7 +153,7 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
         for key in dict.fromkeys(groups):
             rows = [k for k, g in enumerate(groups) if g == key]
             members = [indices[k] for k in rows]
-            out[rows] = model_logits(adapted_to(net, data, members), data, members, device, batch_size)
+            out[rows] = model_logits(adapted_to(net, data, members, prior_clips), data, members, device, batch_size)
         return out
     crops = None
     if cfg.uses_video and cfg.frame_encoder is not None:
@@ -164,10 +164,11 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
     return predict_outputs(net, store, batch_size, amp=True)["logits"]
 
 
-def adapted_to(net: torch.nn.Module, data: TrainingData, indices: list[int]) -> torch.nn.Module:
+def adapted_to(net: torch.nn.Module, data: TrainingData, indices: list[int],
+               prior_clips: float = PRIOR_CLIPS) -> torch.nn.Module:
     """``net`` adapted (``avemo.model.adapt``) to the audio of the clips ``indices``; as it is when none has any."""
     mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
-    return adapt(net, mels) if mels else net
+    return adapt(net, mels, prior_clips) if mels else net
 
 
 def heard_speakers(scorer: Scorer, speakers: set[str]) -> str | None:
@@ -202,10 +203,12 @@ def per_speaker_uar(data: TrainingData, indices: list[int], truth: np.ndarray, p
 
 def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | None = None,
                    speakers: list[str] | None = None, labels: str | Path | None = None,
-                   device: str | None = None, out: str | Path | None = None, adapt_to: str | None = None) -> dict:
+                   device: str | None = None, out: str | Path | None = None, adapt_to: str | None = None,
+                   adapt_prior: float = PRIOR_CLIPS) -> dict:
     """Score a model (or front-end) on a labelled cache; returns the report (also written to ``out``).
     ``adapt_to``: "speaker" scores each speaker's clips with the model adapted to them (``adapted_to``),
-    "all" with the model adapted to all the scored clips at once."""
+    "all" with the model adapted to all the scored clips at once; ``adapt_prior``: how many clips the model's
+    own statistics weigh against a group's (``avemo.model.adapt``)."""
     scorer = load_scorer(model, frontend)
     cfg = scorer.network.cfg
     data = load_training_data(cache, labels, with_maps=bool(cfg.uses_video and cfg.uses_maps))
@@ -222,7 +225,7 @@ def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | 
                               f"{', '.join(scorer.classes)}")
     dev = torch.device(device or default_device())
     groups = adapt_groups(adapt_to, data, indices)
-    logits = model_logits(scorer.network.to(dev), data, indices, dev, groups=groups)
+    logits = model_logits(scorer.network.to(dev), data, indices, dev, groups=groups, prior_clips=adapt_prior)
     metrics, probs, _ = shared_class_metrics(logits, scorer.classes, data, indices)
     shared = [c for c in data.classes if c in scorer.classes]
     truth = np.array([shared.index(data.classes[data.labels[i]]) for i in indices])
@@ -232,11 +235,7 @@ def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | 
     adapted = None
     if groups is not None:
         sizes = {str(g): groups.count(g) for g in dict.fromkeys(groups)}
-        adapted = {"to": adapt_to, "clips": sizes}
-        small = [g for g, n in sizes.items() if n < MIN_CLIPS]
-        if small:
-            warnings.append(f"adapted to fewer than {MIN_CLIPS} clips ({', '.join(small)}): statistics of so "
-                            "few clips follow their emotions as much as the speaker, and can cost accuracy")
+        adapted = {"to": adapt_to, "clips": sizes, "prior_clips": adapt_prior}
     report = {
         "model": scorer.name, "cache": str(cache), "classes": shared,
         "speakers": sorted(scored_speakers), "left_out": left_out,
@@ -287,7 +286,8 @@ def format_report(r: dict) -> str:
     lines += [f"  left out: {n} clips with {why}" for why, n in r["left_out"].items()]
     if r.get("adapted"):
         lines.append(f"adapted to each {'speaker' if r['adapted']['to'] == 'speaker' else 'the whole set'}: "
-                     + ", ".join(f"{g} ({n} clips)" for g, n in r["adapted"]["clips"].items()))
+                     + ", ".join(f"{g} ({n} clips)" for g, n in r["adapted"]["clips"].items())
+                     + f"; the model's own statistics weighing as {r['adapted'].get('prior_clips', 0):g} clips")
     lines.append(f"UAR {r['uar']:.3f}  WAR {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}")
     width = max(len(c) for c in r["classes"])
     lines.append("recall per class: " + ", ".join(f"{c} {v:.2f} ({r['support'][c]})"
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt", choices=("speaker", "all"),
                    help="adapt the model's audio normalisation (mel and BatchNorm statistics, no labels used) to "
                         "each speaker's clips before scoring them (speaker), or to all scored clips at once (all)")
+    p.add_argument("--adapt-prior", type=float, default=PRIOR_CLIPS, metavar="CLIPS",
+                   help="with --adapt, the model's own statistics weigh as much as this many of a group's clips "
+                        f"(default {PRIOR_CLIPS:g}; 0: the group's statistics alone, plain AdaBN)"),
     p.add_argument("--out", help="folder for report.json, predictions.csv and confusion.csv/.png")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -335,7 +338,7 @@ def cli(argv: list[str] | None = None) -> int:
     speakers = [s.strip() for s in args.speakers.split(",") if s.strip()] if args.speakers else None
     try:
         report = evaluate_cache(args.cache, args.model, args.frontend, speakers, args.labels, args.device, args.out,
-                                args.adapt)
+                                args.adapt, args.adapt_prior)
     except (EvaluationError, CacheError, CheckpointError, FinetuneError, ValueError) as e:
         print(f"avemo-evaluate: error: {e}", file=sys.stderr)
         return 2
