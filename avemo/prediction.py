@@ -28,7 +28,7 @@ from avemo.io import display_name
 from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
-from avemo.model.adapt import PRIOR_CLIPS, adapt, check_adaptable
+from avemo.model.adapt import PRIOR_CLIPS, adapt, adaptation_scope, check_adaptable
 from avemo.model.frames import clip_face_pixels
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
@@ -94,6 +94,7 @@ class EmotionRecognizer:
         self.classes: list[str] = list(ckpt["classes"])
         self.metrics: dict[str, Any] = ckpt.get("metrics", {})
         self.about: dict[str, Any] = ckpt.get("about", {})     # shipped models: data, commands, licence
+        self._record = {k: ckpt.get(k) for k in ("audio_init", "train_config", "about")}   # for adaptation_scope
         try:
             settings = ExtractionSettings.from_dict(ckpt["extraction_settings"])
         except (KeyError, TypeError, ValueError) as e:
@@ -147,8 +148,10 @@ class EmotionRecognizer:
         (``avemo.model.adapt``: no labels; the model's own statistics weigh as ``prior_clips`` clips; every
         later prediction uses the adapted model). Returns how
         many clips it adapted to and, for each file that gave no audio, why. Raises ``AdaptError`` when
-        none did, or when the model reads no audio."""
+        none did, when the model reads no audio, or when its statistics are not those of the clips it
+        learned from (``adaptation_scope``: a frozen front-end's, several corpora's)."""
         check_adaptable(self.network)
+        scope = adaptation_scope(self._record)
         audio = ClipExtractor(self.settings, str(self.device), with_video=False)
         mels, problems = [], []
         for path in paths:
@@ -161,7 +164,7 @@ class EmotionRecognizer:
                 mels.append(feats.arrays["mel"])
             else:
                 problems.append(f"{display_name(path)}: {'; '.join(feats.warnings) or 'no usable audio'}")
-        self.network = adapt(self.network, mels, prior_clips)
+        self.network = adapt(self.network, mels, prior_clips, scope)
         return len(mels), problems
 
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,

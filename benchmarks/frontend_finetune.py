@@ -18,7 +18,9 @@ avemo-train's defaults (audio only) but for:
   clips is at least halfway from chance to 1, else a tenth);
 - ``lpft12``-style names: frozen for the first 12 epochs, then at a tenth (``--audio-frozen-epochs``).
 
-Prints UAR and WAR per config: the mean and standard deviation over seeds, and the seconds per run.
+Prints UAR and WAR per config: the mean and standard deviation over seeds, the UAR of the same models
+adapted to each test speaker's clips (``avemo-evaluate --adapt speaker``; "-" where adaptation refuses
+the model, as it does a stream kept frozen), and the seconds per run.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speech_bench import _worker_init, task_fit  # noqa: E402
 from avemo.model import load_model  # noqa: E402
+from avemo.model.adapt import AdaptError  # noqa: E402
 from avemo.model.frontend import export_frontend, load_frontend  # noqa: E402
 from train.cli import SplitOptions  # noqa: E402
 from train.evaluate import evaluate_cache  # noqa: E402
@@ -74,8 +77,14 @@ def config(name: str, frontend: Path) -> dict:
     return fields
 
 
-def zero_shot(cache: Path, frontend: Path, test: list[str]) -> dict:
-    return evaluate_cache(cache, frontend=str(frontend), speakers=test, device="cpu")
+def zero_shot(cache: Path, frontend: Path, test: list[str]) -> tuple[dict, dict | None]:
+    """The front-end on the test speakers as it is, and adapted to each of them (``--adapt speaker``; None where
+    adaptation refuses the front-end, as it does one trained on several corpora)."""
+    plain = evaluate_cache(cache, frontend=str(frontend), speakers=test, device="cpu")
+    try:
+        return plain, evaluate_cache(cache, frontend=str(frontend), speakers=test, device="cpu", adapt_to="speaker")
+    except AdaptError:
+        return plain, None
 
 
 def main() -> None:
@@ -101,19 +110,23 @@ def main() -> None:
                                    SplitOptions(val_speakers=args.val_speakers, test_speakers=args.test_speakers)))
                    for seed in range(args.first_seed, args.seeds) for n in names if n != "zero-shot"]
         if "zero-shot" in names:
-            r = zero_shot(args.cache, frontend, test)
-            rows["zero-shot"].append({"uar": r["uar"], "war": r["accuracy"], "s": 0.0})
+            r, a = zero_shot(args.cache, frontend, test)
+            rows["zero-shot"].append({"uar": r["uar"], "war": r["accuracy"], "adapted": a and a["uar"], "s": 0.0})
         for n, f in futures:
             r = f.result()
-            rows[n].append({"uar": r["report"]["uar"], "war": r["report"]["accuracy"], "s": r["seconds"]})
+            rows[n].append({"uar": r["report"]["uar"], "war": r["report"]["accuracy"],
+                            "adapted": r["adapted"] and r["adapted"]["uar"], "s": r["seconds"]})
             print(json.dumps({"config": n, **rows[n][-1]}), flush=True)
     print(f"\nfine-tuned on {args.cache}'s other speakers, tested on {', '.join(test)}; front-end {args.frontend}")
-    print(f"{'config':<16}{'runs':>5}{'UAR':>16}{'WAR':>16}{'s per run':>11}")
+    print(f"{'config':<16}{'runs':>5}{'UAR':>16}{'WAR':>16}{'adapted UAR':>16}{'s per run':>11}")
     for n, rs in rows.items():
         def ms(key):
             v = [r[key] for r in rs]
+            if None in v:           # not adapted: a frozen stream, a front-end of several corpora
+                return "-"
             return f"{statistics.mean(v):.3f} +- {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
-        print(f"{n:<16}{len(rs):>5}{ms('uar'):>16}{ms('war'):>16}{statistics.mean(r['s'] for r in rs):>11.0f}")
+        print(f"{n:<16}{len(rs):>5}{ms('uar'):>16}{ms('war'):>16}{ms('adapted'):>16}"
+              f"{statistics.mean(r['s'] for r in rs):>11.0f}")
 
 
 if __name__ == "__main__":

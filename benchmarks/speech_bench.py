@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avemo.cpu import reuse_freed_memory  # noqa: E402
 from avemo.model import load_model  # noqa: E402
+from avemo.model.adapt import AdaptError  # noqa: E402
 from avemo.model.frontend import load_frontend  # noqa: E402
 from emodb_reference import log_mel_stats, logistic_regression  # noqa: E402
 from train.cli import SplitOptions, build_parser, options_from_args, run_training  # noqa: E402
@@ -88,7 +89,10 @@ def task_fit(cache: str, out: str, model: dict, cfg, split: SplitOptions) -> dic
     run = Path(out) / f"fold{split.fold}" if split.fold else Path(out)
     test = json.loads((run / "split.json").read_text())["speakers"].get("test")
     # the same model adapted to each test speaker's clips (avemo-evaluate --adapt speaker)
-    adapted = evaluate_cache(cache, str(run / "best.pt"), speakers=test, adapt_to="speaker") if test else None
+    try:
+        adapted = evaluate_cache(cache, str(run / "best.pt"), speakers=test, adapt_to="speaker") if test else None
+    except AdaptError:      # a stream kept frozen from its front-end is not adapted (adaptation_scope)
+        adapted = None
     return {"report": report, "adapted": adapted, "seconds": seconds, "out": out}
 
 
@@ -247,9 +251,10 @@ def main() -> None:
             table[label] = summarise([fold_mean([r["report"] for r in rs]) for rs in by_seed.values()],
                                      [r["seconds"] for rs in by_seed.values() for r in rs])
             table[label]["folds_per_seed"] = [len(rs) for rs in by_seed.values()]
-            adapted = summarise([fold_mean([r["adapted"] for r in rs]) for rs in by_seed.values()], [])
-            table[label]["adapted"] = {k: adapted[k] for k in ("uar_mean", "uar_std", "war_mean", "war_std",
-                                                               "uar_per_seed")}
+            if all(r["adapted"] for rs in by_seed.values() for r in rs):
+                adapted = summarise([fold_mean([r["adapted"] for r in rs]) for rs in by_seed.values()], [])
+                table[label]["adapted"] = {k: adapted[k] for k in ("uar_mean", "uar_std", "war_mean", "war_std",
+                                                                   "uar_per_seed")}
     if "cross" in parts:
         fwd, back = [], []
         for _, _, res in runs.get("pretrain", []):

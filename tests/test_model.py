@@ -549,6 +549,11 @@ def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_a
     torch.testing.assert_close(second.running_mean, (valid.mean(1) + 2 * own.running_mean) / 3, atol=1e-5, rtol=1e-4)
     with pytest.raises(AdaptError, match="at least 0"):
         adapt(model, mels, prior_clips=-1)
+    # a stream fine-tuned from a front-end keeps the front-end's mel normalisation; its BatchNorm still adapts
+    kept = adapt(model, mels, prior_clips=0, scope="batchnorm")
+    torch.testing.assert_close(kept.mel_mean, model.mel_mean)
+    torch.testing.assert_close(kept.mel_std, model.mel_std)
+    assert not torch.allclose(kept.audio.blocks[0].bns[0].running_mean, model.audio.blocks[0].bns[0].running_mean)
     # an ensemble adapts each member as that member alone would be
     ensemble = Ensemble([model, model])
     pair = adapt(ensemble, mels, prior_clips=0)
@@ -574,3 +579,23 @@ def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_a
     face_only = build_model(ModelConfig(n_classes=3, video_dim=6, modalities="video"))
     with pytest.raises(AdaptError, match="reads no audio"):
         adapt(face_only, mels)
+
+
+def test_adaptation_scope_reads_whose_statistics_a_model_holds():
+    from avemo.model.adapt import AdaptError, adaptation_scope
+    front = {"name": "frontend", "data": [{"name": "ravdess", "clips": 960, "speakers": 16}]}
+    assert adaptation_scope({"audio_init": None, "train_config": {"audio_lr": None}}) == "all"      # from scratch
+    assert adaptation_scope({"data": [{"name": "ravdess"}]}) == "all"                 # a front-end of one corpus
+    assert adaptation_scope({"audio_init": front, "train_config": {"audio_lr": None}}) == "batchnorm"
+    assert adaptation_scope({"audio_init": front, "train_config": {"audio_lr": 3e-4}}) == "batchnorm"
+    with pytest.raises(AdaptError, match=r"front-end 'frontend', which learned from several corpora at once \(emodb, "):
+        adaptation_scope({"audio_init": {**front, "data": [{"name": "ravdess"}, {"name": "emodb"}]},
+                          "train_config": {"audio_lr": None}})
+    for frozen in ({"audio_init": front, "train_config": {"audio_lr": 0.0}},
+                   {"audio_init": {**front, "familiarity": {"frozen": True}}, "train_config": {"audio_lr": None}}):
+        with pytest.raises(AdaptError, match="stayed frozen from the front-end 'frontend'.*ravdess"):
+            adaptation_scope(frozen)
+    two = [{"name": "ravdess"}, {"name": "emodb"}]
+    for record in ({"about": {"data": {"voice": two, "face": {"name": "fer2013"}}}}, {"data": two}):
+        with pytest.raises(AdaptError, match=r"several corpora at once \(emodb, ravdess\)"):
+            adaptation_scope(record)

@@ -343,6 +343,9 @@ def test_adapt_fits_the_voice_side_to_the_files_given_and_leaves_out_those_witho
     # two clips weigh little against the model's own statistics, and a model that reads no audio has nothing to adapt
     assert main([*map(str, clips[:2]), *args, "--adapt"]) == 0
     assert "2 clips (their statistics weigh 2/12" in capsys.readouterr().err
+    # the shipped default model's voice side learned from three corpora at once: adapting it is refused
+    assert main([str(clips[0]), "--device", "cpu", "--adapt"]) == 2
+    assert "several corpora at once (cremad, emodb, ravdess)" in capsys.readouterr().err
     face_only = _checkpoint(work["root"] / "video.pt", work["settings"], "video")
     assert main([str(FLV), "--model", str(face_only), "--face-encoder", work["enc"], "--adapt"]) == 2
     assert "reads no audio" in capsys.readouterr().err

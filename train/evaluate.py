@@ -37,7 +37,7 @@ from avemo.extraction import default_device
 from avemo.features import AUDIO_SETTING_KEYS, settings_differences
 from avemo.io import NoSpaceError, atomic_path, write_json_atomic
 from avemo.model import DEFAULT_MODEL, load_model
-from avemo.model.adapt import PRIOR_CLIPS, adapt
+from avemo.model.adapt import PRIOR_CLIPS, adapt, adaptation_scope
 from avemo.model.frontend import load_frontend
 from train.data import CacheError, TrainingData, load_training_data
 from train.finetune import CropBank, FinetuneError, require_crops
@@ -63,6 +63,7 @@ class Scorer:
     heard: dict[str, list[str]]          # where it learned -> speaker ids (a run: "train", "val")
     same_ids: bool                       # the ids are the cache's own (a run) or only maybe (other corpora)
     trained_on_all: bool = False         # a run with --no-split: every clip of its cache was training data
+    record: dict = dataclasses.field(default_factory=dict)   # how its audio side was trained (adaptation_scope)
 
 
 def load_scorer(model: str | None = None, frontend: str | None = None) -> Scorer:
@@ -71,7 +72,7 @@ def load_scorer(model: str | None = None, frontend: str | None = None) -> Scorer
         front = load_frontend(frontend)
         heard = {d.get("name", "?"): [str(s) for s in d.get("speaker_ids", [])] for d in front.info.get("data", [])}
         return Scorer(f"front-end {front.name}", front.model(), front.classes, front.audio_settings,
-                      AUDIO_SETTING_KEYS, heard, same_ids=False)
+                      AUDIO_SETTING_KEYS, heard, same_ids=False, record={"data": front.info.get("data")})
     network, ckpt = load_model(model or DEFAULT_MODEL, map_location="cpu")
     split = ckpt.get("split") or {}
     if split:
@@ -86,7 +87,8 @@ def load_scorer(model: str | None = None, frontend: str | None = None) -> Scorer
     cfg = network.cfg
     return Scorer(str(model or DEFAULT_MODEL), network, list(ckpt["classes"]), ckpt["extraction_settings"],
                   None if cfg.uses_video else AUDIO_SETTING_KEYS, heard, same_ids,
-                  trained_on_all=split.get("method") == "none")
+                  trained_on_all=split.get("method") == "none",
+                  record={k: ckpt.get(k) for k in ("audio_init", "train_config", "about")})
 
 
 def check_settings(scorer: Scorer, cache_settings: dict[str, Any], cache: str) -> None:
@@ -141,10 +143,12 @@ def shared_class_metrics(scores: np.ndarray, model_classes: list[str], data: Tra
 
 
 def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | None, device: torch.device,
-                 batch_size: int = 64, groups: list | None = None, prior_clips: float = PRIOR_CLIPS) -> np.ndarray:
+                 batch_size: int = 64, groups: list | None = None, prior_clips: float = PRIOR_CLIPS,
+                 scope: str = "all") -> np.ndarray:
     """[N, model classes] logits of ``net`` for the clips ``indices`` (a model trained end to end reads the
     cache's face crops, as it was trained). With ``groups`` (one key per clip of ``indices``), the clips of
-    each group are scored by the model adapted to that group (``adapted_to``, with ``prior_clips``)."""
+    each group are scored by the model adapted to that group (``adapted_to``, with ``prior_clips`` and
+    ``scope``)."""
     cfg = net.cfg
     indices = list(range(len(data))) if indices is None else list(indices)
     net.to(device)
@@ -153,7 +157,8 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
         for key in dict.fromkeys(groups):
             rows = [k for k, g in enumerate(groups) if g == key]
             members = [indices[k] for k in rows]
-            out[rows] = model_logits(adapted_to(net, data, members, prior_clips), data, members, device, batch_size)
+            out[rows] = model_logits(adapted_to(net, data, members, prior_clips, scope), data, members, device,
+                                     batch_size)
         return out
     crops = None
     if cfg.uses_video and cfg.frame_encoder is not None:
@@ -165,10 +170,10 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
 
 
 def adapted_to(net: torch.nn.Module, data: TrainingData, indices: list[int],
-               prior_clips: float = PRIOR_CLIPS) -> torch.nn.Module:
+               prior_clips: float = PRIOR_CLIPS, scope: str = "all") -> torch.nn.Module:
     """``net`` adapted (``avemo.model.adapt``) to the audio of the clips ``indices``; as it is when none has any."""
     mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
-    return adapt(net, mels, prior_clips) if mels else net
+    return adapt(net, mels, prior_clips, scope) if mels else net
 
 
 def heard_speakers(scorer: Scorer, speakers: set[str]) -> str | None:
@@ -225,7 +230,9 @@ def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | 
                               f"{', '.join(scorer.classes)}")
     dev = torch.device(device or default_device())
     groups = adapt_groups(adapt_to, data, indices)
-    logits = model_logits(scorer.network.to(dev), data, indices, dev, groups=groups, prior_clips=adapt_prior)
+    scope = adaptation_scope(scorer.record) if groups is not None else "all"
+    logits = model_logits(scorer.network.to(dev), data, indices, dev, groups=groups, prior_clips=adapt_prior,
+                          scope=scope)
     metrics, probs, _ = shared_class_metrics(logits, scorer.classes, data, indices)
     shared = [c for c in data.classes if c in scorer.classes]
     truth = np.array([shared.index(data.classes[data.labels[i]]) for i in indices])
@@ -235,7 +242,7 @@ def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | 
     adapted = None
     if groups is not None:
         sizes = {str(g): groups.count(g) for g in dict.fromkeys(groups)}
-        adapted = {"to": adapt_to, "clips": sizes, "prior_clips": adapt_prior}
+        adapted = {"to": adapt_to, "clips": sizes, "prior_clips": adapt_prior, "scope": scope}
     report = {
         "model": scorer.name, "cache": str(cache), "classes": shared,
         "speakers": sorted(scored_speakers), "left_out": left_out,
@@ -287,7 +294,9 @@ def format_report(r: dict) -> str:
     if r.get("adapted"):
         lines.append(f"adapted to each {'speaker' if r['adapted']['to'] == 'speaker' else 'the whole set'}: "
                      + ", ".join(f"{g} ({n} clips)" for g, n in r["adapted"]["clips"].items())
-                     + f"; the model's own statistics weighing as {r['adapted'].get('prior_clips', 0):g} clips")
+                     + f"; the model's own statistics weighing as {r['adapted'].get('prior_clips', 0):g} clips"
+                     + ("; BatchNorm statistics only (the mel normalisation is its front-end's)"
+                        if r["adapted"].get("scope") == "batchnorm" else ""))
     lines.append(f"UAR {r['uar']:.3f}  WAR {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}")
     width = max(len(c) for c in r["classes"])
     lines.append("recall per class: " + ", ".join(f"{c} {v:.2f} ({r['support'][c]})"

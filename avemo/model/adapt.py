@@ -18,6 +18,16 @@ robustness against common corruptions by covariate shift adaptation", NeurIPS 20
 clips plain AdaBN cost 0.07-0.11 UAR on EmoDB's unseen speakers; blended, it gains (README,
 speaker adaptation).
 
+Adapting maps a speaker onto the population whose statistics the model holds, which helps only
+where that population is the clips the model learned from, of one corpus. ``adaptation_scope``
+reads that from the model's record: a stream trained from scratch adapts its mel and BatchNorm
+statistics; a stream fine-tuned from a front-end of one corpus keeps the front-end's mel
+normalisation (its weights were trained under it) and adapts its BatchNorm statistics
+(re-estimated on the clips it was fine-tuned on); a voice side that learned from several corpora
+at once (itself, or through its front-end) is refused, since it tells the corpora apart by the very
+statistics adaptation removes (README, speaker adaptation), and so is a stream kept frozen from a
+front-end, whose statistics are the front-end's corpus, not the clips its head learned from.
+
 Only the audio side is adapted; the face side keeps its training statistics (not measured).
 """
 from __future__ import annotations
@@ -65,6 +75,41 @@ def check_adaptable(model: nn.Module) -> None:
                          "there is no group statistic to adapt")
 
 
+def _corpora(data: object) -> list[str]:
+    return sorted({str(d.get("name", "?")) for d in data if isinstance(d, dict)}) if isinstance(data, list) else []
+
+
+def adaptation_scope(record: dict) -> str:
+    """Which audio statistics of a model may adapt, from its checkpoint (or a front-end's info): "all" (mel and
+    BatchNorm: a stream trained from scratch on one corpus) or "batchnorm" (a stream fine-tuned from a front-end
+    of one corpus). Raises ``AdaptError``, with the reason, for a voice side that learned from several corpora
+    at once (itself, or the front-end its stream started from) and for a stream kept frozen from a front-end."""
+    init = record.get("audio_init")
+    about = record.get("about") or {}
+    if init:
+        data, whose = init.get("data"), f"its audio stream started from the front-end '{init.get('name', '?')}', which"
+    elif isinstance(about.get("data"), dict):
+        data, whose = about["data"].get("voice"), "its voice side"
+    else:
+        data, whose = record.get("data"), "it"
+    corpora = _corpora(data)
+    if len(corpora) > 1:
+        raise AdaptError(
+            f"{whose} learned from several corpora at once ({', '.join(corpora)}), and relies on what tells them "
+            "apart: adapting its statistics to one speaker takes that away (measured on held-out EmoDB speakers: "
+            "such a model 0.64 -> 0.33 UAR, one fine-tuned from it 0.67 -> 0.62). Adaptation needs a model "
+            "trained on one corpus: avemo-train CACHE --out RUN --audio-init none on your own clips")
+    if init:
+        if (record.get("train_config") or {}).get("audio_lr") == 0 or (init.get("familiarity") or {}).get("frozen"):
+            raise AdaptError(
+                f"this model's audio stream stayed frozen from the front-end '{init.get('name', '?')}', so its "
+                f"statistics are those of the front-end's corpus ({', '.join(corpora) or '?'}), not of the clips "
+                "its head learned from. Adapt a model whose stream was fine-tuned (avemo-train --audio-lr 3e-4) "
+                "or trained from scratch (--audio-init none)")
+        return "batchnorm"
+    return "all"
+
+
 def _moments(x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and unbiased variance of ``x`` [B, C, F, T] over its valid cells (``keep`` [B, 1, 1, T],
     1 valid and 0 padded, or None), as MaskedBatchNorm2d's training statistics; float64, so a channel whose
@@ -81,9 +126,11 @@ def _moments(x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, 
     return mean, var
 
 
-def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRIOR_CLIPS) -> nn.Module:
+def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRIOR_CLIPS,
+          scope: str = "all") -> nn.Module:
     """A copy of ``model`` normalised for the group whose log-mel spectrograms are ``mels`` ([n_mels, T],
-    as extraction writes them), in evaluation mode.
+    as extraction writes them), in evaluation mode. ``scope`` (``adaptation_scope``): "all" adapts the mel
+    and BatchNorm statistics, "batchnorm" keeps the model's mel normalisation.
 
     Every clip is cut into windows of ADAPT_FRAMES (a long recording counts as one clip per window), batched
     by length within EVAL_FRAMES clip-frames. Each statistic becomes ``w * group + (1 - w) * model's`` with
@@ -92,11 +139,13 @@ def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRI
     and normalises that batch with them blended, so every later layer measures what it will see once
     adapted; each layer ends with the blend of the mean over the batches of its moments.
     """
+    if scope not in ("all", "batchnorm"):
+        raise AdaptError(f"scope is all or batchnorm, not {scope!r}")
     if prior_clips < 0:
         raise AdaptError(f"the prior weighs as a number of clips, at least 0, not {prior_clips}")
     check_adaptable(model)
     if hasattr(model, "members"):               # an Ensemble: each member has statistics of its own
-        return type(model)([adapt(m, mels, prior_clips) for m in model.members]).eval()
+        return type(model)([adapt(m, mels, prior_clips, scope) for m in model.members]).eval()
     cfg = model.cfg
     mels = [np.asarray(m, np.float32) for m in mels if m is not None and np.ndim(m) == 2 and np.shape(m)[1]]
     if not mels:
@@ -106,10 +155,11 @@ def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRI
     windows = [m[:, s:s + ADAPT_FRAMES] for m in mels for s in range(0, m.shape[1], ADAPT_FRAMES)]
     w = len(windows) / (len(windows) + prior_clips)
     adapted = copy.deepcopy(model).eval()
-    group = mel_statistics(mels)
-    own = {k: getattr(model, k).detach().cpu().double().numpy() for k in group}
-    adapted.set_normalisation({"mel_mean": w * group["mel_mean"] + (1 - w) * own["mel_mean"],
-                               "mel_std": np.sqrt(w * group["mel_std"] ** 2 + (1 - w) * own["mel_std"] ** 2)})
+    if scope == "all":
+        group = mel_statistics(mels)
+        own = {k: getattr(model, k).detach().cpu().double().numpy() for k in group}
+        adapted.set_normalisation({"mel_mean": w * group["mel_mean"] + (1 - w) * own["mel_mean"],
+                                   "mel_std": np.sqrt(w * group["mel_std"] ** 2 + (1 - w) * own["mel_std"] ** 2)})
     device = adapted.mel_mean.device
     norms = [m for m in adapted.audio.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     prior = [(m.running_mean.detach().clone().double(), m.running_var.detach().clone().double()) for m in norms]
