@@ -4,9 +4,10 @@
 
 Each RUN is a finished avemo-train run (RUN/best.pt, RUN/split.json) whose test speakers are in
 CACHE, e.g. the folds of ``benchmarks/speech_bench.py`` (``OUT/emodb-scratch/seed0/fold*``). For each
-run and each test speaker, the model is adapted (``avemo-evaluate --adapt``'s ``adapted_to``) to k
-clips of that speaker drawn at random (``--draws`` times), and scored on all of the speaker's clips;
-"all" adapts to every clip, as ``--adapt speaker`` does. UAR per speaker, averaged over the draws,
+run and each test speaker, the model is adapted on its own (``train.evaluate.adapted_to``, the
+speaker's statistics replacing the model's, as ``avemo-predict --adapt`` adapts; not relative to the
+cache as ``avemo-evaluate --adapt speaker``) to k clips of that speaker drawn at random (``--draws``
+times), and scored on all of the speaker's clips; "all" adapts to every clip. UAR per speaker, averaged over the draws,
 then over speakers and runs; "none" is the model as trained. One row per ``--priors`` value: how many
 clips the model's own statistics weigh against the speaker's (``avemo.model.adapt``; 0 is plain AdaBN,
 the speaker's statistics alone; the default, PRIOR_CLIPS, is what the commands do).

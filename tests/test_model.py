@@ -549,6 +549,17 @@ def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_a
     torch.testing.assert_close(second.running_mean, (valid.mean(1) + 2 * own.running_mean) / 3, atol=1e-5, rtol=1e-4)
     with pytest.raises(AdaptError, match="at least 0"):
         adapt(model, mels, prior_clips=-1)
+    # relative to a population, a group that is that population is where the model already puts it: nothing
+    # moves; a group unlike it moves
+    from avemo.model.adapt import population_statistics
+    pop = population_statistics(model, mels)
+    same = adapt(model, mels, prior_clips=0, population=pop)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[k].double(), v.double(), atol=1e-4, rtol=1e-4)
+    moved = adapt(model, mels[:1], prior_clips=0, population=pop)
+    assert not torch.allclose(moved.mel_mean, model.mel_mean)
+    with pytest.raises(AdaptError, match="scope all"):
+        adapt(model, mels, scope="batchnorm", population=pop)
     # a stream fine-tuned from a front-end keeps the front-end's mel normalisation; its BatchNorm still adapts
     kept = adapt(model, mels, prior_clips=0, scope="batchnorm")
     torch.testing.assert_close(kept.mel_mean, model.mel_mean)

@@ -37,7 +37,7 @@ from avemo.extraction import default_device
 from avemo.features import AUDIO_SETTING_KEYS, settings_differences
 from avemo.io import NoSpaceError, atomic_path, write_json_atomic
 from avemo.model import DEFAULT_MODEL, load_model
-from avemo.model.adapt import PRIOR_CLIPS, adapt, adaptation_scope
+from avemo.model.adapt import PRIOR_CLIPS, adapt, adaptation_scope, population_statistics
 from avemo.model.frontend import load_frontend
 from train.data import CacheError, TrainingData, load_training_data
 from train.finetune import CropBank, FinetuneError, require_crops
@@ -144,11 +144,11 @@ def shared_class_metrics(scores: np.ndarray, model_classes: list[str], data: Tra
 
 def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | None, device: torch.device,
                  batch_size: int = 64, groups: list | None = None, prior_clips: float = PRIOR_CLIPS,
-                 scope: str = "all") -> np.ndarray:
+                 scope: str = "all", population: list[dict] | None = None) -> np.ndarray:
     """[N, model classes] logits of ``net`` for the clips ``indices`` (a model trained end to end reads the
     cache's face crops, as it was trained). With ``groups`` (one key per clip of ``indices``), the clips of
-    each group are scored by the model adapted to that group (``adapted_to``, with ``prior_clips`` and
-    ``scope``)."""
+    each group are scored by the model adapted to that group (``adapted_to``, with ``prior_clips``, ``scope``
+    and ``population``)."""
     cfg = net.cfg
     indices = list(range(len(data))) if indices is None else list(indices)
     net.to(device)
@@ -157,8 +157,8 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
         for key in dict.fromkeys(groups):
             rows = [k for k, g in enumerate(groups) if g == key]
             members = [indices[k] for k in rows]
-            out[rows] = model_logits(adapted_to(net, data, members, prior_clips, scope), data, members, device,
-                                     batch_size)
+            out[rows] = model_logits(adapted_to(net, data, members, prior_clips, scope, population), data, members,
+                                     device, batch_size)
         return out
     crops = None
     if cfg.uses_video and cfg.frame_encoder is not None:
@@ -170,10 +170,17 @@ def model_logits(net: torch.nn.Module, data: TrainingData, indices: list[int] | 
 
 
 def adapted_to(net: torch.nn.Module, data: TrainingData, indices: list[int],
-               prior_clips: float = PRIOR_CLIPS, scope: str = "all") -> torch.nn.Module:
+               prior_clips: float = PRIOR_CLIPS, scope: str = "all",
+               population: list[dict] | None = None) -> torch.nn.Module:
     """``net`` adapted (``avemo.model.adapt``) to the audio of the clips ``indices``; as it is when none has any."""
     mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
-    return adapt(net, mels, prior_clips, scope) if mels else net
+    return adapt(net, mels, prior_clips, scope, population) if mels else net
+
+
+def cache_population(net: torch.nn.Module, data: TrainingData) -> list[dict]:
+    """``population_statistics`` of every clip of the cache that has audio, labelled or not: the corpus its
+    speakers are adapted relative to."""
+    return population_statistics(net, [c.arrays["mel"] for c in data.clips if c.has_audio])
 
 
 def heard_speakers(scorer: Scorer, speakers: set[str]) -> str | None:
@@ -230,9 +237,12 @@ def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | 
                               f"{', '.join(scorer.classes)}")
     dev = torch.device(device or default_device())
     groups = adapt_groups(adapt_to, data, indices)
-    scope = adaptation_scope(scorer.record) if groups is not None else "all"
+    # each speaker relative to the whole cache (any model); the whole set at once as avemo-predict --adapt
+    # adapts a folder, where the model's record allows it (adaptation_scope)
+    scope = adaptation_scope(scorer.record) if adapt_to == "all" else "all"
+    population = cache_population(scorer.network.to(dev), data) if adapt_to == "speaker" else None
     logits = model_logits(scorer.network.to(dev), data, indices, dev, groups=groups, prior_clips=adapt_prior,
-                          scope=scope)
+                          scope=scope, population=population)
     metrics, probs, _ = shared_class_metrics(logits, scorer.classes, data, indices)
     shared = [c for c in data.classes if c in scorer.classes]
     truth = np.array([shared.index(data.classes[data.labels[i]]) for i in indices])
@@ -242,7 +252,11 @@ def evaluate_cache(cache: str | Path, model: str | None = None, frontend: str | 
     adapted = None
     if groups is not None:
         sizes = {str(g): groups.count(g) for g in dict.fromkeys(groups)}
-        adapted = {"to": adapt_to, "clips": sizes, "prior_clips": adapt_prior, "scope": scope}
+        adapted = {"to": adapt_to, "clips": sizes, "prior_clips": adapt_prior, "scope": scope,
+                   "relative_to_clips": sum(c.has_audio for c in data.clips) if population is not None else None}
+        if population is not None and len({s for s in data.speakers if s}) < 2:
+            warnings.append("--adapt speaker adapts each speaker relative to the whole cache, and this cache holds "
+                            "one speaker: nothing changes; --adapt all adapts the model to the cache itself")
     report = {
         "model": scorer.name, "cache": str(cache), "classes": shared,
         "speakers": sorted(scored_speakers), "left_out": left_out,
@@ -296,7 +310,9 @@ def format_report(r: dict) -> str:
                      + ", ".join(f"{g} ({n} clips)" for g, n in r["adapted"]["clips"].items())
                      + f"; the model's own statistics weighing as {r['adapted'].get('prior_clips', 0):g} clips"
                      + ("; BatchNorm statistics only (the mel normalisation is its front-end's)"
-                        if r["adapted"].get("scope") == "batchnorm" else ""))
+                        if r["adapted"].get("scope") == "batchnorm" else "")
+                     + (f"; relative to the cache's {r['adapted']['relative_to_clips']} clips"
+                        if r["adapted"].get("relative_to_clips") else ""))
     lines.append(f"UAR {r['uar']:.3f}  WAR {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}")
     width = max(len(c) for c in r["classes"])
     lines.append("recall per class: " + ", ".join(f"{c} {v:.2f} ({r['support'][c]})"
@@ -328,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="CSV with clip,label[,speaker] columns (default: the cache's own labels)")
     p.add_argument("--adapt", choices=("speaker", "all"),
                    help="adapt the model's audio normalisation (mel and BatchNorm statistics, no labels used) to "
-                        "each speaker's clips before scoring them (speaker), or to all scored clips at once (all)")
+                        "each speaker's clips, relative to the whole cache, before scoring them (speaker; any model), "
+                        "or to all scored clips at once (all; models trained on one corpus)")
     p.add_argument("--adapt-prior", type=float, default=PRIOR_CLIPS, metavar="CLIPS",
                    help="with --adapt, the model's own statistics weigh as much as this many of a group's clips "
                         f"(default {PRIOR_CLIPS:g}; 0: the group's statistics alone, plain AdaBN)"),

@@ -126,59 +126,31 @@ def _moments(x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, 
     return mean, var
 
 
-def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRIOR_CLIPS,
-          scope: str = "all") -> nn.Module:
-    """A copy of ``model`` normalised for the group whose log-mel spectrograms are ``mels`` ([n_mels, T],
-    as extraction writes them), in evaluation mode. ``scope`` (``adaptation_scope``): "all" adapts the mel
-    and BatchNorm statistics, "batchnorm" keeps the model's mel normalisation.
-
-    Every clip is cut into windows of ADAPT_FRAMES (a long recording counts as one clip per window), batched
-    by length within EVAL_FRAMES clip-frames. Each statistic becomes ``w * group + (1 - w) * model's`` with
-    ``w = n / (n + prior_clips)`` for ``n`` windows (0: the group's alone, plain AdaBN). The group's mel
-    statistics come first; then, in one pass per batch, each BatchNorm layer measures its input's moments
-    and normalises that batch with them blended, so every later layer measures what it will see once
-    adapted; each layer ends with the blend of the mean over the batches of its moments.
-    """
-    if scope not in ("all", "batchnorm"):
-        raise AdaptError(f"scope is all or batchnorm, not {scope!r}")
-    if prior_clips < 0:
-        raise AdaptError(f"the prior weighs as a number of clips, at least 0, not {prior_clips}")
-    check_adaptable(model)
-    if hasattr(model, "members"):               # an Ensemble: each member has statistics of its own
-        return type(model)([adapt(m, mels, prior_clips, scope) for m in model.members]).eval()
-    cfg = model.cfg
+def _usable(model: nn.Module, mels: Sequence[np.ndarray]) -> list[np.ndarray]:
     mels = [np.asarray(m, np.float32) for m in mels if m is not None and np.ndim(m) == 2 and np.shape(m)[1]]
     if not mels:
         raise AdaptError("no clip with usable audio to adapt to")
-    if any(m.shape[0] != cfg.n_mels for m in mels):
-        raise AdaptError(f"the model reads {cfg.n_mels} mel bins, and a clip to adapt to has another number")
-    windows = [m[:, s:s + ADAPT_FRAMES] for m in mels for s in range(0, m.shape[1], ADAPT_FRAMES)]
-    w = len(windows) / (len(windows) + prior_clips)
-    adapted = copy.deepcopy(model).eval()
-    if scope == "all":
-        group = mel_statistics(mels)
-        own = {k: getattr(model, k).detach().cpu().double().numpy() for k in group}
-        adapted.set_normalisation({"mel_mean": w * group["mel_mean"] + (1 - w) * own["mel_mean"],
-                                   "mel_std": np.sqrt(w * group["mel_std"] ** 2 + (1 - w) * own["mel_std"] ** 2)})
-    device = adapted.mel_mean.device
-    norms = [m for m in adapted.audio.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    prior = [(m.running_mean.detach().clone().double(), m.running_var.detach().clone().double()) for m in norms]
-    totals = [[0.0, 0.0] for _ in norms]
+    if any(m.shape[0] != model.cfg.n_mels for m in mels):
+        raise AdaptError(f"the model reads {model.cfg.n_mels} mel bins, and a clip to adapt to has another number")
+    return mels
 
-    def measure(i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            mean, var = _moments(args[0], args[1] if len(args) > 1 else None)
-            totals[i][0] = totals[i][0] + mean
-            totals[i][1] = totals[i][1] + var
-            module.running_mean.copy_(w * mean + (1 - w) * prior[i][0])
-            module.running_var.copy_(w * var + (1 - w) * prior[i][1])
-        return hook
 
-    hooks = [m.register_forward_pre_hook(measure(i)) for i, m in enumerate(norms)]
+def _windows(mels: list[np.ndarray]) -> list[np.ndarray]:
+    return [m[:, s:s + ADAPT_FRAMES] for m in mels for s in range(0, m.shape[1], ADAPT_FRAMES)]
+
+
+def _stream_pass(net: nn.Module, windows: list[np.ndarray], make_hook) -> int:
+    """Pass ``windows`` through ``net``'s audio stream (a copy: its modes change) with ``make_hook(i)`` as a
+    forward pre-hook on its i-th BatchNorm layer; returns the number of batches.
+
+    Windows are batched by length within EVAL_FRAMES clip-frames. The stream in training mode never runs in
+    chunks of time (the batches are bounded instead), and its BatchNorm layers, in evaluation, normalise with
+    whatever statistics the hooks set."""
+    norms = [m for m in net.audio.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(norms)]
     batches = length_batches(np.array([x.shape[1] for x in windows]), len(windows), EVAL_FRAMES)
-    # the stream in training mode never runs in chunks of time (the batches are bounded instead), and
-    # its BatchNorm layers in evaluation normalise with the statistics the hooks set
-    adapted.audio.train()
+    device = net.mel_mean.device
+    net.audio.train()
     for m in norms:
         m.eval()
     try:
@@ -186,18 +158,115 @@ def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRI
             for idx in batches:
                 part = [windows[i] for i in idx.tolist()]
                 t = max(x.shape[1] for x in part)
-                mel = torch.zeros(len(part), cfg.n_mels, t)
+                mel = torch.zeros(len(part), net.cfg.n_mels, t)
                 mask = torch.zeros(len(part), t, dtype=torch.bool)
                 for j, x in enumerate(part):
                     mel[j, :, :x.shape[1]] = torch.from_numpy(x)
                     mask[j, :x.shape[1]] = True
                 mel, mask = mel.to(device), mask.to(device)
-                adapted.audio(adapted._normalise_mel(mel, mask), mask)
+                net.audio(net._normalise_mel(mel, mask), mask)
     finally:
         for h in hooks:
             h.remove()
+    net.eval()
+    return len(batches)
+
+
+def population_statistics(model: nn.Module, mels: Sequence[np.ndarray]) -> list[dict]:
+    """What the clips ``mels`` of a population (a corpus: every clip of a cache) look like to ``model`` as it is:
+    their mel statistics and every audio BatchNorm layer's input mean and variance. One entry per member of an
+    ensemble (one for a model); ``adapt(..., population=)`` adapts a speaker relative to it."""
+    check_adaptable(model)
+    if hasattr(model, "members"):
+        return [population_statistics(m, mels)[0] for m in model.members]
+    mels = _usable(model, mels)
+    totals: dict[int, list] = {}
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            mean, var = _moments(args[0], args[1] if len(args) > 1 else None)
+            t = totals.setdefault(i, [0.0, 0.0])
+            t[0], t[1] = t[0] + mean, t[1] + var
+        return hook
+
+    n = _stream_pass(copy.deepcopy(model).eval(), _windows(mels), make_hook)
+    return [{"mel": mel_statistics(mels), "layers": [(totals[i][0] / n, totals[i][1] / n) for i in sorted(totals)]}]
+
+
+def _relative(speaker_mean, speaker_var, pop_mean, pop_var, own_mean, own_var):
+    """Statistics that map the speaker onto where their population sits under the model's own: the speaker's
+    offset and spread against their population are removed, the population's against the model kept."""
+    var = speaker_var * own_var / pop_var
+    return speaker_mean - (pop_mean - own_mean) * (speaker_var / pop_var) ** 0.5, var
+
+
+def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRIOR_CLIPS,
+          scope: str = "all", population: list[dict] | None = None) -> nn.Module:
+    """A copy of ``model`` normalised for the group whose log-mel spectrograms are ``mels`` ([n_mels, T],
+    as extraction writes them), in evaluation mode.
+
+    Without ``population`` the group's statistics replace the model's (``scope``, from ``adaptation_scope``:
+    "all" adapts the mel and BatchNorm statistics, "batchnorm" keeps the model's mel normalisation). With it
+    (``population_statistics`` of the corpus the group belongs to), the group is adapted relative to that
+    corpus: its deviation from the corpus is removed and the corpus's own offset from the model kept, which
+    is right for any model, including one trained on several corpora (``scope`` must then be "all").
+
+    Every clip is cut into windows of ADAPT_FRAMES (a long recording counts as one clip per window), batched
+    by length within EVAL_FRAMES clip-frames. Each statistic becomes ``w * group + (1 - w) * model's`` with
+    ``w = n / (n + prior_clips)`` for ``n`` windows (0: the group's alone, plain AdaBN). The mel statistics
+    come first; then, in one pass per batch, each BatchNorm layer measures its input's moments and normalises
+    that batch with them blended, so every later layer measures what it will see once adapted; each layer
+    ends with the blend of the mean over the batches of its moments.
+    """
+    if scope not in ("all", "batchnorm"):
+        raise AdaptError(f"scope is all or batchnorm, not {scope!r}")
+    if population is not None and scope != "all":
+        raise AdaptError("adapting relative to a population adapts every statistic (scope all)")
+    if prior_clips < 0:
+        raise AdaptError(f"the prior weighs as a number of clips, at least 0, not {prior_clips}")
+    check_adaptable(model)
+    if hasattr(model, "members"):               # an Ensemble: each member has statistics of its own
+        if population is not None and len(population) != len(model.members):
+            raise AdaptError(f"population statistics of {len(population)} models for an ensemble of "
+                             f"{len(model.members)}")
+        return type(model)([adapt(m, mels, prior_clips, scope, None if population is None else [population[k]])
+                            for k, m in enumerate(model.members)]).eval()
+    pop = population[0] if population is not None else None
+    mels = _usable(model, mels)
+    windows = _windows(mels)
+    w = len(windows) / (len(windows) + prior_clips)
+    adapted = copy.deepcopy(model).eval()
+    if scope == "all":
+        group = mel_statistics(mels)
+        own = {k: getattr(model, k).detach().cpu().double().numpy() for k in group}
+        mean, var = group["mel_mean"], group["mel_std"] ** 2
+        if pop is not None:
+            mean, var = _relative(mean, var, pop["mel"]["mel_mean"], pop["mel"]["mel_std"] ** 2,
+                                  own["mel_mean"], own["mel_std"] ** 2)
+        adapted.set_normalisation({"mel_mean": w * mean + (1 - w) * own["mel_mean"],
+                                   "mel_std": np.sqrt(w * var + (1 - w) * own["mel_std"] ** 2)})
+    norms = [m for m in adapted.audio.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    prior = [(m.running_mean.detach().clone().double(), m.running_var.detach().clone().double()) for m in norms]
+    if pop is not None and len(pop["layers"]) != len(norms):
+        raise AdaptError("the population statistics were taken with another network")
+    totals = [[0.0, 0.0] for _ in norms]
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            mean, var = _moments(args[0], args[1] if len(args) > 1 else None)
+            if pop is not None:
+                pop_mean, pop_var = pop["layers"][i]
+                mean, var = _relative(mean, var, pop_mean.to(mean.device), pop_var.to(mean.device).clamp_min(1e-12),
+                                      *prior[i])
+            totals[i][0] = totals[i][0] + mean
+            totals[i][1] = totals[i][1] + var
+            module.running_mean.copy_(w * mean + (1 - w) * prior[i][0])
+            module.running_var.copy_(w * var + (1 - w) * prior[i][1])
+        return hook
+
+    n = _stream_pass(adapted, windows, make_hook)
     with torch.no_grad():
         for m, (mean, var), (p_mean, p_var) in zip(norms, totals, prior):
-            m.running_mean.copy_(w * mean / len(batches) + (1 - w) * p_mean)
-            m.running_var.copy_(w * var / len(batches) + (1 - w) * p_var)
+            m.running_mean.copy_(w * mean / n + (1 - w) * p_mean)
+            m.running_var.copy_(w * var / n + (1 - w) * p_var)
     return adapted.eval()
