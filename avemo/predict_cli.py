@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the files are one speaker (or one recording set-up): first adapt the model's voice side to "
                         "all of them (its mel and BatchNorm statistics, blended with the model's own, which weigh as "
                         f"{PRIOR_CLIPS} clips; no labels), then predict each; the more clips, the more it adapts")
+    p.add_argument("--corpus", nargs="+", metavar="PATH",
+                   help="with --adapt: clips or folders of the corpus the speaker belongs to (several speakers "
+                        "recorded alike; the speaker's own files may be among them): the speaker is adapted relative "
+                        "to it, which works with any model that reads audio, the shipped default included")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--face-encoder", metavar="PATH",
                    help="where the face encoder the model was trained with lives, if not where it was")
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.hop is not None and args.window is None:
         print("avemo-predict: --hop needs --window", file=sys.stderr)
         return 2
+    if args.corpus and not args.adapt:
+        print("avemo-predict: --corpus needs --adapt", file=sys.stderr)
+        return 2
     if args.explain and (problem := _explain_folder_problem(args.explain)):
         print(f"avemo-predict: {problem}", file=sys.stderr)
         return 2
@@ -118,14 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         print("avemo-predict: no media files found in " + ", ".join(map(display_name, args.paths)), file=sys.stderr)
         return 2
     if args.adapt:
+        corpus = media_files(args.corpus) if args.corpus else None
+        if args.corpus and not corpus:
+            print("avemo-predict: --corpus: no media files found in " + ", ".join(map(display_name, args.corpus)),
+                  file=sys.stderr)
+            return 2
         try:
-            n, problems = model.adapt_to(paths)
+            n, problems = model.adapt_to(paths, corpus=corpus)
         except AdaptError as e:
             print(f"avemo-predict: --adapt: {e}", file=sys.stderr)
             return 2
         for problem in problems:
             print(f"avemo-predict: --adapt: left out {problem}", file=sys.stderr)
-        print(f"avemo-predict: adapted the voice side to {n} clip{'s' * (n != 1)} (their statistics weigh "
+        relative = ""
+        if corpus:
+            m = len(corpus) - sum(p.startswith("corpus: ") for p in problems)
+            relative = f", relative to a corpus of {m} clip{'s' * (m != 1)}"
+        print(f"avemo-predict: adapted the voice side to {n} clip{'s' * (n != 1)}{relative} (their statistics weigh "
               f"{n}/{n + PRIOR_CLIPS} against the model's own)", file=sys.stderr)
     failed, pictures = 0, set()
     for path in paths:

@@ -28,7 +28,7 @@ from avemo.io import display_name
 from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
-from avemo.model.adapt import PRIOR_CLIPS, adapt, adaptation_scope, check_adaptable
+from avemo.model.adapt import PRIOR_CLIPS, AdaptError, adapt, adaptation_scope, check_adaptable, population_statistics
 from avemo.model.frames import clip_face_pixels
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
@@ -95,6 +95,7 @@ class EmotionRecognizer:
         self.metrics: dict[str, Any] = ckpt.get("metrics", {})
         self.about: dict[str, Any] = ckpt.get("about", {})     # shipped models: data, commands, licence
         self._record = {k: ckpt.get(k) for k in ("audio_init", "train_config", "about")}   # for adaptation_scope
+        self._trained = self.network        # what each adapt_to starts from: adaptations never compound
         try:
             settings = ExtractionSettings.from_dict(ckpt["extraction_settings"])
         except (KeyError, TypeError, ValueError) as e:
@@ -143,15 +144,35 @@ class EmotionRecognizer:
                            grayscale=spec["grayscale"], mean=spec["mean"], std=spec["std"], arch=spec["arch"],
                            arch_cfg=spec["arch_cfg"], device=self.device)
 
-    def adapt_to(self, paths: list[str | os.PathLike], prior_clips: float = PRIOR_CLIPS) -> tuple[int, list[str]]:
+    def adapt_to(self, paths: list[str | os.PathLike], prior_clips: float = PRIOR_CLIPS,
+                 corpus: list[str | os.PathLike] | None = None) -> tuple[int, list[str]]:
         """Adapt the voice side to the audio of ``paths``, clips of one speaker or one recording set-up
         (``avemo.model.adapt``: no labels; the model's own statistics weigh as ``prior_clips`` clips; every
-        later prediction uses the adapted model). Returns how
-        many clips it adapted to and, for each file that gave no audio, why. Raises ``AdaptError`` when
-        none did, when the model reads no audio, or when its statistics are not those of the clips it
-        learned from (``adaptation_scope``: a frozen front-end's, several corpora's)."""
-        check_adaptable(self.network)
-        scope = adaptation_scope(self._record)
+        later prediction uses the adapted model). Returns how many clips it adapted to and, for each file
+        that gave no audio, why (a corpus file's reason starts with "corpus: ").
+
+        Without ``corpus`` the clips' statistics replace the model's, which needs a model whose statistics are
+        those of the clips it learned from (``adaptation_scope``: not a frozen front-end's, not several
+        corpora's; ``AdaptError`` otherwise). With ``corpus``, clips of the corpus the speaker belongs to
+        (several speakers recorded alike; the speaker's own clips may be among them), the speaker is adapted
+        relative to it: their deviation from that corpus is removed and the corpus's offset from the model
+        kept, which suits any model that reads audio, the shipped default included. Raises ``AdaptError``
+        when no clip (or no corpus clip) has usable audio, or when the model reads no audio."""
+        check_adaptable(self._trained)
+        scope = "all" if corpus is not None else adaptation_scope(self._record)
+        mels, problems = self._audio(paths)
+        population = None
+        if corpus is not None:
+            corpus_mels, corpus_problems = self._audio(corpus)
+            problems += [f"corpus: {p}" for p in corpus_problems]
+            if not corpus_mels:
+                raise AdaptError("none of the corpus files has usable audio")
+            population = population_statistics(self._trained, corpus_mels)
+        self.network = adapt(self._trained, mels, prior_clips, scope, population)
+        return len(mels), problems
+
+    def _audio(self, paths: list[str | os.PathLike]) -> tuple[list[np.ndarray], list[str]]:
+        """The log-mel spectrograms of the files with usable audio, and why each other file has none."""
         audio = ClipExtractor(self.settings, str(self.device), with_video=False)
         mels, problems = [], []
         for path in paths:
@@ -164,8 +185,7 @@ class EmotionRecognizer:
                 mels.append(feats.arrays["mel"])
             else:
                 problems.append(f"{display_name(path)}: {'; '.join(feats.warnings) or 'no usable audio'}")
-        self.network = adapt(self.network, mels, prior_clips, scope)
-        return len(mels), problems
+        return mels, problems
 
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,
                 start: float | None = None, end: float | None = None) -> Prediction:

@@ -349,3 +349,29 @@ def test_adapt_fits_the_voice_side_to_the_files_given_and_leaves_out_those_witho
     face_only = _checkpoint(work["root"] / "video.pt", work["settings"], "video")
     assert main([str(FLV), "--model", str(face_only), "--face-encoder", work["enc"], "--adapt"]) == 2
     assert "reads no audio" in capsys.readouterr().err
+
+
+def test_adapt_relative_to_a_corpus_works_with_the_default_model_and_never_compounds(media, capsys):
+    speaker, corpus = sorted(SAMPLES.glob("1002_*.mp3")), sorted(SAMPLES.iterdir())
+    args = [*map(str, speaker), "--device", "cpu", "--json"]
+    assert main(args) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # refused on the speaker's clips alone (three corpora's statistics), accepted relative to their corpus
+    assert main([*args, "--adapt", "--corpus", str(SAMPLES), str(media["garbage"])]) == 0
+    captured = capsys.readouterr()
+    assert ("adapted the voice side to 6 clips, relative to a corpus of 12 clips (their statistics weigh 6/16"
+            in captured.err)
+    assert "--adapt: left out corpus: " in captured.err and "garbage.mp4: not a readable media file" in captured.err
+    adapted = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["clip"] for r in adapted] == [r["clip"] for r in plain]
+    assert any(abs(a["probabilities"][c] - p["probabilities"][c]) > 1e-3
+               for a, p in zip(adapted, plain) for c in CLASSES)
+    # the Python API gives the same, and adapting again starts from the model as trained
+    model = load_model("default", "cpu")
+    for _ in range(2):
+        assert model.adapt_to(speaker, corpus=corpus) == (6, [])
+        assert model.predict(speaker[0]).probabilities == pytest.approx(adapted[0]["probabilities"], abs=1e-6)
+    assert main([str(speaker[0]), "--corpus", str(SAMPLES)]) == 2
+    assert "--corpus needs --adapt" in capsys.readouterr().err
+    assert main([str(speaker[0]), "--device", "cpu", "--adapt", "--corpus", str(media["garbage"])]) == 2
+    assert "none of the corpus files has usable audio" in capsys.readouterr().err

@@ -178,7 +178,7 @@ def adapted_to(net: torch.nn.Module, data: TrainingData, indices: list[int],
 
 
 def cache_population(net: torch.nn.Module, data: TrainingData) -> list[dict]:
-    """``population_statistics`` of every clip of the cache that has audio, labelled or not: the corpus its
+    """``population_statistics`` of every labelled clip of the cache that has audio: the corpus its
     speakers are adapted relative to."""
     return population_statistics(net, [c.arrays["mel"] for c in data.clips if c.has_audio])
 
