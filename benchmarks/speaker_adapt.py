@@ -1,13 +1,16 @@
 """How many of a new speaker's clips does adaptation need? Prints a table.
 
     python benchmarks/speaker_adapt.py CACHE RUN [RUN ...] [--clips 3,5,10,20] [--draws 5] [--priors 0,10]
+                                       [--relative] [--speakers S,S,...]
 
 Each RUN is a finished avemo-train run (RUN/best.pt, RUN/split.json) whose test speakers are in
-CACHE, e.g. the folds of ``benchmarks/speech_bench.py`` (``OUT/emodb-scratch/seed0/fold*``). For each
-run and each test speaker, the model is adapted on its own (``train.evaluate.adapted_to``, the
-speaker's statistics replacing the model's, as ``avemo-predict --adapt`` adapts; not relative to the
-cache as ``avemo-evaluate --adapt speaker``) to k clips of that speaker drawn at random (``--draws``
-times), and scored on all of the speaker's clips; "all" adapts to every clip. UAR per speaker, averaged over the draws,
+CACHE, e.g. the folds of ``benchmarks/speech_bench.py`` (``OUT/emodb-scratch/seed0/fold*``), or a
+checkpoint file with ``--speakers`` naming the cache's speakers to score. For each run and each
+test speaker, the model is adapted (``train.evaluate.adapted_to``) to k clips of that speaker drawn
+at random (``--draws`` times), and scored on all of the speaker's clips: on its own by default (the
+speaker's statistics replacing the model's, as ``avemo-predict --adapt`` adapts), or with
+``--relative`` relative to the whole cache (every labelled clip), as ``avemo-evaluate --adapt
+speaker`` and ``avemo-predict --adapt --corpus`` adapt; "all" adapts to every clip. UAR per speaker, averaged over the draws,
 then over speakers and runs; "none" is the model as trained. One row per ``--priors`` value: how many
 clips the model's own statistics weigh against the speaker's (``avemo.model.adapt``; 0 is plain AdaBN,
 the speaker's statistics alone; the default, PRIOR_CLIPS, is what the commands do).
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avemo.model import load_model  # noqa: E402
 from train.data import load_training_data  # noqa: E402
 from avemo.model.adapt import PRIOR_CLIPS  # noqa: E402
-from train.evaluate import adapted_to, model_logits, shared_class_metrics  # noqa: E402
+from train.evaluate import adapted_to, cache_population, model_logits, shared_class_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +41,8 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=5, help="random draws of k clips per speaker")
     p.add_argument("--priors", default=f"0,{PRIOR_CLIPS}",
                    help="comma-separated weights of the model's own statistics, in clips (one row each)")
+    p.add_argument("--relative", action="store_true", help="adapt relative to the whole cache (any model)")
+    p.add_argument("--speakers", help="comma-separated speakers to score (default: each run's test speakers)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,8 +53,10 @@ def main() -> None:
     device = torch.device("cpu")
     rows = []
     for run in args.runs:
-        net, ckpt = load_model(run / "best.pt")
-        test = json.loads((run / "split.json").read_text())["speakers"]["test"]
+        net, ckpt = load_model(run if run.is_file() else run / "best.pt")
+        test = (args.speakers.split(",") if args.speakers
+                else json.loads((run / "split.json").read_text())["speakers"]["test"])
+        population = cache_population(net, data) if args.relative else None
         for spk in test:
             idx = [i for i, s in enumerate(data.speakers) if s == spk]
 
@@ -62,12 +69,14 @@ def main() -> None:
             draws["all"] = [idx]
             row = {"run": str(run), "speaker": spk, "clips": len(idx), "none": uar(net)}
             for prior in priors:
-                row[prior] = {c: float(np.mean([uar(adapted_to(net, data, d, prior)) for d in draws[c]])) for c in cols}
+                row[prior] = {c: float(np.mean([uar(adapted_to(net, data, d, prior, population=population))
+                                                for d in draws[c]])) for c in cols}
             rows.append(row)
             print(f"{run} {spk} ({len(idx)} clips): none {row['none']:.3f}; " + "; ".join(
                 f"prior {prior:g}: " + " ".join(f"{c} {row[prior][c]:.3f}" for c in cols) for prior in priors), flush=True)
     none = float(np.mean([r["none"] for r in rows]))
-    print(f"\nUAR on each test speaker's clips, the model adapted to k of them ({args.draws} random draws per k; "
+    print(f"\nUAR on each test speaker's clips, the model adapted to k of them"
+          f"{' relative to the cache' if args.relative else ' on their own'} ({args.draws} random draws per k; "
           f"{len(rows)} speakers of {len(args.runs)} runs); the model as trained: {none:.3f}")
     print(f"{'prior (clips)':<14}" + "".join(f"{c:>9}" for c in cols) + "   (change against the model as trained)")
     for prior in priors:
