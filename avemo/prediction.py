@@ -160,10 +160,12 @@ class EmotionRecognizer:
         when no clip (or no corpus clip) has usable audio, or when the model reads no audio."""
         check_adaptable(self._trained)
         scope = "all" if corpus is not None else adaptation_scope(self._record)
-        mels, problems = self._audio(paths)
+        audio = ClipExtractor(self.settings, str(self.device), with_video=False)
+        read: dict[str, tuple[np.ndarray | None, str | None]] = {}     # a file in both lists is decoded once
+        mels, problems = self._audio(paths, audio, read)
         population = None
         if corpus is not None:
-            corpus_mels, corpus_problems = self._audio(corpus)
+            corpus_mels, corpus_problems = self._audio(corpus, audio, read)
             problems += [f"corpus: {p}" for p in corpus_problems]
             if not corpus_mels:
                 raise AdaptError("none of the corpus files has usable audio")
@@ -171,20 +173,26 @@ class EmotionRecognizer:
         self.network = adapt(self._trained, mels, prior_clips, scope, population)
         return len(mels), problems
 
-    def _audio(self, paths: list[str | os.PathLike]) -> tuple[list[np.ndarray], list[str]]:
-        """The log-mel spectrograms of the files with usable audio, and why each other file has none."""
-        audio = ClipExtractor(self.settings, str(self.device), with_video=False)
+    @staticmethod
+    def _audio(paths: list[str | os.PathLike], audio: ClipExtractor,
+               read: dict[str, tuple[np.ndarray | None, str | None]]) -> tuple[list[np.ndarray], list[str]]:
+        """The log-mel spectrograms of the files with usable audio, and why each other file has none; ``read``
+        holds each file's outcome by its real path, so that a file met again is not decoded again."""
         mels, problems = [], []
         for path in paths:
-            try:
-                feats = audio.extract(path)
-            except ClipError as e:
-                problems.append(f"{display_name(path)}: {e}")
-                continue
-            if feats.has_audio:
-                mels.append(feats.arrays["mel"])
+            key = os.path.realpath(path)
+            if key not in read:
+                try:
+                    feats = audio.extract(path)
+                    read[key] = ((feats.arrays["mel"], None) if feats.has_audio
+                                 else (None, "; ".join(feats.warnings) or "no usable audio"))
+                except ClipError as e:
+                    read[key] = (None, str(e))
+            mel, why = read[key]
+            if mel is not None:
+                mels.append(mel)
             else:
-                problems.append(f"{display_name(path)}: {'; '.join(feats.warnings) or 'no usable audio'}")
+                problems.append(f"{display_name(path)}: {why}")
         return mels, problems
 
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,

@@ -351,7 +351,7 @@ def test_adapt_fits_the_voice_side_to_the_files_given_and_leaves_out_those_witho
     assert "reads no audio" in capsys.readouterr().err
 
 
-def test_adapt_relative_to_a_corpus_works_with_the_default_model_and_never_compounds(media, capsys):
+def test_adapt_relative_to_a_corpus_works_with_the_default_model_and_never_compounds(media, capsys, monkeypatch):
     speaker, corpus = sorted(SAMPLES.glob("1002_*.mp3")), sorted(SAMPLES.iterdir())
     args = [*map(str, speaker), "--device", "cpu", "--json"]
     assert main(args) == 0
@@ -368,9 +368,13 @@ def test_adapt_relative_to_a_corpus_works_with_the_default_model_and_never_compo
                for a, p in zip(adapted, plain) for c in CLASSES)
     # the Python API gives the same, and adapting again starts from the model as trained
     model = load_model("default", "cpu")
+    decoded = []
+    extract = ClipExtractor.extract
+    monkeypatch.setattr(ClipExtractor, "extract", lambda self, path, **kw: decoded.append(path) or extract(self, path, **kw))
     for _ in range(2):
         assert model.adapt_to(speaker, corpus=corpus) == (6, [])
         assert model.predict(speaker[0]).probabilities == pytest.approx(adapted[0]["probabilities"], abs=1e-6)
+    assert len(decoded) == 2 * (12 + 1)       # the speaker's files are in the corpus: each read once per adaptation
     assert main([str(speaker[0]), "--corpus", str(SAMPLES)]) == 2
     assert "--corpus needs --adapt" in capsys.readouterr().err
     assert main([str(speaker[0]), "--device", "cpu", "--adapt", "--corpus", str(media["garbage"])]) == 2
