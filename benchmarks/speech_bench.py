@@ -27,7 +27,9 @@ the pretraining included): with none, the figures are avemo-train's defaults. Ru
 same command resumes. UAR and WAR per part: the mean over folds for each seed, then the mean
 and standard deviation of those over seeds; seconds per training run. "adapted": the same
 models scored with ``avemo-evaluate --adapt speaker`` (each adapted to its test speakers' clips,
-one speaker at a time; ``avemo.model.adapt``).
+one speaker at a time; ``avemo.model.adapt``). With two seeds or more, each part also gets a row for each fold's models
+of all the seeds as one ensemble (probabilities averaged, as ``avemo-train --ensemble N``), as
+trained and adapted.
 """
 from __future__ import annotations
 
@@ -47,13 +49,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avemo.cpu import reuse_freed_memory  # noqa: E402
-from avemo.model import load_model  # noqa: E402
+from avemo.model import Ensemble, load_model  # noqa: E402
 from avemo.model.adapt import AdaptError  # noqa: E402
 from avemo.model.frontend import load_frontend  # noqa: E402
 from emodb_reference import log_mel_stats, logistic_regression  # noqa: E402
 from train.cli import SplitOptions, build_parser, options_from_args, run_training  # noqa: E402
 from train.data import TrainingData, load_training_data  # noqa: E402
-from train.evaluate import evaluate_cache, model_logits, shared_class_metrics  # noqa: E402
+from train.evaluate import cache_population, evaluate_cache, model_logits, shared_class_metrics  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 
 PARTS = ("ravdess", "emodb", "pretrained", "cross", "reference")
@@ -93,7 +95,7 @@ def task_fit(cache: str, out: str, model: dict, cfg, split: SplitOptions) -> dic
         adapted = evaluate_cache(cache, str(run / "best.pt"), speakers=test, adapt_to="speaker") if test else None
     except AdaptError:      # a stream kept frozen from its front-end is not adapted (adaptation_scope)
         adapted = None
-    return {"report": report, "adapted": adapted, "seconds": seconds, "out": out}
+    return {"report": report, "adapted": adapted, "seconds": seconds, "out": out, "run": str(run)}
 
 
 def task_pretrain(cache: str, out: str, model: dict, cfg) -> dict:
@@ -115,6 +117,32 @@ def summarise(per_seed: list[tuple[float, float]], seconds: list[float]) -> dict
     return {"uar_mean": float(u.mean()), "uar_std": float(u.std()), "war_mean": float(w.mean()),
             "war_std": float(w.std()), "seeds": len(per_seed), "uar_per_seed": u.round(4).tolist(),
             "seconds_per_run": float(np.mean(seconds)) if seconds else 0.0}
+
+
+def seed_ensemble(data: TrainingData, runs: list, device: torch.device) -> dict | None:
+    """Each fold's models of every seed as one ensemble (class probabilities averaged, ``avemo.model.Ensemble``,
+    what ``avemo-train --ensemble N`` makes), scored on the fold's test speakers as trained and adapted to each of
+    them relative to the cache (``avemo-evaluate --adapt speaker``); the mean over folds. None with one seed or
+    when the runs are ensembles already."""
+    folds: dict = {}
+    for _, k, res in runs:
+        folds.setdefault(k, []).append(Path(res["run"]))
+    if min(len(dirs) for dirs in folds.values()) < 2:
+        return None
+    plain, adapted = [], []
+    for dirs in folds.values():
+        loaded = [load_model(d / "best.pt") for d in dirs]
+        if any(isinstance(net, Ensemble) for net, _ in loaded):
+            return None
+        net, classes = Ensemble([net for net, _ in loaded]).eval(), loaded[0][1]["classes"]
+        test = set(json.loads((dirs[0] / "split.json").read_text())["speakers"]["test"])
+        idx = [i for i, s in enumerate(data.speakers) if s in test]
+        plain.append(shared_class_metrics(model_logits(net, data, idx, device), classes, data, idx)[0])
+        logits = model_logits(net, data, idx, device, groups=[data.speakers[i] for i in idx],
+                              population=cache_population(net.to(device), data))
+        adapted.append(shared_class_metrics(logits, classes, data, idx)[0])
+    return {"members": min(len(dirs) for dirs in folds.values()), "uar": fold_mean(plain)[0],
+            "war": fold_mean(plain)[1], "adapted_uar": fold_mean(adapted)[0], "adapted_war": fold_mean(adapted)[1]}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -251,6 +279,9 @@ def main() -> None:
             table[label] = summarise([fold_mean([r["report"] for r in rs]) for rs in by_seed.values()],
                                      [r["seconds"] for rs in by_seed.values() for r in rs])
             table[label]["folds_per_seed"] = [len(rs) for rs in by_seed.values()]
+            ens = seed_ensemble(rav if part == "ravdess" else emo, runs[part], device)
+            if ens is not None:
+                table[label]["seed_ensemble"] = ens
             if all(r["adapted"] for rs in by_seed.values() for r in rs):
                 adapted = summarise([fold_mean([r["adapted"] for r in rs]) for rs in by_seed.values()], [])
                 table[label]["adapted"] = {k: adapted[k] for k in ("uar_mean", "uar_std", "war_mean", "war_std",
@@ -294,9 +325,14 @@ def print_table(table: dict, reference: dict, wall: float) -> None:
         adapted = f"{a['uar_mean']:>10.3f} +-{a['uar_std']:.3f}{a['war_mean']:>8.3f} +-{a['war_std']:.3f}" if a else ""
         print(f"{name:<78}{row['uar_mean']:>8.3f} +-{row['uar_std']:.3f}{row['war_mean']:>8.3f} +-{row['war_std']:.3f}"
               f"{row['seconds_per_run']:>7.0f}{ref_text:>15}{adapted}")
+        if "seed_ensemble" in row:
+            e = row["seed_ensemble"]
+            print(f"{'  the same, each fold as an ensemble of its ' + str(e['members']) + ' seeds':<78}{e['uar']:>8.3f}"
+                  f"{'':>7}{e['war']:>8.3f}{'':>7}{'':>7}{'':>15}{e['adapted_uar']:>10.3f}{'':>7}{e['adapted_war']:>8.3f}")
     print(f"(mean over folds per seed, then mean +- std over {next(iter(table.values()))['seeds'] if table else 0} "
           f"seeds; reference: log-mel statistics + logistic regression, same folds; adapted: the same models adapted "
-          f"to each test speaker's clips, avemo-evaluate --adapt speaker; wall {wall:.0f} s)")
+          f"to each test speaker's clips, avemo-evaluate --adapt speaker; an ensemble averages the class probabilities "
+          f"of a fold's models, as avemo-train --ensemble N; wall {wall:.0f} s)")
 
 
 if __name__ == "__main__":
