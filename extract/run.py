@@ -12,6 +12,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tqdm import tqdm
@@ -25,6 +26,9 @@ from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_v
 from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
 from extract.workers import UnusableSettings, WorkerPool, discard
+
+if TYPE_CHECKING:      # for annotations only: importing it here would pull torch into this process
+    from avemo.extraction import ClipExtractor
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 
