@@ -75,3 +75,25 @@ def test_tempo_stretch_resamples_each_clip_in_time_and_keeps_padding_out():
     # half speed: every other step is the mean of two neighbours, never a value from the padding
     torch.testing.assert_close(slow[0, :, 1], (b["mel"][0, :, 0] + b["mel"][0, :, 1]) / 2)
     torch.testing.assert_close(slow[0, :, 23], b["mel"][0, :, 11])
+
+
+@pytest.mark.parametrize("norm", ["global", "level", "utterance"])
+def test_spec_augment_masks_to_what_the_models_normalisation_maps_to_zero(norm):
+    from avemo.model import ModelConfig, build_model
+    torch.manual_seed(0)
+    b = _padded_batch([12, 5, 9])
+    b["mel"] = (b["mel"] + torch.tensor([3.0, -2.0, 0.5])[:, None, None]) * b["mel_mask"][:, None, :]  # loudness
+    model = build_model(ModelConfig(n_classes=2, n_mels=6, modalities="audio", audio_channels=(4,), audio_norm=norm))
+    model.set_normalisation({"mel_mean": torch.linspace(-5, -3, 6), "mel_std": torch.ones(6)})
+    cfg = AugmentConfig(freq_mask=2, time_mask=3, n_masks=2)
+    out = BatchAugment(cfg)(b, model.mel_mean, norm)
+    masked = ((out["mel"] - b["mel"]).abs() > 1e-4) & b["mel_mask"][:, None, :]     # not rounding
+    assert masked.any()
+    before = model._normalise_mel(b["mel"], b["mel_mask"])
+    after = model._normalise_mel(out["mel"], out["mel_mask"])
+    # the masks change the clip's loudness or per-bin mean a little, so a level or utterance model's zero moves
+    # with them; unmasked, they are the clip's own zero
+    tol = 1e-5 if norm == "global" else 0.3          # masked to the training mean instead: 3 to 5
+    assert after[masked].abs().max() < tol
+    if norm != "global":
+        assert (before - after)[~masked & b["mel_mask"][:, None, :]].abs().max() < tol

@@ -505,7 +505,8 @@ def test_adapt_gives_the_audio_stream_a_groups_statistics_and_leaves_the_model_a
     import avemo.model.adapt as adapting
     from avemo.model.adapt import AdaptError, adapt, mel_statistics
     torch.manual_seed(0)
-    model = build_model(ModelConfig(n_classes=3, n_mels=16, modalities="audio", audio_channels=(4, 8))).eval()
+    model = build_model(ModelConfig(n_classes=3, n_mels=16, modalities="audio", audio_channels=(4, 8),
+                                    audio_norm="global")).eval()      # the group's mel statistics as they are
     with torch.no_grad():                                                # statistics of its own, as if trained
         for name, buf in model.named_buffers():
             if name.endswith(("running_mean", "mel_mean")):
@@ -610,3 +611,38 @@ def test_adaptation_scope_reads_whose_statistics_a_model_holds():
     for record in ({"about": {"data": {"voice": two, "face": {"name": "fer2013"}}}}, {"data": two}):
         with pytest.raises(AdaptError, match=r"several corpora at once \(emodb, ravdess\)"):
             adaptation_scope(record)
+
+
+def test_level_normalisation_makes_the_model_and_its_adaptation_blind_to_recording_gain():
+    from avemo.model.adapt import adapt, mel_statistics
+    from avemo.model.audio import clip_level
+    torch.manual_seed(0)
+    mels = [_clip(i, t, 1, video=False).arrays["mel"] * (1 + 0.3 * i) - 4 + i for i, t in enumerate((30, 17, 24))]
+    # the level is the log of the mean power over the valid frames: padding does not count
+    padded = torch.full((1, 16, 40), -13.8)
+    padded[0, :, :30] = torch.from_numpy(mels[0])
+    level = clip_level(padded, lengths_mask([30], 40))
+    torch.testing.assert_close(level, torch.tensor([math.log(np.exp(mels[0].astype(np.float64)).mean())]))
+    model = build_model(ModelConfig(n_classes=3, n_mels=16, modalities="audio", audio_channels=(4, 8),
+                                    audio_norm="level")).eval()
+    stats = mel_statistics(mels, "level")
+    cat = np.concatenate([m - math.log(np.exp(m.astype(np.float64)).mean()) for m in mels], 1)
+    np.testing.assert_allclose(stats["mel_mean"], cat.mean(1), rtol=1e-6)
+    assert not np.allclose(stats["mel_mean"], mel_statistics(mels)["mel_mean"])
+    model.set_normalisation(stats)
+
+    def logits(net, ms):
+        batch = collate([ClipFeatures(clip=str(i), settings={}, arrays={"mel": m}) for i, m in enumerate(ms)], 16, 0)
+        with torch.no_grad():
+            return net(batch)["logits"]
+
+    # each clip replayed at its own gain (+20, -10, +6 dB: 2 ln g added to every log power)
+    louder = [m + np.float32(2 * math.log(10 ** (db / 20))) for m, db in zip(mels, (20, -10, 6))]
+    torch.testing.assert_close(logits(model, louder), logits(model, mels), atol=1e-4, rtol=1e-4)
+    global_model = build_model(ModelConfig(n_classes=3, n_mels=16, modalities="audio", audio_channels=(4, 8),
+                                           audio_norm="global")).eval()
+    global_model.set_normalisation(mel_statistics(mels))
+    assert (logits(global_model, louder) - logits(global_model, mels)).abs().max() > 1e-3     # it hears the gain
+    # adapted to a speaker, the same: the speaker's statistics are taken as the model sees the clips
+    torch.testing.assert_close(logits(adapt(model, louder, prior_clips=0), louder),
+                               logits(adapt(model, mels, prior_clips=0), mels), atol=1e-4, rtol=1e-4)

@@ -154,11 +154,14 @@ def test_ensemble_trains_members_with_their_own_seeds_and_averages_them(cache, t
 
 
 def test_features_held_on_device_or_collated_per_batch_train_identically(cache, tmp_path):
+    # the same batches in the same order; only the memory layout differs (an index of the padded cache is a
+    # strided view), which changes float32 rounding in the last bits (1e-4 after two epochs). Under bf16 such
+    # a bit can cross a rounding boundary and grow, so float32 here; another batch would move weights by 0.1.
     for mode in ("yes", "no"):
-        run_training(cache, tmp_path / mode, dict(SMALL), quick(epochs=2, features_on_device=mode), SPLIT)
+        run_training(cache, tmp_path / mode, dict(SMALL), quick(epochs=2, amp=False, features_on_device=mode), SPLIT)
     a, b = _weights(tmp_path / "yes" / "last.pt"), _weights(tmp_path / "no" / "last.pt")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=2e-3, msg=k)
 
 
 def test_stt_over_cells_trains_on_feature_maps_held_on_device_or_collated_alike(cache, tmp_path):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torchaudio
 
+from avemo.model.audio import clip_level
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -84,7 +86,8 @@ class BatchAugment:
         self.freq = torchaudio.transforms.FrequencyMasking(cfg.freq_mask, iid_masks=True) if cfg.freq_mask else None
         self.time = torchaudio.transforms.TimeMasking(cfg.time_mask, iid_masks=True) if cfg.time_mask else None
 
-    def __call__(self, batch: dict[str, torch.Tensor], mel_mean: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, torch.Tensor], mel_mean: torch.Tensor | None,
+                 audio_norm: str = "global") -> dict[str, torch.Tensor]:
         out = dict(batch)
         if "mel" in batch and self.crop_frames:
             out["mel"], out["mel_mask"] = random_crop(batch["mel"], batch["mel_mask"], self.crop_frames)
@@ -92,8 +95,14 @@ class BatchAugment:
             rate = 1 + (torch.rand(out["mel"].shape[0], device=out["mel"].device) * 2 - 1) * self.cfg.tempo
             out["mel"], out["mel_mask"] = tempo_stretch(out["mel"], out["mel_mask"], rate)
         if "mel" in batch and (self.freq or self.time):
-            # mask to the per-bin training mean, which the model's normalisation maps to zero
+            # mask to what the model's normalisation (audio_norm) maps to zero: the per-bin training mean, for
+            # "level" at the clip's own loudness, for "utterance" the clip's own per-bin mean
             centre = mel_mean[None, :, None] if mel_mean is not None else 0.0
+            if audio_norm == "level":
+                centre = centre + clip_level(out["mel"], out["mel_mask"])[:, None, None].to(out["mel"].dtype)
+            elif audio_norm == "utterance":
+                m = out["mel_mask"][:, None, :].to(out["mel"].dtype)
+                centre = (out["mel"] * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp_min(1.0)
             x = (out["mel"] - centre).unsqueeze(1)                 # [B, 1, n_mels, T]
             for _ in range(self.cfg.n_masks):
                 if self.freq is not None:

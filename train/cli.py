@@ -20,6 +20,7 @@ from avemo.checkpoint import CheckpointError
 from avemo.cpu import reuse_freed_memory, set_torch_threads
 from avemo.io import NoSpaceError, write_json_atomic
 from avemo.model import FUSIONS, LOSSES, MODALITIES, STT_TOKENS, VIDEO_STREAMS, ModelConfig
+from avemo.model.net import AUDIO_NORMS
 from train.augment import AugmentConfig
 from train.data import CacheError, TrainingData, load_training_data
 from train.loop import KEEPS, SCHEDULES, RunBusy, TrainConfig, TrainError, fit, fit_ensemble, start_runtime
@@ -200,8 +201,10 @@ def add_model_args(p: argparse.ArgumentParser, video: bool) -> None:
                    help="3x3 convolutions per FCN block" + arch.format(m["audio_convs_per_block"]))
     g.add_argument("--audio-lambda", type=float, default=argparse.SUPPRESS,
                    help="attention sharpness (0: mean pooling)" + arch.format(m["audio_lambda"]))
-    g.add_argument("--audio-norm", choices=("global", "utterance"), default=argparse.SUPPRESS,
-                   help="mel centring: training-set mean per bin, or each clip's own mean" + arch.format(m["audio_norm"]))
+    g.add_argument("--audio-norm", choices=AUDIO_NORMS, default=argparse.SUPPRESS,
+                   help="mel centring: training-set mean per bin (global), each clip's own mean per bin "
+                        "(utterance), or global after each clip is brought to one loudness (level)"
+                   + arch.format(m["audio_norm"]))
     g.add_argument("--dropout", type=float, default=m["dropout"])
     if not video:
         return

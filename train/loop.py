@@ -228,13 +228,14 @@ def decide_on_device(mode: str, need: int, device: torch.device) -> bool:
 
 
 def normalisation_stats(data: TrainingData, indices: list[int], video_dim: int,
-                        video_cells: int = 0) -> dict[str, np.ndarray]:
+                        video_cells: int = 0, audio_norm: str = "global") -> dict[str, np.ndarray]:
     """Per mel bin and per face-feature dimension mean / std over the training clips' valid frames
-    (and, with ``video_cells``, per channel over every cell of their feature maps)."""
+    (and, with ``video_cells``, per channel over every cell of their feature maps); the mel's as a model
+    with ``audio_norm`` sees it."""
     stats = {}
     mels = [data.clips[i].arrays["mel"] for i in indices if data.clips[i].has_audio]
     if mels:
-        stats.update(mel_statistics(mels))
+        stats.update(mel_statistics(mels, audio_norm))
     if video_dim:
         frames = [data.clips[i].arrays["video_features"][np.asarray(data.clips[i].arrays["face_mask"], bool)]
                   for i in indices if data.clips[i].has_video]
@@ -523,7 +524,7 @@ def _fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: Train
                          "from the crops: use one or the other")
     video_dim = mcfg.video_dim if mcfg.uses_video else 0
     if state is None:
-        model.set_normalisation(normalisation_stats(data, split.train, video_dim, mcfg.map_cells))
+        model.set_normalisation(normalisation_stats(data, split.train, video_dim, mcfg.map_cells, mcfg.audio_norm))
         if front is not None:
             front.init_audio(model)     # the stream and its mel normalisation; the head stays new
         if encoder is not None:
@@ -632,7 +633,7 @@ def _fit(data: TrainingData, split: Split, model_cfg: dict[str, Any], cfg: Train
                    disable=not (rt.main and cfg.progress) or None)
         for gb in bar:
             idx = gb.tensor_split(rt.world)[rt.rank]
-            batch = augment(train_store.batch(idx, faces=False), getattr(model, "mel_mean", None))
+            batch = augment(train_store.batch(idx, faces=False), getattr(model, "mel_mean", None), mcfg.audio_norm)
             if e2e:     # k random face frames per clip, augmented as the encoder was trained (train.finetune)
                 batch = train_store.crops.attach(batch, cfg.frames_per_clip, crop_aug)
             batch, partner, lam = augment.mixup(batch)

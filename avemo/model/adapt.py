@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from avemo.batching import length_batches
-from avemo.model.audio import EVAL_FRAMES
+from avemo.model.audio import EVAL_FRAMES, clip_level
 
 ADAPT_FRAMES = 1024     # BatchNorm statistics from windows of this many mel frames (about 10 s at a 10 ms hop)
 PRIOR_CLIPS = 10        # the model's own statistics weigh as much as this many of the group's clips
@@ -50,12 +50,15 @@ class AdaptError(ValueError):
     """A model or a group that cannot be adapted, with the reason in words."""
 
 
-def mel_statistics(mels: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+def mel_statistics(mels: Iterable[np.ndarray], audio_norm: str = "global") -> dict[str, np.ndarray]:
     """Per-bin mean and standard deviation (at least 1e-3) over every frame of ``mels`` ([n_mels, T] each),
-    from running sums: a long recording is never copied."""
+    from running sums: a long recording is never copied. With ``audio_norm`` "level", of each clip brought to
+    one loudness first, as such a model sees it (``clip_level``)."""
     n, total, squares = 0, None, None
     for mel in mels:
         m = np.asarray(mel, np.float64)
+        if audio_norm == "level":
+            m = m - float(clip_level(torch.from_numpy(m)[None]))
         total = m.sum(1) if total is None else total + m.sum(1)
         squares = (m ** 2).sum(1) if squares is None else squares + (m ** 2).sum(1)
         n += m.shape[1]
@@ -190,7 +193,7 @@ def population_statistics(model: nn.Module, mels: Sequence[np.ndarray]) -> list[
         return hook
 
     n = _stream_pass(copy.deepcopy(model).eval(), _windows(mels), make_hook)
-    return [{"mel": mel_statistics(mels), "layers": [(totals[i][0] / n, totals[i][1] / n) for i in sorted(totals)]}]
+    return [{"mel": mel_statistics(mels, model.cfg.audio_norm), "layers": [(totals[i][0] / n, totals[i][1] / n) for i in sorted(totals)]}]
 
 
 def _relative(speaker_mean, speaker_var, pop_mean, pop_var, own_mean, own_var):
@@ -237,7 +240,7 @@ def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRI
     w = len(windows) / (len(windows) + prior_clips)
     adapted = copy.deepcopy(model).eval()
     if scope == "all":
-        group = mel_statistics(mels)
+        group = mel_statistics(mels, model.cfg.audio_norm)
         own = {k: getattr(model, k).detach().cpu().double().numpy() for k in group}
         mean, var = group["mel_mean"], group["mel_std"] ** 2
         if pop is not None:

@@ -20,6 +20,23 @@ from avemo.model.attention import ScaledSoftmaxAttention
 EVAL_FRAMES = 16384
 
 
+def clip_level(mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each clip's loudness [B]: the log of its mean mel power over every bin of its valid frames.
+
+    Recording gain g adds 2 ln g to every cell of a log-mel spectrogram, so ``mel - clip_level`` (the
+    ``level`` mel normalisation) is the same for a clip played at any volume. ``mel`` is [B, n_mels, T]
+    natural-log power, ``mask`` [B, T] (None: every frame valid); float32 whatever the input's dtype. A clip
+    without a valid frame (no audio) gets 0.
+    """
+    x = mel.float()
+    if mask is None:
+        mask = torch.ones(mel.shape[0], mel.shape[2], dtype=torch.bool, device=mel.device)
+    x = x.masked_fill(~mask[:, None, :], float("-inf"))
+    cells = mask.sum(1, dtype=torch.float32) * mel.shape[1]
+    level = torch.logsumexp(x.flatten(1), dim=1) - torch.log(cells.clamp_min(1.0))
+    return torch.where(cells > 0, level, torch.zeros_like(level))
+
+
 class MaskedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics come from valid (unpadded) time steps only.
 

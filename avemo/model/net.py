@@ -19,7 +19,7 @@ from avemo.checkpoint import CheckpointError, load_checkpoint, require, save_che
 from avemo.encoders import _plain, is_shipped_name
 from avemo.features import ExtractionSettings
 from avemo.io import dataclass_from_dict, first_line
-from avemo.model.audio import FCNAudioStream, rename_legacy_keys
+from avemo.model.audio import FCNAudioStream, clip_level, rename_legacy_keys
 from avemo.model.frames import FrameEncoder, check_encoder_spec
 from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling, ProductOfExperts
 from avemo.model.video import (STT_TOKENS, VIDEO_STREAMS, AttentionVideoStream, CellSpatioTemporalStream,
@@ -30,9 +30,10 @@ MODEL_VERSION = 1
 MODALITIES = ("audio", "video", "av")
 MAX_MEMBERS = 64                           # ensemble members a checkpoint may hold
 MAX_WIDTH = 1 << 16                        # any channel count, hidden size or feature size
-AUDIO_NORMS = ("global", "utterance")
-# stt_tokens: before spatial tokens, stt attended over one pooled vector per frame
-LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames"}
+AUDIO_NORMS = ("global", "utterance", "level")
+# stt_tokens: before spatial tokens, stt attended over one pooled vector per frame; audio_norm: before the
+# loudness step, the per-bin statistics alone
+LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames", "audio_norm": "global"}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"   # shipped models (NAME.pt) and front-ends (audio_NAME.pt)
 DEFAULT_MODEL = "default"
 NORMALISATION_BUFFERS = ("mel_mean", "mel_std", "video_mean", "video_std", "map_mean", "map_std")
@@ -48,7 +49,9 @@ class ModelConfig:
     audio_convs_per_block: int = 2
     audio_attention_hidden: int = 64
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
-    audio_norm: str = "global"             # global: training-set mean per bin; utterance: the clip's own mean
+    audio_norm: str = "level"              # level: each clip brought to one loudness, then the training-set mean
+                                           # and std per bin; global: the same without the loudness step;
+                                           # utterance: the clip's own mean per bin
     video_stream: str = "attention"        # attention | fan | stt | mean
     video_hidden: int = 128
     video_attention_hidden: int = 64
@@ -227,6 +230,8 @@ class AVEmoNet(nn.Module):
 
     def _normalise_mel(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask[:, None, :].to(mel.dtype)                                            # [B, 1, T_a]
+        if self.cfg.audio_norm == "level":
+            mel = mel - clip_level(mel, mask)[:, None, None]
         if self.cfg.audio_norm == "utterance":
             # per-clip mean of each bin (cepstral mean normalisation in the log-mel domain):
             # removes the channel and much of the speaker's spectral tilt

@@ -1,0 +1,37 @@
+"""benchmarks/gain_robustness.py: a cached clip replayed at another recording gain, exactly."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from avemo.audio import log_mel
+
+_spec = importlib.util.spec_from_file_location(
+    "gain_robustness", Path(__file__).resolve().parents[1] / "benchmarks" / "gain_robustness.py")
+gain_robustness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gain_robustness)
+
+
+def test_a_replayed_spectrogram_is_the_spectrogram_of_the_louder_or_quieter_recording():
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    wav = (0.3 * np.sin(2 * np.pi * 220 * t) * (t < 0.6) + 1e-4 * rng.standard_normal(16000)).astype(np.float32)
+    mel = log_mel(wav, 16000, 400, 160, 16)
+    for db in (-30.0, -6.0, 0.0, 12.0):
+        quieter = log_mel(wav * np.float32(10 ** (db / 20)), 16000, 400, 160, 16)
+        np.testing.assert_allclose(gain_robustness.replayed(mel, db), quieter, atol=2e-3)
+    # near the silence floor the shift is not a constant: that is what replaying exactly is for
+    assert np.abs(gain_robustness.replayed(mel, -30.0) - (mel - 30 * np.log(10) / 10)).max() > 1.0
+
+
+def test_rows_name_runs_files_and_directories_of_runs(tmp_path):
+    for fold in ("seed0/fold1", "seed0/fold2", "seed1/fold1"):
+        (tmp_path / "bench" / fold).mkdir(parents=True)
+        (tmp_path / "bench" / fold / "best.pt").write_bytes(b"")
+        (tmp_path / "bench" / fold / "split.json").write_text("{}")
+    (tmp_path / "bench" / "seed1" / "fold1" / "split.json").unlink()     # unfinished: no split, not a run
+    name, runs = gain_robustness.expand(f"level={tmp_path / 'bench'}")
+    assert name == "level" and [r.relative_to(tmp_path / "bench").as_posix() for r in runs] == ["seed0/fold1",
+                                                                                                  "seed0/fold2"]
+    name, runs = gain_robustness.expand(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}")
+    assert name == f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}" and runs == [tmp_path / "a.pt", tmp_path / "b.pt"]
