@@ -167,6 +167,20 @@ def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
         f_min=f_min, f_max=f_max, power=2.0, center=False)
 
 
+def at_gain(mel: torch.Tensor, db: float | torch.Tensor) -> torch.Tensor:
+    """``mel`` (as ``log_mel`` writes it: natural-log mel power plus ``LOG_EPS``, [..., n_mels, T]) as if the
+    recording had been ``db`` decibels louder: one gain, or one per clip ([B] for a [B, n_mels, T] batch).
+
+    A gain g multiplies every power by g^2, so the cells well above the floor shift by 2 ln g and those near
+    it do not: ``log(g^2 (exp(x) - LOG_EPS) + LOG_EPS)`` is exact, the floor included.
+    """
+    db = torch.as_tensor(db, dtype=torch.float32, device=mel.device)
+    if db.ndim:
+        db = db.view(-1, *([1] * (mel.ndim - 1)))
+    power = (mel.float().exp() - LOG_EPS).clamp_min(0.0)
+    return torch.log(10 ** (db / 10) * power + LOG_EPS).to(mel.dtype)
+
+
 def log_mel(wav: np.ndarray, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
             f_min: float = 0.0, f_max: float | None = None, chunk_frames: int = 6000) -> np.ndarray:
     """Natural-log mel power spectrogram, float32 [n_mels, T_a] with T_a = 1 + len // hop.

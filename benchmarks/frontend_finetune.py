@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -104,7 +105,8 @@ def main() -> None:
     test = args.test_speakers.split(",")
     names = args.configs.split(",")
     rows: dict[str, list[dict]] = {n: [] for n in names}
-    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         futures = [(n, pool.submit(task_fit, str(args.cache), str(args.out / f"{n}-s{seed}"), {"modalities": "audio"},
                                    TrainConfig(seed=seed, progress=False, **config(n, frontend)),
                                    SplitOptions(val_speakers=args.val_speakers, test_speakers=args.test_speakers)))

@@ -12,7 +12,7 @@ run's test speakers (needed for files).
 
 A recording gain g multiplies every mel power by g^2. The cache's spectrograms are
 ``log(power + 1e-6)`` (``avemo.audio.log_mel``), so each test clip is replayed at every gain
-exactly, the silence floor included: ``log(g^2 (exp(x) - 1e-6) + 1e-6)``. UAR per run on the
+exactly, the silence floor included (``avemo.audio.at_gain``). UAR per run on the
 classes it shares with the cache, then the mean over the row's runs; "worst" is the lowest UAR
 over the gains and the drop is from 0 dB.
 """
@@ -28,15 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avemo.audio import LOG_EPS  # noqa: E402
+from avemo.audio import at_gain  # noqa: E402
 from train.data import load_training_data  # noqa: E402
 from train.evaluate import load_scorer, model_logits, shared_class_metrics  # noqa: E402
-
-
-def replayed(mel: np.ndarray, db: float) -> np.ndarray:
-    """``mel`` (natural-log mel power plus LOG_EPS) as if the recording were ``db`` decibels louder."""
-    power = np.maximum(np.exp(mel.astype(np.float64)) - LOG_EPS, 0.0)
-    return np.log(10 ** (db / 10) * power + LOG_EPS).astype(np.float32)
 
 
 def expand(spec: str) -> tuple[str, list[Path]]:
@@ -88,7 +82,7 @@ def main() -> None:
                 sys.exit(f"{run}: none of the speakers {sorted(test)} has a clip with audio in {args.cache}")
             for d in dbs:
                 for i in idx:
-                    data.clips[i].arrays["mel"] = replayed(original[i], d) if d else original[i]
+                    data.clips[i].arrays["mel"] = at_gain(torch.from_numpy(original[i]), d).numpy() if d else original[i]
                 logits = model_logits(scorer.network, data, idx, torch.device("cpu"))
                 uar[d].append(shared_class_metrics(logits, scorer.classes, data, idx)[0]["uar"])
             for i in idx:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avemo.cpu import reuse_freed_memory  # noqa: E402
+from avemo.workers import die_with_parent  # noqa: E402
 from avemo.model import Ensemble, load_model  # noqa: E402
 from avemo.model.adapt import AdaptError  # noqa: E402
 from avemo.model.frontend import load_frontend  # noqa: E402
@@ -79,7 +81,8 @@ def ravdess_folds(speakers: list[str | None], k: int = 4) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------- worker tasks
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int) -> None:
+    die_with_parent(parent_pid)   # a killed benchmark takes its fits with it
     torch.set_num_threads(1)
     reuse_freed_memory()          # as the training commands do
 
@@ -224,7 +227,8 @@ def main() -> None:
     t_start = time.perf_counter()
     runs: dict[str, list] = {}           # part -> [(seed, report(s), seconds)]
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         pending = {}
 
         def submit(key, fn, *a):

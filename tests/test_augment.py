@@ -97,3 +97,21 @@ def test_spec_augment_masks_to_what_the_models_normalisation_maps_to_zero(norm):
     assert after[masked].abs().max() < tol
     if norm != "global":
         assert (before - after)[~masked & b["mel_mask"][:, None, :]].abs().max() < tol
+
+
+def test_gain_replays_each_clip_at_its_own_volume_and_keeps_padding_out():
+    torch.manual_seed(0)
+    b = _padded_batch([12, 9, 3])
+    b["mel"][0, :, :4] = torch.log(torch.tensor(1e-6))            # a silent stretch at the floor
+    b["mel"] = b["mel"] * b["mel_mask"][:, None, :]
+    out = BatchAugment(AugmentConfig(freq_mask=0, time_mask=0, gain=20.0))(b, None)
+    shift = (out["mel"] - b["mel"])[:, :, :]
+    for i, length in enumerate([12, 9, 3]):
+        loud = shift[i, :, 4 if i == 0 else 0:length]
+        # well above the floor every cell moves by the clip's one gain, within +-20 dB (2 ln g <= 4.61 nats)
+        assert loud.std() < 1e-3 and loud.abs().max() <= 20 * torch.log(torch.tensor(10.0)) / 10 + 1e-4
+        assert torch.all(out["mel"][i, :, length:] == 0)
+    assert shift[:, 0, 5].unique().numel() == 3                   # a gain of its own per clip
+    # the floor stays where it is when the clip gets quieter, and rises only by what was under it when louder
+    assert torch.all(out["mel"][0, :, :4] >= torch.log(torch.tensor(1e-6)) - 1e-4)
+    assert (out["mel"][0, :, :4] - b["mel"][0, :, :4]).abs().max() < 1e-3

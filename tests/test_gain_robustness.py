@@ -1,10 +1,11 @@
-"""benchmarks/gain_robustness.py: a cached clip replayed at another recording gain, exactly."""
+"""avemo.audio.at_gain and benchmarks/gain_robustness.py: a cached clip replayed at another recording gain, exactly."""
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from avemo.audio import log_mel
+from avemo.audio import at_gain, log_mel
 
 _spec = importlib.util.spec_from_file_location(
     "gain_robustness", Path(__file__).resolve().parents[1] / "benchmarks" / "gain_robustness.py")
@@ -19,9 +20,13 @@ def test_a_replayed_spectrogram_is_the_spectrogram_of_the_louder_or_quieter_reco
     mel = log_mel(wav, 16000, 400, 160, 16)
     for db in (-30.0, -6.0, 0.0, 12.0):
         quieter = log_mel(wav * np.float32(10 ** (db / 20)), 16000, 400, 160, 16)
-        np.testing.assert_allclose(gain_robustness.replayed(mel, db), quieter, atol=2e-3)
+        np.testing.assert_allclose(at_gain(torch.from_numpy(mel), db).numpy(), quieter, atol=2e-3)
     # near the silence floor the shift is not a constant: that is what replaying exactly is for
-    assert np.abs(gain_robustness.replayed(mel, -30.0) - (mel - 30 * np.log(10) / 10)).max() > 1.0
+    assert np.abs(at_gain(torch.from_numpy(mel), -30.0).numpy() - (mel - 30 * np.log(10) / 10)).max() > 1.0
+    # a batch, one gain per clip
+    batch = at_gain(torch.from_numpy(np.stack([mel, mel])), torch.tensor([-6.0, 12.0])).numpy()
+    np.testing.assert_allclose(batch[0], log_mel(wav * np.float32(10 ** (-6 / 20)), 16000, 400, 160, 16), atol=2e-3)
+    np.testing.assert_allclose(batch[1], log_mel(wav * np.float32(10 ** (12 / 20)), 16000, 400, 160, 16), atol=2e-3)
 
 
 def test_rows_name_runs_files_and_directories_of_runs(tmp_path):

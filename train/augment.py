@@ -1,5 +1,5 @@
-"""Training-time augmentation of a batch: random windows, tempo changes and SpecAugment masks on the
-mel, frame dropout on the video, and mixup of whole clips."""
+"""Training-time augmentation of a batch: recording gain, random windows, tempo changes and SpecAugment masks
+on the mel, frame dropout on the video, and mixup of whole clips."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torchaudio
 
+from avemo.audio import at_gain
 from avemo.model.audio import clip_level
 
 
@@ -19,6 +20,7 @@ class AugmentConfig:
     mixup: float = 0.0          # mixup's Beta(a, a) parameter; 0 disables
     crop: float = 0.0           # train on a random window of this many seconds of each clip's audio; 0: whole clips
     tempo: float = 0.0          # each clip played faster or slower by a factor in [1 - tempo, 1 + tempo]; 0 disables
+    gain: float = 0.0           # each clip recorded louder or quieter by up to this many dB; 0 disables
 
 
 def mix_clips(batch: dict[str, torch.Tensor], perm: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
@@ -89,6 +91,9 @@ class BatchAugment:
     def __call__(self, batch: dict[str, torch.Tensor], mel_mean: torch.Tensor | None,
                  audio_norm: str = "global") -> dict[str, torch.Tensor]:
         out = dict(batch)
+        if "mel" in batch and self.cfg.gain > 0:
+            db = (torch.rand(batch["mel"].shape[0], device=batch["mel"].device) * 2 - 1) * self.cfg.gain
+            out["mel"] = at_gain(batch["mel"], db) * batch["mel_mask"][:, None, :].to(batch["mel"].dtype)
         if "mel" in batch and self.crop_frames:
             out["mel"], out["mel_mask"] = random_crop(batch["mel"], batch["mel_mask"], self.crop_frames)
         if "mel" in batch and self.cfg.tempo > 0:

@@ -268,6 +268,9 @@ def add_augmentation_args(p: argparse.ArgumentParser, video: bool) -> None:
         g.add_argument("--frame-dropout", type=float, default=a["frame_dropout"])
     g.add_argument("--tempo", type=float, default=a["tempo"], metavar="R",
                    help="play each training clip faster or slower by a random factor in [1-R, 1+R] (0: off)")
+    g.add_argument("--gain", type=float, default=a["gain"], metavar="DB",
+                   help="replay each training clip louder or quieter by a random gain in [-DB, +DB] decibels, "
+                        "exactly, the spectrogram's silence floor included (0: off)")
     g.add_argument("--mixup", type=float, default=a["mixup"], help="mixup Beta(a, a) parameter (0: off)")
     g.add_argument("--crop", type=float, default=a["crop"], metavar="S",
                    help="train on a random S-second window of each clip's audio (0: whole clips)")

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import platform
 import shlex
 import sys
@@ -32,6 +33,7 @@ from avemo.features import ExtractionSettings
 from avemo.io import NoSpaceError
 from avemo.model import load_model
 from avemo.model.frontend import export_frontend
+from avemo.workers import die_with_parent
 from train.cli import (_setup_logging, add_augmentation_args, add_model_args, add_optimisation_args, add_run_args,
                        options_from_args)
 from train.data import CacheError, TrainingData, load_training_data, merge_training_data
@@ -96,7 +98,8 @@ def train_frontend(caches: list[str | Path], out: str | Path, names: list[str] |
         split = explicit_split(data.speakers, None, holdout)
         if rt.device.type == "cuda" and rt.world == 1:
             # the two fits are independent and one small FCN leaves most of a GPU idle: run them side by side
-            pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+            pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
+                                       initargs=(os.getpid(),))
             held_future = pool.submit(fit, data, split, model, cfg, out / "holdout", resume)
         else:
             held_report = fit(data, split, model, cfg, out / "holdout", resume=resume, rt=rt)
