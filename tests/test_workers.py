@@ -38,6 +38,7 @@ def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.DEVNULL,   # its resource tracker complains when it dies
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         worker = int(parent.stdout.readline())
