@@ -124,13 +124,16 @@ def test_calibration_folds_into_the_linear_heads():
 
 @pytest.mark.parametrize("clip", [MP3, FLV])
 def test_the_shipped_voice_does_not_hear_the_volume_knob(clip):
-    # the same recording from 20 dB quieter to 20 dB louder: one constant added to every log-mel cell, which the
-    # level normalisation (avemo.model.audio.clip_level) takes out, exactly except near the spectrogram's floor
-    # (log(power + 1e-6)), where these quiet recordings (-30 to -36 dB RMS) have a few percent of their cells.
-    # The voice shipped before it answered sad / surprise / happy / disgust for the happy clip across these gains.
+    # the same recording from 20 dB quieter to 20 dB louder, trimmed and turned into a log-mel as avemo-extract and
+    # avemo-predict do: one constant added to every cell, which the level normalisation (avemo.model.audio.clip_level)
+    # takes out, exactly except near the spectrogram's floor (log(power + 1e-6)), where these quiet recordings (-30 to
+    # -36 dB RMS) have a few percent of their cells; gain augmentation (train.augment, --gain) taught it to ignore those.
+    # The voice shipped before level normalisation answered sad / surprise / happy / disgust for the happy clip across
+    # these gains; the one with level normalisation but without gain augmentation moved the angry clip's
+    # probability by 0.17 (0.66 to 0.90).
     import torch
 
-    from avemo.audio import load_audio, log_mel
+    from avemo.audio import load_audio, log_mel, trim_silence
     from avemo.batching import collate
     from avemo.features import ClipFeatures
     from avemo.model import load_model as load_network
@@ -140,6 +143,8 @@ def test_the_shipped_voice_does_not_hear_the_volume_knob(clip):
     assert net.cfg.audio_norm == "level"
     s = ckpt["extraction_settings"]
     wav = load_audio(clip, s["sample_rate"])
+    if s["trim_silence"]:
+        wav = trim_silence(wav, s["trim_top_db"])          # relative to the loudest frame: the same at any gain
     mels = [log_mel(wav * np.float32(10 ** (db / 20)), s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"],
                     s["f_min"], s["f_max"]) for db in (0.0, -20.0, -10.0, -6.0, 6.0, 12.0, 20.0)]
     batch = collate([ClipFeatures(clip=str(i), settings={}, arrays={"mel": m}) for i, m in enumerate(mels)],
@@ -147,4 +152,4 @@ def test_the_shipped_voice_does_not_hear_the_volume_knob(clip):
     with torch.no_grad():
         probs = torch.softmax(net(batch)["logits"], -1)
     assert (probs.argmax(1) == probs[0].argmax()).all(), probs
-    assert (probs - probs[:1]).abs().max() < 0.25
+    assert (probs - probs[:1]).abs().max() < 0.12, probs

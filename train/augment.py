@@ -20,7 +20,7 @@ class AugmentConfig:
     mixup: float = 0.0          # mixup's Beta(a, a) parameter; 0 disables
     crop: float = 0.0           # train on a random window of this many seconds of each clip's audio; 0: whole clips
     tempo: float = 0.0          # each clip played faster or slower by a factor in [1 - tempo, 1 + tempo]; 0 disables
-    gain: float = 0.0           # each clip recorded louder or quieter by up to this many dB; 0 disables
+    gain: float = 20.0          # each clip replayed louder or quieter by up to this many dB; 0 disables
 
 
 def mix_clips(batch: dict[str, torch.Tensor], perm: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
