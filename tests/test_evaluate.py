@@ -127,32 +127,46 @@ def _speaker_with_a_voice_of_its_own(cache, speaker: str, offset: np.ndarray) ->
 
 @pytest.fixture(scope="module")
 def shifted(tmp_path_factory):
-    """An audio model trained on three speakers; a fourth whose voice lights the first class's band in every clip."""
+    """An audio model trained on three speakers; a fourth whose voice lights the first class's band and dims
+    every other band in every clip, so that to the model all their clips sound like the first class.
+
+    The model standardises mels globally: the test is about adaptation undoing a per-bin offset. Under the
+    loudness step (``level``) this toy offset is not one: with 16 bins and one band a class, it changes each
+    class's loudness by a different amount (up to 1.3 nats), which the step then subtracts clip by clip
+    (``level`` and adaptation are tested together in test_model)."""
     root = tmp_path_factory.mktemp("adapt")
     cache = make_cache(root / "cache", video=False, per_class=8)
     offset = np.zeros(16, np.float32)
-    offset[0:4] = 2.0                           # class "ang" lights bins 0-3 by 1.5
-    offset[8:16] = -1.5
+    offset[0:4] = 2.0                           # class "ang" lights bins 0-3 by 1.5, "hap" 4-7, "sad" 8-11
+    offset[4:16] = -1.5
     _speaker_with_a_voice_of_its_own(cache, "s4", offset)
-    run_training(cache, root / "run", {"modalities": "audio", **TINY}, quick(audio_init="none", epochs=12),
-                 SplitOptions(test_speakers="s4"))
+    run_training(cache, root / "run", {"modalities": "audio", "audio_norm": "global", **TINY},
+                 quick(audio_init="none", epochs=12), SplitOptions(test_speakers="s4"))
     return cache, root / "run" / "best.pt"
 
 
 def test_adapting_to_a_new_speakers_clips_undoes_the_shift_of_their_voice(shifted, tmp_path):
+    # 10 seeds of the fixture's fit (2026-11-25): plain 0.333 each; s4 alone, its statistics only, 1.000 each;
+    # relative to the cache, its statistics only, 0.833-1.000; with the model's own blended in, 0.750-1.000
+    # and 0.417-0.875 (a quarter to a half of the shift stays, and where the fit drew its boundary decides)
     cache, model = shifted
     plain = evaluate_cache(cache, str(model), speakers=["s4"])
+    assert plain["uar"] < 0.4
+    # s4 alone, its own statistics replacing the model's: the whole shift goes
+    whole = evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="all", adapt_prior=0)
+    assert whole["uar"] >= 0.95 and whole["adapted"]["relative_to_clips"] is None
+    # relative to the whole cache, of which s4 is a quarter: three quarters of its shift go
+    relative = evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="speaker", adapt_prior=0)
+    assert relative["uar"] >= 0.75
+    # the defaults blend the model's own statistics in as 10 clips: less of the shift goes, never none of it
     adapted = evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="speaker", out=tmp_path / "ev")
-    print(plain["uar"], adapted["uar"])
-    # s4 is adapted relative to the whole cache, of which it is a quarter: three quarters of its shift go
-    assert plain["uar"] < 0.4 and adapted["uar"] >= 0.6
+    assert adapted["uar"] >= plain["uar"]
+    assert evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="all")["uar"] >= plain["uar"] + 0.3
     assert adapted["adapted"] == {"to": "speaker", "clips": {"s4": 24}, "prior_clips": 10, "scope": "all",
                                   "relative_to_clips": 96}
-    whole = evaluate_cache(cache, str(model), speakers=["s4"], adapt_to="all")     # s4 alone, not relative
-    assert whole["uar"] >= 0.9 and whole["adapted"]["relative_to_clips"] is None
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["uar"] == adapted["uar"]
     # the training speakers' own statistics are what the model already has: adapting to them changes little
-    assert evaluate_cache(cache, str(model), speakers=["s1"], adapt_to="speaker")["uar"] >= 0.9
+    assert evaluate_cache(cache, str(model), speakers=["s1"], adapt_to="speaker")["uar"] >= 0.8
 
 
 def test_the_command_adapts_per_speaker_and_says_so(shifted, tmp_path, capsys):
