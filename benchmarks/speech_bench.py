@@ -25,7 +25,7 @@ Everything after ``--`` goes to avemo-train's option parser (the same recipe for
 the pretraining included): with none, the figures are avemo-train's defaults. Runs go to
 ``--jobs`` worker processes (on one GPU when there is one); finished runs are kept, so the
 same command resumes. UAR and WAR per part: the mean over folds for each seed, then the mean
-and standard deviation of those over seeds; seconds per training run. "adapted": the same
+and standard deviation of those over seeds; seconds per training run (its epochs, from metrics.csv). "adapted": the same
 models scored with ``avemo-evaluate --adapt speaker`` (each adapted to its test speakers' clips,
 one speaker at a time; ``avemo.model.adapt``). With two seeds or more, each part also gets a row for each fold's models
 of all the seeds as one ensemble (probabilities averaged, as ``avemo-train --ensemble N``), as
@@ -34,6 +34,7 @@ trained and adapted.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import multiprocessing as mp
 import os
@@ -87,11 +88,22 @@ def _worker_init(parent_pid: int) -> None:
     reuse_freed_memory()          # as the training commands do
 
 
+def training_seconds(run: Path, fallback: float) -> float:
+    """The run's training time: the sum of its epochs' seconds in metrics.csv, so that a finished run that a
+    later command only resumes (or one resumed after an interruption) reports what its training took, not the
+    few seconds of finding it done. ``fallback`` (this call's wall time) where the run wrote no history."""
+    try:
+        with open(run / "metrics.csv", newline="") as f:
+            return float(sum(float(row["seconds"]) for row in csv.DictReader(f)))
+    except (OSError, KeyError, ValueError):
+        return fallback
+
+
 def task_fit(cache: str, out: str, model: dict, cfg, split: SplitOptions) -> dict:
     t0 = time.perf_counter()
     report = run_training(cache, out, model, cfg, split, resume=True)
-    seconds = time.perf_counter() - t0
     run = Path(out) / f"fold{split.fold}" if split.fold else Path(out)
+    seconds = training_seconds(run, time.perf_counter() - t0)
     test = json.loads((run / "split.json").read_text())["speakers"].get("test")
     # the same model adapted to each test speaker's clips (avemo-evaluate --adapt speaker)
     try:
@@ -307,6 +319,13 @@ def main() -> None:
             back, [r["seconds"] for _, _, r in runs.get("emodb-all", [])])
     reference = reference_rows(rav, emo) if "reference" in parts else {}
     results["table"], results["reference"] = table, reference
+    # every training run's own figures, so that a fold or a seed can be looked at without re-scoring
+    results["runs"] = [{"part": part, "seed": seed, "fold": None if k is None else k + 1, "run": res.get("run"),
+                        "uar": res["report"]["uar"], "war": res["report"]["accuracy"],
+                        "adapted_uar": res["adapted"]["uar"] if res.get("adapted") else None,
+                        "adapted_war": res["adapted"]["accuracy"] if res.get("adapted") else None,
+                        "seconds": res["seconds"]}
+                       for part, rs in runs.items() for seed, k, res in rs if "report" in res]
     results["wall_seconds"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
