@@ -377,6 +377,11 @@ def test_config_and_batching_errors_are_specific():
         ModelConfig(n_classes=3, modalities="av")
     with pytest.raises(ValueError, match="at least 2 classes"):
         ModelConfig(n_classes=1, modalities="audio")
+    # a checkpoint of a removed option says so, and what to do, instead of listing today's choices alone
+    with pytest.raises(ValueError, match="audio_norm 'utterance' .*removed.*no longer supported; retrain"):
+        ModelConfig(n_classes=3, modalities="audio", audio_norm="utterance")
+    with pytest.raises(ValueError, match="audio_norm must be one of global, level"):
+        ModelConfig(n_classes=3, modalities="audio", audio_norm="speaker")
     with pytest.raises(ValueError, match=r"mel has shape \(16, 20\), expected \[64, T\]"):
         collate([_clip(0, 20, 5)], 64, 6)
     with pytest.raises(ValueError, match="zero clips"):

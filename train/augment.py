@@ -101,13 +101,10 @@ class BatchAugment:
             out["mel"], out["mel_mask"] = tempo_stretch(out["mel"], out["mel_mask"], rate)
         if "mel" in batch and (self.freq or self.time):
             # mask to what the model's normalisation (audio_norm) maps to zero: the per-bin training mean, for
-            # "level" at the clip's own loudness, for "utterance" the clip's own per-bin mean
+            # "level" at the clip's own loudness
             centre = mel_mean[None, :, None] if mel_mean is not None else 0.0
             if audio_norm == "level":
                 centre = centre + clip_level(out["mel"], out["mel_mask"])[:, None, None].to(out["mel"].dtype)
-            elif audio_norm == "utterance":
-                m = out["mel_mask"][:, None, :].to(out["mel"].dtype)
-                centre = (out["mel"] * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp_min(1.0)
             x = (out["mel"] - centre).unsqueeze(1)                 # [B, 1, n_mels, T]
             for _ in range(self.cfg.n_masks):
                 if self.freq is not None:

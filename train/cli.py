@@ -202,8 +202,8 @@ def add_model_args(p: argparse.ArgumentParser, video: bool) -> None:
     g.add_argument("--audio-lambda", type=float, default=argparse.SUPPRESS,
                    help="attention sharpness (0: mean pooling)" + arch.format(m["audio_lambda"]))
     g.add_argument("--audio-norm", choices=AUDIO_NORMS, default=argparse.SUPPRESS,
-                   help="mel centring: training-set mean per bin (global), each clip's own mean per bin "
-                        "(utterance), or global after each clip is brought to one loudness (level)"
+                   help="mel centring: training-set mean per bin (global), or global after each clip is "
+                        "brought to one loudness (level)"
                    + arch.format(m["audio_norm"]))
     g.add_argument("--dropout", type=float, default=m["dropout"])
     if not video:

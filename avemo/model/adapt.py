@@ -73,9 +73,6 @@ def check_adaptable(model: nn.Module) -> None:
     cfg = getattr(model, "cfg", None)
     if cfg is None or not cfg.uses_audio:
         raise AdaptError("adaptation recomputes the audio stream's normalisation, and this model reads no audio")
-    if cfg.audio_norm == "utterance":
-        raise AdaptError("this model centres each clip's mel on its own mean (--audio-norm utterance): "
-                         "there is no group statistic to adapt")
 
 
 def _corpora(data: object) -> list[str]:

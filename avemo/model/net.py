@@ -30,7 +30,10 @@ MODEL_VERSION = 1
 MODALITIES = ("audio", "video", "av")
 MAX_MEMBERS = 64                           # ensemble members a checkpoint may hold
 MAX_WIDTH = 1 << 16                        # any channel count, hidden size or feature size
-AUDIO_NORMS = ("global", "utterance", "level")
+AUDIO_NORMS = ("global", "level")
+# removed options a checkpoint may still name, and why
+REMOVED_AUDIO_NORMS = {"utterance": "each clip's own mean per bin, removed 2026-11-26: it lost 0.11 UAR on new "
+                                    "speakers (README, speech benchmark)"}
 # stt_tokens: before spatial tokens, stt attended over one pooled vector per frame; audio_norm: before the
 # loudness step, the per-bin statistics alone
 LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames", "audio_norm": "global"}
@@ -50,8 +53,7 @@ class ModelConfig:
     audio_attention_hidden: int = 64
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
     audio_norm: str = "level"              # level: each clip brought to one loudness, then the training-set mean
-                                           # and std per bin; global: the same without the loudness step;
-                                           # utterance: the clip's own mean per bin
+                                           # and std per bin; global: the same without the loudness step
     video_stream: str = "attention"        # attention | fan | stt | mean
     video_hidden: int = 128
     video_attention_hidden: int = 64
@@ -85,6 +87,9 @@ class ModelConfig:
         if self.uses_maps and self.video_cells < 1:
             raise ValueError("stt over cells needs the cache's feature maps (video_cells >= 1): re-extract the "
                              "cache with avemo-extract --feature-maps, or use --stt-tokens frames")
+        if self.audio_norm in REMOVED_AUDIO_NORMS:
+            raise ValueError(f"audio_norm '{self.audio_norm}' ({REMOVED_AUDIO_NORMS[self.audio_norm]}) is no "
+                             f"longer supported; retrain with one of {', '.join(AUDIO_NORMS)}")
         if self.audio_norm not in AUDIO_NORMS:
             raise ValueError(f"audio_norm must be one of {', '.join(AUDIO_NORMS)}, got '{self.audio_norm}'")
         if self.fusion not in FUSIONS:
@@ -232,13 +237,7 @@ class AVEmoNet(nn.Module):
         m = mask[:, None, :].to(mel.dtype)                                            # [B, 1, T_a]
         if self.cfg.audio_norm == "level":
             mel = mel - clip_level(mel, mask)[:, None, None]
-        if self.cfg.audio_norm == "utterance":
-            # per-clip mean of each bin (cepstral mean normalisation in the log-mel domain):
-            # removes the channel and much of the speaker's spectral tilt
-            centre = (mel * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp_min(1.0)
-        else:
-            centre = self.mel_mean[None, :, None]
-        return (mel - centre) / self.mel_std[None, :, None] * m
+        return (mel - self.mel_mean[None, :, None]) / self.mel_std[None, :, None] * m
 
     def _video_tokens(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """Normalised face features [B, T_v, D], or feature maps [B, T_v, N, D] for stt over cells;
