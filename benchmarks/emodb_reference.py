@@ -15,9 +15,10 @@ features z-scored over the training part, under three protocols:
   (speaker-dependent): what the data allows when speakers are not the problem.
 
 Feature sets: ``log-mel stats`` (per mel bin of the cache's spectrograms: mean, std, 10th
-and 90th percentile, std and mean magnitude of the frame-to-frame difference; needs only
-the cache), and, with ``--wav-dir`` and the ``opensmile`` package installed (research
-licence, not an avemo dependency), openSMILE's eGeMAPSv02 (88) and ComParE_2016 (6,373)
+and 90th percentile, std and mean magnitude of the frame-to-frame difference), ``voice stats``
+(the voice head's: mean and standard deviation over time of each layer of the shipped, frozen
+GE2E speaker encoder, ``avemo.model.voice``), both from the cache alone, and, with ``--wav-dir``
+and the ``opensmile`` package installed (research licence, not an avemo dependency), openSMILE's eGeMAPSv02 (88) and ComParE_2016 (6,373)
 utterance functionals, the standard hand-crafted baselines of speech emotion recognition, and
 eGeMAPS without its loudness and sound-level functionals (77, ``level-free``: as blind to the
 recording gain as avemo's model is meant to be).
@@ -41,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from avemo.model.voice import band_map, fit_logistic, voice_stats  # noqa: E402
 from train.data import load_training_data  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 
@@ -88,26 +90,12 @@ def logistic_regression(x_train, y_train, x_test, n_classes: int, l2: float) -> 
 
 
 def logistic_probabilities(x_train, y_train, x_test, n_classes: int, l2: float) -> np.ndarray:
-    """[len(x_test), n_classes] probabilities of a class-balanced L2 logistic regression on z-scored features."""
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    xt = torch.tensor((x_train - mu) / sd, dtype=torch.float32)
-    xe = torch.tensor((x_test - mu) / sd, dtype=torch.float32)
-    yt = torch.tensor(y_train)
-    counts = np.bincount(y_train, minlength=n_classes)
-    weight = torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(xt.shape[1], n_classes)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=300)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xt), yt, weight=weight) + l2 * (lin.weight ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return torch.softmax(lin(xe), 1).numpy()
+    """[len(x_test), n_classes] probabilities of a class-balanced L2 logistic regression on z-scored features
+    (the voice head's, ``avemo.model.voice.fit_logistic``)."""
+    mu, sd, w, b = fit_logistic(x_train, np.asarray(y_train), n_classes, l2)
+    z = (x_test - mu) / sd @ w.T + b
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
 
 
 def folds_uar(x, y, folds: np.ndarray, classes: list[str], l2: float) -> tuple[list[float], float]:
@@ -172,7 +160,10 @@ def main() -> None:
     y = data.labels[usable]
     speakers = np.array([data.speakers[i] for i in usable])
     groups = np.random.default_rng(0).integers(0, args.groups, len(usable))
-    sets = {"log-mel stats": np.stack([log_mel_stats(data.clips[i].arrays["mel"]) for i in usable])}
+    bands = band_map(data.settings)
+    sets = {"log-mel stats": np.stack([log_mel_stats(data.clips[i].arrays["mel"]) for i in usable]),
+            "voice stats": np.stack([voice_stats(torch.from_numpy(data.clips[i].arrays["mel"]), bands).numpy()
+                                     for i in usable])}
     if args.wav_dir:
         sets |= opensmile_features(args.wav_dir, [data.clips[i].clip for i in usable])
     if args.fuse:

@@ -158,7 +158,7 @@ MODEL_FLAGS = {"audio_channels": "audio_channels", "audio_convs": "audio_convs_p
                "video_stream": "video_stream", "fusion": "fusion", "fbp_k": "fbp_k", "fbp_o": "fbp_o",
                "video_lambda": "video_lambda", "video_hidden": "video_hidden", "stt_layers": "stt_layers",
                "stt_tokens": "stt_tokens",
-               "modality_dropout": "modality_dropout"}
+               "modality_dropout": "modality_dropout", "voice_head": "voice_head"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +208,9 @@ def add_model_args(p: argparse.ArgumentParser, video: bool) -> None:
     g.add_argument("--dropout", type=float, default=m["dropout"])
     if not video:
         return
+    g.add_argument("--voice-head", type=float, default=m["voice_head"],
+                   help="audio-only models: weight of a frozen pretrained speaker encoder's classifier, fitted on "
+                        "the training clips after the FCN, in the output probabilities (0: the FCN alone)")
     g.add_argument("--video-stream", choices=VIDEO_STREAMS, default=m["video_stream"])
     g.add_argument("--no-relation", action="store_true", help="fan: self-attention only, no relation-attention")
     g.add_argument("--fusion", choices=FUSIONS, default=m["fusion"])

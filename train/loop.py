@@ -28,11 +28,12 @@ from avemo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avemo.cpu import cpu_computes_bf16, release_free_memory
 from avemo.features import AUDIO_SETTING_KEYS, ClipFeatures, settings_differences
 from avemo.io import Busy, atomic_path, held_lock, write_json_atomic
-from avemo.model import (MODEL_KIND, MODEL_VERSION, Ensemble, ModelConfig, build_loss, build_model, load_model,
-                         save_model)
+from avemo.model import (MODEL_KIND, MODEL_VERSION, AVEmoNet, Ensemble, ModelConfig, build_loss, build_model,
+                         load_model, save_model)
 from avemo.model.adapt import mel_statistics
 from avemo.model.audio import EVAL_FRAMES
 from avemo.model.frontend import AudioFrontend, load_frontend
+from avemo.model.voice import VoiceError
 from train.augment import AugmentConfig, BatchAugment
 from train.data import TrainingData
 from train.finetune import (ENCODER_PREFIX, CropBank, FinetuneError, crop_augment_config, finetune_spec,
@@ -735,6 +736,9 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
     model, ckpt = load_model(out / "best.pt", map_location=rt.device)
     part = "test" if split.test else "val" if split.val else "train"
     indices = getattr(split, part)
+    if getattr(model, "voice", None) is not None and not model.voice.is_fitted:
+        # validation chose the epoch; with a test part, its clips are training data for the head too
+        fit_voice_head(model, data, split.train + (split.val if part == "test" else []))
     video_dim = model.cfg.video_dim if model.cfg.uses_video else 0
     crops = None
     if model.cfg.frame_encoder is not None:
@@ -763,6 +767,21 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
     log.info("%s %s: UAR %.3f WAR %.3f macro-F1 %.3f (%d clips)", out, part, m["uar"], m["accuracy"],
              m["macro_f1"], m["n"])
     return report
+
+
+def fit_voice_head(model: AVEmoNet, data: TrainingData, indices: list[int]) -> None:
+    """Fit an audio-only model's voice head (``avemo.model.voice``) on the clips of ``indices`` that have audio;
+    where the cache's spectrograms cannot feed it, say why and keep the FCN alone."""
+    rows = [i for i in indices if data.clips[i].has_audio]
+    t0 = time.perf_counter()
+    try:
+        model.voice.fit([data.clips[i].arrays["mel"] for i in rows], data.labels[rows],
+                        [data.speakers[i] for i in rows], data.settings, len(data.classes))
+    except VoiceError as e:
+        log.warning("no voice head: %s", e)
+        return
+    log.info("voice head fitted on %d clips (%.1fs): its probabilities weigh %g", len(rows),
+             time.perf_counter() - t0, model.cfg.voice_head)
 
 
 def _load_resume(path: Path, data: TrainingData) -> dict:

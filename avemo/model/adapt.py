@@ -269,4 +269,6 @@ def adapt(model: nn.Module, mels: Sequence[np.ndarray], prior_clips: float = PRI
         for m, (mean, var), (p_mean, p_var) in zip(norms, totals, prior):
             m.running_mean.copy_(w * mean / n + (1 - w) * p_mean)
             m.running_var.copy_(w * var / n + (1 - w) * p_var)
+    if getattr(adapted, "voice", None) is not None and adapted.voice.is_fitted:
+        adapted.voice.adapt(mels, prior_clips)
     return adapted.eval()

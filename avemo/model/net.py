@@ -24,6 +24,7 @@ from avemo.model.frames import FrameEncoder, check_encoder_spec
 from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling, ProductOfExperts
 from avemo.model.video import (STT_TOKENS, VIDEO_STREAMS, AttentionVideoStream, CellSpatioTemporalStream,
                                FrameAttentionStream, MeanVideoStream, SpatioTemporalStream)
+from avemo.model.voice import VoiceHead
 
 MODEL_KIND = "avemo-model"
 MODEL_VERSION = 1
@@ -36,7 +37,7 @@ REMOVED_AUDIO_NORMS = {"utterance": "each clip's own mean per bin, removed 2026-
                                     "speakers (README, speech benchmark)"}
 # stt_tokens: before spatial tokens, stt attended over one pooled vector per frame; audio_norm: before the
 # loudness step, the per-bin statistics alone
-LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames", "audio_norm": "global"}
+LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames", "audio_norm": "global", "voice_head": 0.0}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"   # shipped models (NAME.pt) and front-ends (audio_NAME.pt)
 DEFAULT_MODEL = "default"
 NORMALISATION_BUFFERS = ("mel_mean", "mel_std", "video_mean", "video_std", "map_mean", "map_std")
@@ -54,6 +55,8 @@ class ModelConfig:
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
     audio_norm: str = "level"              # level: each clip brought to one loudness, then the training-set mean
                                            # and std per bin; global: the same without the loudness step
+    voice_head: float = 0.5                # audio-only models: weight of the frozen speaker encoder's classifier in
+                                           # the output probabilities (avemo.model.voice); 0: the FCN alone
     video_stream: str = "attention"        # attention | fan | stt | mean
     video_hidden: int = 128
     video_attention_hidden: int = 64
@@ -111,6 +114,8 @@ class ModelConfig:
         if not isinstance(self.audio_convs_per_block, int) or not 1 <= self.audio_convs_per_block <= 16:
             raise ValueError(f"audio_convs_per_block must be a whole number from 1 to 16, got "
                              f"{self.audio_convs_per_block!r}")
+        if not 0.0 <= self.voice_head < 1.0:
+            raise ValueError(f"voice_head must be in [0, 1), got {self.voice_head}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.frame_encoder is not None:
@@ -125,6 +130,11 @@ class ModelConfig:
     @property
     def uses_video(self) -> bool:
         return self.modalities in ("video", "av")
+
+    @property
+    def uses_voice_head(self) -> bool:
+        """Measured on speech alone, so only an audio-only model has one."""
+        return self.modalities == "audio" and self.voice_head > 0
 
     @property
     def uses_maps(self) -> bool:
@@ -191,6 +201,8 @@ class AVEmoNet(nn.Module):
             self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
             self.register_buffer("mel_std", torch.ones(cfg.n_mels))
             dims.append(self.audio.out_dim)
+        if cfg.uses_voice_head:
+            self.voice = VoiceHead(cfg.n_mels, cfg.n_classes, cfg.voice_head)
         if cfg.uses_video:
             self.video = build_video_stream(cfg)
             self.frame_encoder = (FrameEncoder(cfg.frame_encoder, cfg.map_cells) if cfg.frame_encoder is not None
@@ -290,6 +302,8 @@ class AVEmoNet(nn.Module):
         vecs = [self._with_standin(x, present, standin) for x, present, standin in parts]
         h = self.fusion(*vecs) if self.fusion is not None else vecs[0]
         out["logits"] = self.classifier(self.head_drop(h))                            # [B, n_classes]
+        if self.cfg.uses_voice_head and not self.training and self.voice.is_fitted:
+            out["logits"] = self.voice.mix(out["logits"], batch["mel"], batch["mel_mask"])
         return out
 
 

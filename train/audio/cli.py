@@ -86,7 +86,7 @@ def train_frontend(caches: list[str | Path], out: str | Path, names: list[str] |
     out = Path(out)
     rt = start_runtime()
     cfg = dataclasses.replace(cfg or TrainConfig(), audio_init="none")   # pretraining starts from scratch
-    model = {**(model or {}), "modalities": "audio"}
+    model = {**(model or {}), "modalities": "audio", "voice_head": 0.0}    # a front-end is the FCN alone
     data, described = load_corpora(caches, names)
     model.update(n_classes=len(data.classes), n_mels=data.n_mels, video_dim=0)
     log.info("front-end data: %d clips, %d speakers, classes %s", len(data), len(set(data.speakers)),

@@ -1,0 +1,222 @@
+"""The voice head: a frozen, pretrained speaker encoder's statistics and a linear classifier on them.
+
+The FCN learns its spectrogram features from the few hundred clips of one cache. A network
+pretrained on thousands of speakers knows voices better than that: the GE2E speaker encoder
+(Wan, Wang, Papir, Lopez Moreno, *Generalized end-to-end loss for speaker verification*,
+ICASSP 2018; a 3-layer LSTM of 256 units on 40-band mel frames) in the weights Resemblyzer
+publishes (Apache-2.0, ``weights/voice_ge2e.LICENSE``; trained on LibriSpeech, VoxCeleb 1 and
+2) is shipped here as its LSTM alone. Its embedding is built to ignore what a speaker says
+and how, but its layers' activations still carry it: the mean and standard deviation over
+time of each layer's outputs (3 x 2 x 256 = 1,536 numbers per clip), through a class-balanced
+logistic regression fitted on the training clips, beat the FCN on speakers it never saw, and
+their probabilities averaged with the FCN's beat both (measured in the README's speech
+benchmark). The encoder is never trained: the regression is fitted once, after the FCN.
+
+The encoder reads the cache's log-mel directly: its 40 slaney-scale bands (0-8 kHz, area
+normalised, as librosa makes them) are a fixed linear map of the cache's bands, fitted by
+least squares on the two filterbanks, and each clip's power is scaled to one level (what
+Resemblyzer's -30 dBFS normalisation does to the waveform), so the head is blind to the
+recording gain as the FCN is meant to be. No cache needs re-extracting.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+from torch import nn
+
+WEIGHTS = Path(__file__).resolve().parent / "weights" / "voice_ge2e.npz"
+ENCODER_BANDS = 40                     # the encoder's mel bands (slaney scale, 0 to 8 kHz)
+ENCODER_RATE = 16000
+LAYERS, HIDDEN = 3, 256
+STATS_DIM = LAYERS * 2 * HIDDEN
+# mean over a clip's frames of the 40 bands' summed power, for speech at -30 dBFS RMS with 25 ms Hann
+# windows (measured with librosa on EmoDB clips: 0.417 +- 0.061): the level the encoder was trained at
+FRAME_POWER = 0.42
+CHUNK_FRAMES = 6000                    # an hour of audio runs through the LSTM a minute at a time
+
+
+class VoiceError(ValueError):
+    """A cache whose spectrograms the voice head cannot read (the reason in words)."""
+
+
+@lru_cache(maxsize=1)
+def encoder() -> nn.ModuleList:
+    """The frozen LSTM layers, one module each (so the statistics of every layer can be taken),
+    loaded once per process from the shipped file; float32, eval mode, no gradients."""
+    if not WEIGHTS.is_file():
+        raise VoiceError(f"the voice encoder's weights are missing ({WEIGHTS}); reinstall avemo, or train "
+                         "without the voice head (--voice-head 0)")
+    with np.load(WEIGHTS, allow_pickle=False) as z:
+        w = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}
+    layers = nn.ModuleList()
+    for i in range(LAYERS):
+        lstm = nn.LSTM(ENCODER_BANDS if i == 0 else HIDDEN, HIDDEN, 1, batch_first=True)
+        lstm.load_state_dict({f"{k}_l0": w[f"{k}_l{i}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+        layers.append(lstm)
+    return layers.eval().requires_grad_(False)
+
+
+def band_map(settings: dict) -> torch.Tensor:
+    """[n_mels, 40]: the encoder's mel bands as a linear map of a cache's (least squares on the filterbanks).
+
+    The cache's bands are torchaudio's (HTK scale, unnormalised triangles) between its f_min and
+    f_max; the encoder's are slaney-scale, area-normalised, 0 to 8 kHz, on the same FFT bins.
+    """
+    sr, n_fft, n_mels = int(settings["sample_rate"]), int(settings["n_fft"]), int(settings["n_mels"])
+    f_max = settings.get("f_max") or sr / 2
+    if sr < ENCODER_RATE or f_max < ENCODER_RATE / 2 * 0.95:
+        raise VoiceError(f"the voice head reads 0-8 kHz; this cache's spectrograms stop at {f_max:g} Hz "
+                         f"({sr} Hz audio): train with --voice-head 0, or re-extract at 16 kHz or more")
+    n_freqs = n_fft // 2 + 1
+    ours = torchaudio.functional.melscale_fbanks(n_freqs, float(settings.get("f_min") or 0.0), float(f_max),
+                                                  n_mels, sr).double()
+    theirs = torchaudio.functional.melscale_fbanks(n_freqs, 0.0, ENCODER_RATE / 2, ENCODER_BANDS, sr,
+                                                    norm="slaney", mel_scale="slaney").double()
+    return torch.linalg.lstsq(ours, theirs).solution.float()
+
+
+@torch.no_grad()
+def voice_stats(mel: torch.Tensor, bands: torch.Tensor) -> torch.Tensor:
+    """One clip's log-mel ([n_mels, T], natural log of power + 1e-6, as ``avemo.audio.log_mel`` writes it)
+    -> [1536]: mean and (unbiased) standard deviation over time of each encoder layer's outputs."""
+    from avemo.audio import LOG_EPS
+    with torch.autocast(mel.device.type, enabled=False):
+        power = (mel.float().exp() - LOG_EPS).clamp_min(0.0)                      # [n_mels, T]
+        frames = (bands.to(power.device).T @ power).clamp_min(0.0).T               # [T, 40]
+        frames = frames * (FRAME_POWER / frames.sum(1).mean().clamp_min(1e-12))
+        layers = encoder().to(mel.device)
+        n = frames.shape[0]
+        sums = torch.zeros(LAYERS, 2, HIDDEN, dtype=torch.float64, device=mel.device)
+        state = [None] * LAYERS
+        for t0 in range(0, n, CHUNK_FRAMES):
+            h = frames[None, t0:t0 + CHUNK_FRAMES]
+            for i, lstm in enumerate(layers):
+                h, state[i] = lstm(h, state[i])
+                sums[i, 0] += h[0].sum(0).double()
+                sums[i, 1] += (h[0].double() ** 2).sum(0)
+        mean = sums[:, 0] / n
+        var = (sums[:, 1] - n * mean ** 2) / max(n - 1, 1)
+        return torch.cat([torch.stack([m, v.clamp_min(0.0).sqrt()]).reshape(-1)
+                          for m, v in zip(mean, var)]).float()
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-2,
+                 max_iter: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Class-balanced L2 logistic regression on z-scored features: (mean, std, weight [C, D], bias [C]).
+
+    Convex with the penalty, so it starts from zero (no random state) and L-BFGS finds the one optimum.
+    """
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.tensor((x - mu) / sd, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    counts = np.bincount(y, minlength=n_classes)
+    weight = torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    lin = nn.Linear(xt.shape[1], n_classes)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=max_iter)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(lin(xt), yt, weight=weight) + l2 * (lin.weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return mu.astype(np.float32), sd.astype(np.float32), lin.weight.detach().numpy(), lin.bias.detach().numpy()
+
+
+class VoiceHead(nn.Module):
+    """The encoder statistics' classifiers and how much they weigh: the model's probabilities become
+    ``(1 - w) p_model + w p_voice`` once fitted (``fitted`` 0 until then: training sees the FCN alone).
+
+    Two regressions: one on the statistics as they are, for a clip alone, and one on each training
+    speaker's statistics less that speaker's mean, for a model adapted to a group of clips (one speaker's:
+    ``adapt``), whose mean then stands in for the speaker's. Who is speaking is most of what a speaker
+    encoder's statistics hold; removing it leaves how they speak (the classic speaker normalisation of
+    speech emotion work, measured in the README's speech benchmark).
+    """
+
+    def __init__(self, n_mels: int, n_classes: int, weight: float):
+        super().__init__()
+        self.weight = weight
+        self.register_buffer("bands", torch.zeros(n_mels, ENCODER_BANDS))
+        self.register_buffer("stats_mean", torch.zeros(STATS_DIM))
+        self.register_buffer("stats_std", torch.ones(STATS_DIM))
+        self.register_buffer("fitted", torch.zeros(()))
+        self.classifier = nn.Linear(STATS_DIM, n_classes)
+        self.register_buffer("centred_std", torch.ones(STATS_DIM))
+        self.register_buffer("speaker_fitted", torch.zeros(()))
+        self.speaker_classifier = nn.Linear(STATS_DIM, n_classes)
+        self.register_buffer("group_mean", torch.zeros(STATS_DIM))
+        self.register_buffer("adapted", torch.zeros(()))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted > 0)
+
+    def stats(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, n_mels, T] log-mel batch and its [B, T] mask -> [B, 1536] (zeros for a clip without audio)."""
+        out = torch.zeros(mel.shape[0], STATS_DIM, device=mel.device)
+        lengths = mask.sum(1).tolist()
+        for b, n in enumerate(lengths):
+            if n:
+                out[b] = voice_stats(mel[b, :, :int(n)], self.bands)
+        return out
+
+    def _clip_stats(self, mels: list[np.ndarray]) -> np.ndarray:
+        return np.stack([voice_stats(torch.from_numpy(np.asarray(m)), self.bands.cpu()).numpy() for m in mels])
+
+    def fit(self, mels: list[np.ndarray], labels: np.ndarray, speakers: list, settings: dict,
+            n_classes: int) -> None:
+        """Fit on the training clips' log-mels (as cached), their class indices and their speakers
+        (the speaker-relative regression needs two speakers or more; None: unknown)."""
+        self.bands.copy_(band_map(settings))
+        x, labels = self._clip_stats(mels), np.asarray(labels)
+        mu, sd, w, b = fit_logistic(x, labels, n_classes)
+        self._set(self.classifier, w, b, stats_mean=mu, stats_std=sd)
+        self.fitted.fill_(1.0)
+        known = np.array([s is not None and s != "" for s in speakers])
+        if len({s for s, k in zip(speakers, known) if k}) >= 2:
+            spk = np.array([str(s) for s in speakers])[known]
+            centred = x[known] - np.stack([x[known][spk == s].mean(0) for s in spk])
+            _, sd_c, w_c, b_c = fit_logistic(centred, labels[known], n_classes)
+            self._set(self.speaker_classifier, w_c, b_c, centred_std=sd_c)
+            self.speaker_fitted.fill_(1.0)
+
+    def _set(self, layer: nn.Linear, w: np.ndarray, b: np.ndarray, **buffers: np.ndarray) -> None:
+        dev = self.stats_mean.device
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(w).to(dev))
+            layer.bias.copy_(torch.from_numpy(b).to(dev))
+            for name, value in buffers.items():
+                getattr(self, name).copy_(torch.from_numpy(value).to(dev))
+
+    def adapt(self, mels: list[np.ndarray], prior_clips: float) -> None:
+        """Score with the speaker-relative regression from now on, the mean of the group ``mels`` standing in for
+        the speaker's: ``w * group + (1 - w) * training clips'``, ``w = n / (n + prior_clips)`` for n clips, as
+        ``avemo.model.adapt`` blends the stream's statistics. Nothing changes without that regression."""
+        if not bool(self.speaker_fitted > 0) or not mels:
+            return
+        group = torch.from_numpy(self._clip_stats(mels).mean(0)).to(self.stats_mean.device)
+        w = len(mels) / (len(mels) + prior_clips)
+        self.group_mean.copy_(w * group + (1 - w) * self.stats_mean)
+        self.adapted.fill_(1.0)
+
+    def mix(self, logits: torch.Tensor, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits whose softmax is ``(1 - w) softmax(logits) + w p_voice`` for the clips with audio."""
+        with torch.autocast(logits.device.type, enabled=False):
+            x = self.stats(mel, mask)
+            if bool(self.adapted > 0):
+                p_voice = torch.softmax(self.speaker_classifier((x - self.group_mean) / self.centred_std), -1)
+            else:
+                p_voice = torch.softmax(self.classifier((x - self.stats_mean) / self.stats_std), -1)
+            p = torch.softmax(logits.float(), -1)
+            has = mask.any(1, keepdim=True)
+            p = torch.where(has, (1 - self.weight) * p + self.weight * p_voice, p)
+            return p.clamp_min(1e-12).log()

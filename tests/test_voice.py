@@ -1,0 +1,122 @@
+"""The voice head: the shipped speaker encoder read from cached log-mels, its regressions, and avemo-train's use."""
+import numpy as np
+import pytest
+import torch
+
+from _synthetic_cache import make_cache
+from avemo.audio import at_gain, log_mel
+from avemo.features import ExtractionSettings
+from avemo.model import ModelConfig, build_model, load_model
+from avemo.model.adapt import adapt
+from avemo.model.voice import STATS_DIM, VoiceError, VoiceHead, band_map, encoder, fit_logistic, voice_stats
+from train.cli import SplitOptions, run_training
+from train.loop import TrainConfig
+
+torch.set_num_threads(1)
+SETTINGS = ExtractionSettings().to_dict()
+
+
+def speech_like(seed: int, seconds: float = 1.5, f0: float = 140.0) -> np.ndarray:
+    """A voiced, gliding harmonic tone with a syllable rhythm, as a cache's log-mel."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    pitch = f0 * (1 + 0.1 * np.sin(2 * np.pi * 0.7 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / 16000
+    wav = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    wav = (0.1 * wav + 0.003 * rng.standard_normal(len(t))).astype(np.float32)
+    s = SETTINGS
+    return log_mel(wav, s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"], s["f_min"], s["f_max"])
+
+
+def test_the_shipped_encoder_loads_and_the_band_map_rebuilds_its_filterbank():
+    layers = encoder()
+    assert len(layers) == 3 and all(not p.requires_grad for p in layers.parameters())
+    bands = band_map(SETTINGS)
+    assert bands.shape == (64, 40)
+    import torchaudio
+    ours = torchaudio.functional.melscale_fbanks(201, 20.0, 8000.0, 64, 16000)
+    theirs = torchaudio.functional.melscale_fbanks(201, 0.0, 8000.0, 40, 16000, norm="slaney", mel_scale="slaney")
+    assert float((ours @ bands - theirs).norm() / theirs.norm()) < 0.2
+    with pytest.raises(VoiceError, match="8 kHz.*4000 Hz"):
+        band_map(SETTINGS | {"sample_rate": 8000})
+
+
+def test_statistics_are_blind_to_the_recording_gain_and_to_chunking(monkeypatch):
+    mel = torch.from_numpy(speech_like(0))
+    bands = band_map(SETTINGS)
+    x = voice_stats(mel, bands)
+    assert x.shape == (STATS_DIM,) and bool(torch.isfinite(x).all())
+    torch.testing.assert_close(voice_stats(at_gain(mel, 20.0), bands), x, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(voice_stats(at_gain(mel, -12.0), bands), x, atol=2e-4, rtol=1e-3)
+    monkeypatch.setattr("avemo.model.voice.CHUNK_FRAMES", 37)        # an hour-long clip runs a minute at a time
+    torch.testing.assert_close(voice_stats(mel, bands), x, atol=1e-5, rtol=1e-4)
+    # a different voice gives different statistics
+    assert float((voice_stats(torch.from_numpy(speech_like(1, f0=220.0)), bands) - x).abs().max()) > 1e-2
+
+
+def test_logistic_fit_is_deterministic_and_separates_what_is_separable():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)) + np.repeat(np.eye(3, 5) * 3, 20, axis=0)
+    y = np.repeat(np.arange(3), 20)
+    a, b = fit_logistic(x, y, 3), fit_logistic(x, y, 3)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    mu, sd, w, bias = a
+    assert (((x - mu) / sd @ w.T + bias).argmax(1) == y).mean() > 0.95
+
+
+def test_the_head_mixes_probabilities_and_adapts_to_a_group():
+    mels = [speech_like(i, f0=f) for i, f in enumerate((110, 120, 130, 200, 210, 220) * 2)]
+    labels = np.array([0, 0, 0, 1, 1, 1] * 2)
+    speakers = ["a"] * 6 + ["b"] * 6
+    head = VoiceHead(64, 2, weight=0.4)
+    assert not head.is_fitted
+    head.fit(mels, labels, speakers, SETTINGS, 2)
+    assert head.is_fitted and bool(head.speaker_fitted > 0)
+    mel = torch.zeros(2, 64, max(m.shape[1] for m in mels))
+    mask = torch.zeros(2, mel.shape[2], dtype=torch.bool)
+    mel[0, :, :mels[0].shape[1]], mask[0, :mels[0].shape[1]] = torch.from_numpy(mels[0]), True
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    out = torch.softmax(head.mix(logits, mel, mask), -1)
+    x = (head.stats(mel[:1], mask[:1]) - head.stats_mean) / head.stats_std
+    p_voice = torch.softmax(head.classifier(x), -1)
+    torch.testing.assert_close(out[0], 0.6 * torch.softmax(logits[0], -1) + 0.4 * p_voice[0])
+    torch.testing.assert_close(out[1], torch.softmax(logits[1], -1))     # no audio: the model's own
+    head.adapt(mels[:6], prior_clips=0)
+    assert bool(head.adapted > 0)
+    group = np.stack([voice_stats(torch.from_numpy(m), head.bands).numpy() for m in mels[:6]]).mean(0)
+    torch.testing.assert_close(head.group_mean, torch.from_numpy(group))       # prior 0: the group's own mean
+
+
+def test_one_speaker_fits_no_speaker_relative_regression():
+    mels = [speech_like(i) for i in range(4)]
+    head = VoiceHead(64, 2, weight=0.5)
+    head.fit(mels, np.array([0, 1, 0, 1]), ["a"] * 4, SETTINGS, 2)
+    assert head.is_fitted and not bool(head.speaker_fitted > 0)
+    head.adapt(mels, prior_clips=10)
+    assert not bool(head.adapted > 0)                  # nothing to adapt with: the plain regression stays
+
+
+def test_avemo_train_fits_the_head_after_the_fcn_and_the_checkpoint_carries_it(tmp_path):
+    cache = make_cache(tmp_path / "c", video=False, n_mels=64, per_class=4)
+    split = SplitOptions(val_speakers="s3", test_speakers="s4")
+    cfg = TrainConfig(epochs=2, batch_size=8, progress=False, audio_init="none")
+    run_training(cache, tmp_path / "run", {}, cfg, split)
+    net, ckpt = load_model(tmp_path / "run" / "best.pt")
+    assert ckpt["config"]["voice_head"] == 0.5 and net.voice.is_fitted and bool(net.voice.speaker_fitted > 0)
+    last, _ = load_model(tmp_path / "run" / "last.pt")      # training itself never saw the head
+    assert not last.voice.is_fitted
+    batch = {"mel": torch.randn(2, 64, 30) - 4, "mel_mask": torch.ones(2, 30, dtype=torch.bool)}
+    fused = torch.softmax(net(batch)["logits"], -1)
+    net.voice.fitted.zero_()
+    alone = torch.softmax(net(batch)["logits"], -1)
+    assert not torch.allclose(fused, alone)
+    adapted = adapt(load_model(tmp_path / "run" / "best.pt")[0], [batch["mel"][0].numpy()])
+    assert bool(adapted.voice.adapted > 0)
+    # --voice-head 0, and any av or video model: no head at all
+    run_training(cache, tmp_path / "plain", {"voice_head": 0.0}, cfg, split)
+    plain, _ = load_model(tmp_path / "plain" / "best.pt")
+    assert not hasattr(plain, "voice")
+    assert not hasattr(build_model(ModelConfig(n_classes=3, modalities="av", video_dim=8)), "voice")
+    with pytest.raises(ValueError, match="voice_head must be in"):
+        ModelConfig(n_classes=3, modalities="audio", voice_head=1.0)
