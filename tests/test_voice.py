@@ -104,6 +104,7 @@ def test_avemo_train_fits_the_head_after_the_fcn_and_the_checkpoint_carries_it(t
     run_training(cache, tmp_path / "run", {}, cfg, split)
     net, ckpt = load_model(tmp_path / "run" / "best.pt")
     assert ckpt["config"]["voice_head"] == 0.5 and net.voice.is_fitted and bool(net.voice.speaker_fitted > 0)
+    assert not any(p.requires_grad for p in net.voice.parameters())       # the optimiser and DDP never see it
     last, _ = load_model(tmp_path / "run" / "last.pt")      # training itself never saw the head
     assert not last.voice.is_fitted
     batch = {"mel": torch.randn(2, 64, 30) - 4, "mel_mask": torch.ones(2, 30, dtype=torch.bool)}

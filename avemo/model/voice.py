@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchaudio
 from torch import nn
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "voice_ge2e.npz"
@@ -71,6 +70,7 @@ def band_map(settings: dict) -> torch.Tensor:
     if sr < ENCODER_RATE or f_max < ENCODER_RATE / 2 * 0.95:
         raise VoiceError(f"the voice head reads 0-8 kHz; this cache's spectrograms stop at {f_max:g} Hz "
                          f"({sr} Hz audio): train with --voice-head 0, or re-extract at 16 kHz or more")
+    import torchaudio                   # only fitting needs it: loading a model stays light
     n_freqs = n_fft // 2 + 1
     ours = torchaudio.functional.melscale_fbanks(n_freqs, float(settings.get("f_min") or 0.0), float(f_max),
                                                   n_mels, sr).double()
@@ -83,7 +83,7 @@ def band_map(settings: dict) -> torch.Tensor:
 def voice_stats(mel: torch.Tensor, bands: torch.Tensor) -> torch.Tensor:
     """One clip's log-mel ([n_mels, T], natural log of power + 1e-6, as ``avemo.audio.log_mel`` writes it)
     -> [1536]: mean and (unbiased) standard deviation over time of each encoder layer's outputs."""
-    from avemo.audio import LOG_EPS
+    from avemo.audio import LOG_EPS     # not at the top: avemo.audio loads PyAV, which a model never needs
     with torch.autocast(mel.device.type, enabled=False):
         power = (mel.float().exp() - LOG_EPS).clamp_min(0.0)                      # [n_mels, T]
         frames = (bands.to(power.device).T @ power).clamp_min(0.0).T               # [T, 40]
@@ -155,6 +155,8 @@ class VoiceHead(nn.Module):
         self.speaker_classifier = nn.Linear(STATS_DIM, n_classes)
         self.register_buffer("group_mean", torch.zeros(STATS_DIM))
         self.register_buffer("adapted", torch.zeros(()))
+        # fitted by L-BFGS after training, never by the optimiser; DDP refuses parameters a step leaves unused
+        self.requires_grad_(False)
 
     @property
     def is_fitted(self) -> bool:
