@@ -149,10 +149,15 @@ class VoiceHead(nn.Module):
         self.register_buffer("stats_mean", torch.zeros(STATS_DIM))
         self.register_buffer("stats_std", torch.ones(STATS_DIM))
         self.register_buffer("fitted", torch.zeros(()))
-        self.classifier = nn.Linear(STATS_DIM, n_classes)
+        # built without a random initialisation (they are fitted): the model's other layers then draw the
+        # same random numbers with or without a head, so the FCN of a seed is the same either way
+        self.classifier = nn.utils.skip_init(nn.Linear, STATS_DIM, n_classes)
         self.register_buffer("centred_std", torch.ones(STATS_DIM))
         self.register_buffer("speaker_fitted", torch.zeros(()))
-        self.speaker_classifier = nn.Linear(STATS_DIM, n_classes)
+        self.speaker_classifier = nn.utils.skip_init(nn.Linear, STATS_DIM, n_classes)
+        for layer in (self.classifier, self.speaker_classifier):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.register_buffer("group_mean", torch.zeros(STATS_DIM))
         self.register_buffer("adapted", torch.zeros(()))
         # fitted by L-BFGS after training, never by the optimiser; DDP refuses parameters a step leaves unused
