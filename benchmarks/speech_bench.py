@@ -22,7 +22,9 @@ speaker in both training and test:
   (``benchmarks/emodb_reference.py``) on the same folds; deterministic, one run.
 
 Everything after ``--`` goes to avemo-train's option parser (the same recipe for every part,
-the pretraining included): with none, the figures are avemo-train's defaults. Runs go to
+the pretraining included): with none, the figures are avemo-train's defaults, the voice head
+of its audio-only models included (``-- --voice-head 0``: the FCN alone; the pretraining's
+front-ends never have one). Runs go to
 ``--jobs`` worker processes (on one GPU when there is one); finished runs are kept, so the
 same command resumes. UAR and WAR per part: the mean over folds for each seed, then the mean
 and standard deviation of those over seeds; seconds per training run (its epochs, from metrics.csv). "adapted": the same
