@@ -1,6 +1,7 @@
 """The voice head (avemo.model.voice) on finished speaker-fold runs: what it adds to their FCNs.
 
     python benchmarks/voice_head.py CACHE RUN_DIR [RUN_DIR ...] [--weights 0,0.35,0.5,0.65] [--adapt]
+                                    [--layers 2,3]
 
 Each RUN_DIR holds the fold runs of one seed (``fold*/`` with ``split.json`` and ``best.pt``, as
 ``speech_bench.py`` and ``avemo-train --folds`` write them), trained with or without a voice head.
@@ -10,7 +11,8 @@ fresh run would: for each fold this fits it on the fold's training and validatio
 (``train.loop.fit_voice_head``) and scores it on
 the fold's test speakers as ``avemo-evaluate`` does (``train.evaluate.model_logits``) at each weight;
 with ``--adapt``, also adapted to each test speaker relative to the cache (``avemo-evaluate --adapt
-speaker``). Weight 0 is the FCN alone. The fitted model is kept as ``fold*/voice.pt``.
+speaker``). Weight 0 is the FCN alone; ``--layers`` picks the encoder layers the head reads (default:
+avemo-train's). The fitted model is kept as ``fold*/voice.pt``.
 Prints UAR and WAR per weight: mean over folds per RUN_DIR, then mean +- std over RUN_DIRs.
 """
 from __future__ import annotations
@@ -35,13 +37,14 @@ from train.metrics import classification_metrics  # noqa: E402
 DEFAULT_WEIGHT = ModelConfig.voice_head
 
 
-def with_voice_head(run: Path, data) -> AVEmoNet:
+def with_voice_head(run: Path, data, layers: tuple[int, ...] = ModelConfig.voice_layers) -> AVEmoNet:
     """``run``/best.pt with a voice head fitted on its split's training and validation clips, as avemo-train
     fits it at the end of a run (written to ``run``/voice.pt, so avemo-evaluate can score it too)."""
     net, ckpt = load_model(run / "best.pt")
     if net.cfg.modalities != "audio":
         raise SystemExit(f"{run}: the voice head is for audio-only models; this one reads {net.cfg.modalities}")
-    model = AVEmoNet(type(net.cfg).from_dict(net.cfg.to_dict() | {"voice_head": DEFAULT_WEIGHT}))
+    model = AVEmoNet(type(net.cfg).from_dict(net.cfg.to_dict() | {"voice_head": DEFAULT_WEIGHT,
+                                                                   "voice_layers": layers}))
     model.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("voice.")}, strict=False)
     split = json.loads((run / "split.json").read_text())
     fit_voice_head(model, data, split["train"] + (split.get("val") or []))
@@ -56,6 +59,8 @@ def main() -> None:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
     p.add_argument("--weights", default="0,0.35,0.5,0.65", help="the voice head's weights (0: the FCN alone)")
     p.add_argument("--adapt", action="store_true", help="also score each model adapted to each test speaker")
+    p.add_argument("--layers", default=",".join(map(str, ModelConfig.voice_layers)),
+                   help="the speaker encoder's layers the head reads")
     args = p.parse_args()
     torch.set_num_threads(1)
     weights = [float(w) for w in args.weights.split(",")]
@@ -66,7 +71,7 @@ def main() -> None:
     for seed_dir in args.runs:
         for run in sorted(seed_dir.glob("fold*")):
             t0 = time.perf_counter()
-            model = with_voice_head(run, data)
+            model = with_voice_head(run, data, tuple(int(k) for k in args.layers.split(",")))
             split = json.loads((run / "split.json").read_text())
             test = [i for i in split["test"] if data.clips[i].has_audio]
             population = cache_population(model, data) if args.adapt else None

@@ -41,6 +41,13 @@ def test_default_model_ships_and_describes_itself(model):
     assert 0.3 < model.metrics["speech_heldout"]["all"]["uar"] < 1
     assert 0.3 < model.metrics["face_fer2013"]["test"]["war"] < 1
     assert {"voice", "face", "product"} <= set(model.metrics["pseudo_av"])
+    # the voice expert carries a fitted, tempered voice head, and says what it read and how it was measured
+    net = model.network
+    assert net.cfg.uses_voice_head and net.voice.is_fitted
+    head = about["calibration"]["voice_head"]
+    assert head["weight"] == net.cfg.voice_head and tuple(head["layers"]) == net.cfg.voice_layers
+    assert head["temperature"] > 0 and "Apache-2.0" in about["licence"]
+    assert {"fcn_alone", "voice_head_alone"} <= set(model.metrics["speech_heldout"])
 
 
 def test_video_with_sound_fuses_both_experts(model):
@@ -110,7 +117,7 @@ def test_calibration_folds_into_the_linear_heads():
     prior = log_prior(np.array([0, 0, 0, 1, 2, 3, 3, 4, 5, 6]), 7)
     voice = Expert(torch.randn(7, 8), torch.randn(7), prior, 2.5)
     face = Expert(torch.randn(7, 6), torch.randn(7), None, 0.7)
-    net = assemble(audio_state, audio_cfg, BASIC, voice, face, feature_dim=6)
+    net = assemble(audio_state, audio_cfg, BASIC, voice, face, feature_dim=6, voice_head=None)
     frames = torch.randn(5, 6)
     w, b = net.fusion.video_head.weight, net.fusion.video_head.bias
     raw = (frames @ face.weight.T + face.bias).mean(0, keepdim=True).numpy()

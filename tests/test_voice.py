@@ -8,7 +8,7 @@ from avemo.audio import at_gain, log_mel
 from avemo.features import ExtractionSettings
 from avemo.model import ModelConfig, build_model, load_model
 from avemo.model.adapt import adapt
-from avemo.model.voice import STATS_DIM, VoiceError, VoiceHead, band_map, encoder, fit_logistic, voice_stats
+from avemo.model.voice import LAYER_STATS, VoiceError, VoiceHead, band_map, encoder, fit_logistic, voice_stats
 from train.cli import SplitOptions, run_training
 from train.loop import TrainConfig
 
@@ -45,7 +45,11 @@ def test_statistics_are_blind_to_the_recording_gain_and_to_chunking(monkeypatch)
     mel = torch.from_numpy(speech_like(0))
     bands = band_map(SETTINGS)
     x = voice_stats(mel, bands)
-    assert x.shape == (STATS_DIM,) and bool(torch.isfinite(x).all())
+    assert x.shape == (2 * LAYER_STATS,) and bool(torch.isfinite(x).all())
+    # the default layers (2 and 3) are those parts of all three layers' statistics
+    every = voice_stats(mel, bands, (1, 2, 3))
+    torch.testing.assert_close(every[LAYER_STATS:], x)
+    torch.testing.assert_close(voice_stats(mel, bands, (1,)), every[:LAYER_STATS])
     torch.testing.assert_close(voice_stats(at_gain(mel, 20.0), bands), x, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(voice_stats(at_gain(mel, -12.0), bands), x, atol=2e-4, rtol=1e-3)
     monkeypatch.setattr("avemo.model.voice.CHUNK_FRAMES", 37)        # an hour-long clip runs a minute at a time
@@ -69,7 +73,7 @@ def test_the_head_mixes_probabilities_and_adapts_to_a_group():
     mels = [speech_like(i, f0=f) for i, f in enumerate((110, 120, 130, 200, 210, 220) * 2)]
     labels = np.array([0, 0, 0, 1, 1, 1] * 2)
     speakers = ["a"] * 6 + ["b"] * 6
-    head = VoiceHead(64, 2, weight=0.4)
+    head = VoiceHead(64, 2, weight=0.4, layers=(2, 3))
     assert not head.is_fitted
     head.fit(mels, labels, speakers, SETTINGS, 2)
     assert head.is_fitted and bool(head.speaker_fitted > 0)
@@ -84,13 +88,13 @@ def test_the_head_mixes_probabilities_and_adapts_to_a_group():
     torch.testing.assert_close(out[1], torch.softmax(logits[1], -1))     # no audio: the model's own
     head.adapt(mels[:6], prior_clips=0)
     assert bool(head.adapted > 0)
-    group = np.stack([voice_stats(torch.from_numpy(m), head.bands).numpy() for m in mels[:6]]).mean(0)
+    group = np.stack([voice_stats(torch.from_numpy(m), head.bands, (2, 3)).numpy() for m in mels[:6]]).mean(0)
     torch.testing.assert_close(head.group_mean, torch.from_numpy(group))       # prior 0: the group's own mean
 
 
 def test_one_speaker_fits_no_speaker_relative_regression():
     mels = [speech_like(i) for i in range(4)]
-    head = VoiceHead(64, 2, weight=0.5)
+    head = VoiceHead(64, 2, weight=0.5, layers=(3,))
     head.fit(mels, np.array([0, 1, 0, 1]), ["a"] * 4, SETTINGS, 2)
     assert head.is_fitted and not bool(head.speaker_fitted > 0)
     head.adapt(mels, prior_clips=10)
@@ -121,3 +125,41 @@ def test_avemo_train_fits_the_head_after_the_fcn_and_the_checkpoint_carries_it(t
     assert not hasattr(build_model(ModelConfig(n_classes=3, modalities="av", video_dim=8)), "voice")
     with pytest.raises(ValueError, match="voice_head must be in"):
         ModelConfig(n_classes=3, modalities="audio", voice_head=1.0)
+
+
+def test_voice_layers_are_checked_and_a_head_from_before_the_choice_reads_all_three():
+    for bad in ((), (0, 2), (3, 2), (2, 2), (4,)):
+        with pytest.raises(ValueError, match="voice_layers"):
+            ModelConfig(n_classes=3, modalities="audio", voice_layers=bad)
+    assert ModelConfig.from_dict(ModelConfig(n_classes=3, modalities="audio").to_dict()).voice_layers == (2, 3)
+    stored = {k: v for k, v in ModelConfig(n_classes=3, modalities="audio").to_dict().items() if k != "voice_layers"}
+    old = ModelConfig.from_stored(stored)
+    assert old.voice_layers == (1, 2, 3)
+    assert build_model(old).voice.stats_mean.shape == (3 * LAYER_STATS,)
+
+
+def test_a_late_fusion_model_mixes_the_head_into_its_audio_expert_before_the_product():
+    cfg = ModelConfig(n_classes=2, modalities="av", video_dim=6, video_stream="mean", fusion="product",
+                      audio_channels=(4, 8), voice_head=0.3)
+    assert cfg.uses_voice_head and not ModelConfig(**{**cfg.to_dict(), "fusion": "fbp"}).uses_voice_head
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    mels = [speech_like(i, f0=f) for i, f in enumerate((110, 120, 130, 200, 210, 220))]
+    net.voice.fit(mels, np.array([0, 0, 0, 1, 1, 1]), [None] * 6, SETTINGS, 2)
+    n = mels[0].shape[1]
+    batch = {"mel": torch.from_numpy(np.stack([mels[0], mels[4]])), "mel_mask": torch.ones(2, n, dtype=torch.bool),
+             "video": torch.randn(2, 5, 6), "video_mask": torch.ones(2, 5, dtype=torch.bool)}
+    with torch.no_grad():
+        out = net(batch)
+        net.voice.fitted.zero_()
+        alone = net(batch)
+        net.voice.fitted.fill_(1.0)
+    p_voice = torch.softmax(torch.from_numpy(net.voice.logits(net.voice.clip_stats([mels[0], mels[4]]))), -1)
+    torch.testing.assert_close(out["audio_logits"].exp(), 0.7 * alone["audio_logits"].exp() + 0.3 * p_voice)
+    torch.testing.assert_close(out["video_logits"], alone["video_logits"])
+    torch.testing.assert_close(out["logits"], torch.log_softmax(out["audio_logits"] + out["video_logits"], -1))
+    # temper: the regression's logits divided by T
+    x = net.voice.clip_stats(mels[:2])
+    before = net.voice.logits(x)
+    net.voice.temper(2.0)
+    np.testing.assert_allclose(net.voice.logits(x), before / 2.0, rtol=1e-5, atol=1e-6)

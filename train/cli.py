@@ -136,7 +136,7 @@ def _ints(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"channel counts must be >= 1, got '{text}'")
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1, got '{text}'")
     return values
 
 
@@ -158,7 +158,7 @@ MODEL_FLAGS = {"audio_channels": "audio_channels", "audio_convs": "audio_convs_p
                "video_stream": "video_stream", "fusion": "fusion", "fbp_k": "fbp_k", "fbp_o": "fbp_o",
                "video_lambda": "video_lambda", "video_hidden": "video_hidden", "stt_layers": "stt_layers",
                "stt_tokens": "stt_tokens",
-               "modality_dropout": "modality_dropout", "voice_head": "voice_head"}
+               "modality_dropout": "modality_dropout", "voice_head": "voice_head", "voice_layers": "voice_layers"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,8 +209,12 @@ def add_model_args(p: argparse.ArgumentParser, video: bool) -> None:
     if not video:
         return
     g.add_argument("--voice-head", type=float, default=m["voice_head"],
-                   help="audio-only models: weight of a frozen pretrained speaker encoder's classifier, fitted on "
-                        "the training clips after the FCN, in the output probabilities (0: the FCN alone)")
+                   help="audio-only and --fusion product models: weight of a frozen pretrained speaker encoder's "
+                        "classifier, fitted on the training clips after the FCN, in the voice's probabilities (0: the "
+                        "FCN alone)")
+    g.add_argument("--voice-layers", type=_ints, default=m["voice_layers"],
+                   help="the speaker encoder's layers (1-3) whose statistics the voice head reads (default: "
+                        + ",".join(map(str, m["voice_layers"])) + ")")
     g.add_argument("--video-stream", choices=VIDEO_STREAMS, default=m["video_stream"])
     g.add_argument("--no-relation", action="store_true", help="fan: self-attention only, no relation-attention")
     g.add_argument("--fusion", choices=FUSIONS, default=m["fusion"])

@@ -5,13 +5,17 @@ samples) and a face-image corpus (FER2013). So the shipped model is two experts 
 apart and fused late (``fusion="product"``, see ``avemo.model.fusion.ProductOfExperts``):
 
 - voice: the shipped audio front-end (``avemo/model/weights/audio_default.pt``), its head
-  restricted to the seven basic emotions;
+  restricted to the seven basic emotions, its probabilities averaged with the voice head's
+  (``avemo.model.voice``: the frozen speaker encoder's statistics and a regression fitted on
+  the front-end's clips of the seven classes), as in every avemo-train speech model;
 - face: the shipped face encoder's own classifier applied to every sampled frame, the logits
   averaged over the frames with a face (``video_stream="mean"``);
 - each expert's logits are corrected for the class prior it was trained under (logit
   adjustment: subtract log prior) and divided by a temperature fitted on data it did not
   train on (temperature scaling, Guo et al. 2017), so that multiplying the two posteriors
-  is the Bayes combination of two calibrated, independent witnesses.
+  is the Bayes combination of two calibrated, independent witnesses. The voice head's
+  regression (class-balanced: no prior to correct) gets its own temperature before the two
+  voice probabilities are averaged.
 
 Everything is measured on data the measured weights never saw: a twin of the speech
 expert trained by the same recipe without ``--holdout-speakers`` gives the speech figures
@@ -41,6 +45,7 @@ from avemo.extraction import with_encoder_identity
 from avemo.features import ExtractionSettings
 from avemo.model import AVEmoNet, ModelConfig, load_model, save_model
 from avemo.model.frontend import AUDIO_ARCH_FIELDS, AudioFrontend, load_frontend
+from avemo.model.voice import VoiceHead
 from train.audio.cli import load_corpora
 from train.cli import _setup_logging
 from train.data import CacheError, TrainingData, load_training_data
@@ -50,12 +55,16 @@ from train.metrics import classification_metrics
 from train.splits import SplitError, explicit_split
 
 log = logging.getLogger("avemo.train")
+VOICE_ENCODER = ("GE2E speaker encoder (Wan et al. 2018) in Resemblyzer 0.1.4's weights, Apache-2.0, frozen: "
+                 "avemo/model/weights/voice_ge2e.npz")
 BASIC = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 LICENCE = ("Research use only, non-commercial. The voice expert is the audio front-end trained on RAVDESS speech "
            "(Livingstone & Russo 2018, CC BY-NC-SA 4.0: non-commercial, share-alike), Berlin EmoDB (Burkhardt et al. "
            "2005, free for research use) and 12 CREMA-D clips (Cao et al. 2014, ODbL 1.0 / DbCL 1.0); the face "
            "expert is the face encoder trained on FER2013 (Goodfellow et al. 2013, released for research). The "
-           "weights carry the most restrictive of these conditions.")
+           "weights carry the most restrictive of these conditions. The voice expert's voice head reads a frozen "
+           "GE2E speaker encoder (Resemblyzer 0.1.4's weights, Apache-2.0, shipped as "
+           "avemo/model/weights/voice_ge2e.npz with its licence).")
 CLASS_NOTE = ("Seven classes: angry, disgust, fear, happy, neutral, sad, surprise. The voice expert also learned "
               "RAVDESS's calm and EmoDB's boredom as classes of their own; here its answer is conditioned on the "
               "seven (those two logits are left out), so a calm or bored voice goes to the nearest of the seven, "
@@ -138,12 +147,17 @@ def basic_rows(classes: list[str]) -> list[int]:
 
 
 def assemble(audio_state: dict[str, torch.Tensor], audio_cfg: ModelConfig, audio_classes: list[str],
-             voice: Expert, face: Expert, feature_dim: int) -> AVEmoNet:
-    """The late-fusion model: the audio stream of ``audio_state`` and the two calibrated heads."""
+             voice: Expert, face: Expert, feature_dim: int, voice_head: VoiceHead | None) -> AVEmoNet:
+    """The late-fusion model: the audio stream of ``audio_state``, the two calibrated heads and the
+    voice expert's fitted voice head (None: the FCN alone)."""
     cfg = ModelConfig(n_classes=len(BASIC), modalities="av", video_dim=feature_dim, video_stream="mean",
                       fusion="product", dropout=audio_cfg.dropout,
+                      voice_head=voice_head.weight if voice_head is not None else 0.0,
+                      voice_layers=voice_head.layers if voice_head is not None else ModelConfig.voice_layers,
                       **{k: getattr(audio_cfg, k) for k in AUDIO_ARCH_FIELDS})
     net = AVEmoNet(cfg)
+    if voice_head is not None:
+        net.voice.load_state_dict(voice_head.state_dict())
     net.audio.load_state_dict({k[len("audio."):]: v for k, v in audio_state.items() if k.startswith("audio.")})
     net.set_normalisation({k: audio_state[k] for k in ("mel_mean", "mel_std")})
     with torch.no_grad():
@@ -167,6 +181,28 @@ def face_logits(encoder: FaceEncoder, data_dir: Path, split: str) -> tuple[np.nd
     return logits[:, basic_rows(encoder.classes)], images.labels.numpy()
 
 
+def voice_heads(data: TrainingData, parts: list[tuple[list[int], np.ndarray]], weight: float
+                ) -> list[VoiceHead]:
+    """The voice expert's voice head over the seven classes, fitted on each part's clips (labels in BASIC's
+    order) as ``train.loop.fit_voice_head`` fits an avemo-train model's; each clip's statistics taken once."""
+    heads = [VoiceHead(int(data.settings["n_mels"]), len(BASIC), weight, ModelConfig.voice_layers) for _ in parts]
+    for head in heads:
+        head.read_settings(data.settings)
+    clips = sorted({i for indices, _ in parts for i in indices})
+    row = {i: k for k, i in enumerate(clips)}
+    x = heads[0].clip_stats([data.clips[i].arrays["mel"] for i in clips])
+    for head, (indices, labels) in zip(heads, parts):
+        head.fit_stats(x[[row[i] for i in indices]], labels, [data.speakers[i] for i in indices], len(BASIC))
+    return heads
+
+
+def mixed(fcn_logp: np.ndarray, voice_logp: np.ndarray | None, weight: float) -> np.ndarray:
+    """log((1 - w) p_FCN + w p_voice): the voice expert's answer, as ``VoiceHead.mix`` gives it."""
+    if voice_logp is None:
+        return fcn_logp
+    return np.log((1 - weight) * np.exp(fcn_logp) + weight * np.exp(voice_logp))
+
+
 def seven_class(data: TrainingData, indices: list[int]) -> tuple[list[int], np.ndarray]:
     """The clips of ``indices`` labelled with one of the seven classes, and their labels in BASIC's order."""
     keep = [i for i in indices if data.classes[data.labels[i]] in BASIC]
@@ -177,7 +213,8 @@ def seven_class(data: TrainingData, indices: list[int]) -> tuple[list[int], np.n
 
 def build(caches: list[str], names: list[str] | None, fer: Path, holdout: str, out: Path, work: Path,
           av_cache: str | None = None, frontend: str = "default", encoder_name: str = "default",
-          seeds: int = 5, prior_correction: bool = True, command: str = "") -> dict[str, Any]:
+          seeds: int = 5, prior_correction: bool = True, voice_weight: float = ModelConfig.voice_head,
+          command: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
     front: AudioFrontend = load_frontend(frontend)
     encoder = load_encoder(encoder_name)
@@ -206,6 +243,20 @@ def build(caches: list[str], names: list[str] | None, fer: Path, holdout: str, o
     twin_z = audio_logits(twin, data, held, rows)
     a_prior = log_prior(trained_y, len(BASIC)) if prior_correction else None
     a_temp = fit_temperature(twin_z - (a_prior if a_prior is not None else 0.0), held_y)
+    # the voice head: the twin's fitted on the twin's clips and tempered on the held-out speakers; the
+    # shipped one fitted on every clip of the seven classes, with the twin's temperature
+    twin_head = head = None
+    v_z, v_temp = None, 1.0
+    everything, everything_y = seven_class(data, split.train + split.test)
+    if voice_weight > 0:
+        t1 = time.perf_counter()
+        twin_head, head = voice_heads(data, [(trained, trained_y), (everything, everything_y)], voice_weight)
+        v_z = twin_head.logits(twin_head.clip_stats([data.clips[i].arrays["mel"] for i in held]))
+        v_temp = fit_temperature(v_z, held_y)
+        for h in (twin_head, head):
+            h.temper(v_temp)
+        log.info("voice heads fitted on %d and %d clips (%.0fs), temperature %.2f", len(trained), len(everything),
+                 time.perf_counter() - t1, v_temp)
 
     # face: the encoder's prior is FER2013's training split; temperature on validation, figures on test
     f_counts = {c: sum(1 for f in (find_split(fer, "train") / c).iterdir() if f.is_file()) for c in BASIC}
@@ -222,13 +273,15 @@ def build(caches: list[str], names: list[str] | None, fer: Path, holdout: str, o
     voice = Expert(front.state["classifier.weight"][rows].clone(), front.state["classifier.bias"][rows].clone(),
                    a_prior, a_temp)
 
-    metrics = measure(data, held, held_y, twin_z, a_prior, a_temp, test_z, test_y, val_z, val_y, f_prior, f_temp,
-                      seeds)
+    v_logp = calibrated(v_z, None, v_temp) if v_z is not None else None
+    metrics = measure(data, held, held_y, twin_z, a_prior, a_temp, v_logp, voice_weight, test_z, test_y, val_z,
+                      val_y, f_prior, f_temp, seeds)
     metrics["speech_heldout"]["speakers"] = split.speakers["test"]
     if av_cache:
-        twin_model = assemble(twin.state_dict(), twin.cfg, data.classes, twin_voice, face, encoder.feature_dim)
+        twin_model = assemble(twin.state_dict(), twin.cfg, data.classes, twin_voice, face, encoder.feature_dim,
+                              twin_head)
         metrics["real_av"] = measure_real_av(twin_model, av_cache, holdout)
-    model = assemble(front.state, front.config, front.classes, voice, face, encoder.feature_dim)
+    model = assemble(front.state, front.config, front.classes, voice, face, encoder.feature_dim, head)
     settings = with_encoder_identity(ExtractionSettings(encoder=encoder_name), encoder)
     front.check_settings(settings.to_dict())
     about = {
@@ -246,7 +299,10 @@ def build(caches: list[str], names: list[str] | None, fer: Path, holdout: str, o
         "parts": {"audio_frontend": front.describe(), "face_encoder": {"name": encoder.name,
                                                                         "sha256": encoder.sha256}},
         "calibration": {"voice": {"temperature": round(a_temp, 4), "prior_correction": prior_correction},
-                        "face": {"temperature": round(f_temp, 4), "prior_correction": prior_correction}},
+                        "face": {"temperature": round(f_temp, 4), "prior_correction": prior_correction},
+                        "voice_head": ({"weight": voice_weight, "layers": list(head.layers),
+                                        "temperature": round(v_temp, 4), "clips": len(everything),
+                                        "encoder": VOICE_ENCODER} if head is not None else None)},
         "built": {"seconds": round(time.perf_counter() - t0, 1), "torch": str(torch.__version__),
                   "avemo": avemo.__version__},
     }
@@ -255,21 +311,27 @@ def build(caches: list[str], names: list[str] | None, fer: Path, holdout: str, o
     return {"metrics": metrics, "about": about}
 
 
-def measure(data, held, held_y, twin_z, a_prior, a_temp, test_z, test_y, val_z, val_y, f_prior, f_temp,
-            seeds: int) -> dict[str, Any]:
+def measure(data, held, held_y, twin_z, a_prior, a_temp, v_logp, voice_weight, test_z, test_y, val_z, val_y,
+            f_prior, f_temp, seeds: int) -> dict[str, Any]:
     """Speech (held-out speakers), face (FER2013 test) and pseudo audio-visual figures, with ablations."""
     corpora = np.array([(data.speakers[i] or "?:").split(":", 1)[0] for i in held])
-    a_logp = calibrated(twin_z, a_prior, a_temp)
+    fcn_logp = calibrated(twin_z, a_prior, a_temp)
+    a_logp = mixed(fcn_logp, v_logp, voice_weight)
     f_logp = calibrated(test_z, f_prior, f_temp)
     speech = {"all": scores(held_y, a_logp),
               "per_corpus": {c: scores(held_y[corpora == c], a_logp[corpora == c]) for c in sorted(set(corpora))},
-              "uncalibrated": scores(held_y, calibrated(twin_z, None, 1.0))}
+              "uncalibrated": scores(held_y, mixed(calibrated(twin_z, None, 1.0), v_logp, voice_weight))}
+    if v_logp is not None:
+        speech["fcn_alone"] = scores(held_y, fcn_logp)
+        speech["voice_head_alone"] = scores(held_y, v_logp)
     face = {"test": scores(test_y, f_logp), "uncalibrated": scores(test_y, calibrated(test_z, None, 1.0)),
             "validation": scores(val_y, calibrated(val_z, f_prior, f_temp))}
     # pseudo audio-visual pairs: every held-out utterance with a FER2013 test face of its emotion
     rng_runs: dict[str, list] = {"voice": [], "face": [], "product": [], "mean_probability": [],
                                  "product_uncalibrated": []}
-    a_raw, f_raw = calibrated(twin_z, None, 1.0), calibrated(test_z, None, 1.0)
+    a_raw, f_raw = mixed(calibrated(twin_z, None, 1.0), v_logp, voice_weight), calibrated(test_z, None, 1.0)
+    if v_logp is not None:
+        rng_runs["product_fcn_alone"] = []
     by_class = {c: np.flatnonzero(test_y == c) for c in range(len(BASIC))}
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
@@ -280,6 +342,8 @@ def measure(data, held, held_y, twin_z, a_prior, a_temp, test_z, test_y, val_z, 
         rng_runs["product"].append(scores(held_y, fa + ff))
         rng_runs["mean_probability"].append(scores(held_y, np.log((np.exp(fa) + np.exp(ff)) / 2)))
         rng_runs["product_uncalibrated"].append(scores(held_y, a_raw + f_raw[faces]))
+        if v_logp is not None:
+            rng_runs["product_fcn_alone"].append(scores(held_y, fcn_logp + ff))
     pseudo = {k: mean_std(v) for k, v in rng_runs.items()}
     pseudo["pairs"], pseudo["seeds"] = len(held_y), seeds
     return {"speech_heldout": speech, "face_fer2013": face, "pseudo_av": pseudo}
@@ -311,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend", default="default", help="audio front-end (name or file)")
     p.add_argument("--encoder", default="default", help="face encoder (name or file)")
     p.add_argument("--no-prior-correction", action="store_true", help="ablation: keep each expert's training prior")
+    p.add_argument("--voice-head", type=float, default=ModelConfig.voice_head,
+                   help="weight of the voice head in the voice expert's probabilities (0: the front-end alone)")
     p.add_argument("--seeds", type=int, default=5, help="pairings of the pseudo audio-visual set")
     p.add_argument("--work", type=Path, required=True, help="folder for the speech twin's run (resumed)")
     p.add_argument("--out", type=Path, required=True, help="the model file (e.g. avemo/model/weights/default.pt)")
@@ -325,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args.caches, args.names.split(",") if args.names else None, args.fer, args.holdout_speakers,
               args.out, args.work, args.av_cache, args.frontend, args.encoder, args.seeds,
-              not args.no_prior_correction, command)
+              not args.no_prior_correction, args.voice_head, command)
     except (CacheError, SplitError, TrainError, CheckpointError, ValueError) as e:
         log.error("train.default_model: error: %s", e)
         return 2

@@ -770,7 +770,7 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
 
 
 def fit_voice_head(model: AVEmoNet, data: TrainingData, indices: list[int]) -> None:
-    """Fit an audio-only model's voice head (``avemo.model.voice``) on the clips of ``indices`` that have audio;
+    """Fit a model's voice head (``avemo.model.voice``) on the clips of ``indices`` that have audio;
     where the cache's spectrograms cannot feed it, say why and keep the FCN alone."""
     rows = [i for i in indices if data.clips[i].has_audio]
     t0 = time.perf_counter()

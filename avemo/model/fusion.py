@@ -1,6 +1,8 @@
 """Fusion of the audio vector a and video vector v, chosen by name (``FUSIONS``)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -66,10 +68,14 @@ class ProductOfExperts(nn.Module):
         self.audio_head = nn.Linear(audio_dim, n_classes)
         self.video_head = nn.Linear(video_dim, n_classes)
 
-    def forward(self, a: torch.Tensor, v: torch.Tensor, has_audio: torch.Tensor,
-                has_video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(fused log-probabilities, audio log-probabilities, video log-probabilities), each [B, n_classes]."""
+    def forward(self, a: torch.Tensor, v: torch.Tensor, has_audio: torch.Tensor, has_video: torch.Tensor,
+                audio_mix: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fused log-probabilities, audio log-probabilities, video log-probabilities), each [B, n_classes].
+        ``audio_mix`` rewrites the audio expert's log-probabilities before the product (the voice head's)."""
         log_a = F.log_softmax(self.audio_head(a).float(), dim=-1)
+        if audio_mix is not None:
+            log_a = audio_mix(log_a)
         log_v = F.log_softmax(self.video_head(v).float(), dim=-1)
         fused = log_a * has_audio[:, None].to(log_a.dtype) + log_v * has_video[:, None].to(log_v.dtype)
         return F.log_softmax(fused, dim=-1), log_a, log_v

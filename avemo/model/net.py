@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from avemo.model.frames import FrameEncoder, check_encoder_spec
 from avemo.model.fusion import FUSIONS, ConcatFusion, FactorizedBilinearPooling, ProductOfExperts
 from avemo.model.video import (STT_TOKENS, VIDEO_STREAMS, AttentionVideoStream, CellSpatioTemporalStream,
                                FrameAttentionStream, MeanVideoStream, SpatioTemporalStream)
-from avemo.model.voice import VoiceHead
+from avemo.model.voice import DEFAULT_LAYERS as VOICE_DEFAULT_LAYERS, LAYERS as VOICE_LAYERS, VoiceHead
 
 MODEL_KIND = "avemo-model"
 MODEL_VERSION = 1
@@ -37,7 +38,8 @@ REMOVED_AUDIO_NORMS = {"utterance": "each clip's own mean per bin, removed 2026-
                                     "speakers (README, speech benchmark)"}
 # stt_tokens: before spatial tokens, stt attended over one pooled vector per frame; audio_norm: before the
 # loudness step, the per-bin statistics alone
-LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames", "audio_norm": "global", "voice_head": 0.0}
+LEGACY_MODEL_FIELDS = {"audio_convs_per_block": 1, "stt_tokens": "frames", "audio_norm": "global", "voice_head": 0.0,
+                      "voice_layers": (1, 2, 3)}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"   # shipped models (NAME.pt) and front-ends (audio_NAME.pt)
 DEFAULT_MODEL = "default"
 NORMALISATION_BUFFERS = ("mel_mean", "mel_std", "video_mean", "video_std", "map_mean", "map_std")
@@ -55,8 +57,10 @@ class ModelConfig:
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
     audio_norm: str = "level"              # level: each clip brought to one loudness, then the training-set mean
                                            # and std per bin; global: the same without the loudness step
-    voice_head: float = 0.5                # audio-only models: weight of the frozen speaker encoder's classifier in
-                                           # the output probabilities (avemo.model.voice); 0: the FCN alone
+    voice_head: float = 0.5                # audio-only and late-fusion models: weight of the frozen speaker encoder's
+                                           # classifier in the voice's probabilities (avemo.model.voice); 0: the FCN
+                                           # alone
+    voice_layers: tuple[int, ...] = VOICE_DEFAULT_LAYERS   # the speaker encoder's layers (1-3) the head reads
     video_stream: str = "attention"        # attention | fan | stt | mean
     video_hidden: int = 128
     video_attention_hidden: int = 64
@@ -79,6 +83,7 @@ class ModelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "audio_channels", tuple(int(c) for c in self.audio_channels))
+        object.__setattr__(self, "voice_layers", tuple(self.voice_layers))
         if self.n_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {self.n_classes}")
         if self.modalities not in MODALITIES:
@@ -116,6 +121,11 @@ class ModelConfig:
                              f"{self.audio_convs_per_block!r}")
         if not 0.0 <= self.voice_head < 1.0:
             raise ValueError(f"voice_head must be in [0, 1), got {self.voice_head}")
+        if not (self.voice_layers and all(isinstance(k, int) and not isinstance(k, bool) for k in self.voice_layers)
+                and list(self.voice_layers) == sorted(set(self.voice_layers))
+                and set(self.voice_layers) <= set(range(1, VOICE_LAYERS + 1))):
+            raise ValueError(f"voice_layers must list encoder layers from 1 to {VOICE_LAYERS} in increasing order, "
+                             f"got {self.voice_layers!r}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.frame_encoder is not None:
@@ -133,8 +143,10 @@ class ModelConfig:
 
     @property
     def uses_voice_head(self) -> bool:
-        """Measured on speech alone, so only an audio-only model has one."""
-        return self.modalities == "audio" and self.voice_head > 0
+        """A model whose answer for a clip's audio is a speech classifier's: audio-only, or late fusion (whose
+        audio expert the head joins before the product). fbp and concat mix the voice into a joint vector."""
+        return self.voice_head > 0 and (self.modalities == "audio" or (self.modalities == "av"
+                                                                        and self.fusion == "product"))
 
     @property
     def uses_maps(self) -> bool:
@@ -149,6 +161,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["audio_channels"] = list(self.audio_channels)
+        d["voice_layers"] = list(self.voice_layers)
         return d
 
     @classmethod
@@ -202,7 +215,7 @@ class AVEmoNet(nn.Module):
             self.register_buffer("mel_std", torch.ones(cfg.n_mels))
             dims.append(self.audio.out_dim)
         if cfg.uses_voice_head:
-            self.voice = VoiceHead(cfg.n_mels, cfg.n_classes, cfg.voice_head)
+            self.voice = VoiceHead(cfg.n_mels, cfg.n_classes, cfg.voice_head, cfg.voice_layers)
         if cfg.uses_video:
             self.video = build_video_stream(cfg)
             self.frame_encoder = (FrameEncoder(cfg.frame_encoder, cfg.map_cells) if cfg.frame_encoder is not None
@@ -296,15 +309,21 @@ class AVEmoNet(nn.Module):
             parts[1] = (parts[1][0], parts[1][1] & ~(drop & ~drop_audio), parts[1][2])
         if self.late:
             (a, has_a, _), (v, has_v, _) = parts
+            mix = (partial(self.voice.mix, mel=batch["mel"], mask=batch["mel_mask"]) if self._voice_ready()
+                   else None)
             out["logits"], out["audio_logits"], out["video_logits"] = self.fusion(
-                self.head_drop(a), self.head_drop(v), has_a, has_v)
+                self.head_drop(a), self.head_drop(v), has_a, has_v, mix)
             return out
         vecs = [self._with_standin(x, present, standin) for x, present, standin in parts]
         h = self.fusion(*vecs) if self.fusion is not None else vecs[0]
         out["logits"] = self.classifier(self.head_drop(h))                            # [B, n_classes]
-        if self.cfg.uses_voice_head and not self.training and self.voice.is_fitted:
+        if self._voice_ready():
             out["logits"] = self.voice.mix(out["logits"], batch["mel"], batch["mel_mask"])
         return out
+
+    def _voice_ready(self) -> bool:
+        """The voice head speaks in evaluation once fitted; training sees the network alone."""
+        return self.cfg.uses_voice_head and not self.training and self.voice.is_fitted
 
 
 class Ensemble(nn.Module):
