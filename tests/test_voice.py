@@ -163,3 +163,15 @@ def test_a_late_fusion_model_mixes_the_head_into_its_audio_expert_before_the_pro
     before = net.voice.logits(x)
     net.voice.temper(2.0)
     np.testing.assert_allclose(net.voice.logits(x), before / 2.0, rtol=1e-5, atol=1e-6)
+
+
+def test_building_a_head_draws_no_random_numbers_from_the_models_stream():
+    # a seed's FCN (and everything drawn after it) is the same with or without a head
+    states = []
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        net = build_model(ModelConfig(n_classes=3, modalities="audio", audio_channels=(4, 8), voice_head=weight))
+        states.append(({k: v for k, v in net.state_dict().items() if not k.startswith("voice.")}, torch.rand(3)))
+    (a, after_a), (b, after_b) = states
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(after_a, after_b)

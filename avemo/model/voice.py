@@ -155,12 +155,15 @@ class VoiceHead(nn.Module):
         self.register_buffer("stats_mean", torch.zeros(dim))
         self.register_buffer("stats_std", torch.ones(dim))
         self.register_buffer("fitted", torch.zeros(()))
-        # built without a random initialisation (they are fitted): the model's other layers then draw the
-        # same random numbers with or without a head, so the FCN of a seed is the same either way
-        self.classifier = nn.utils.skip_init(nn.Linear, dim, n_classes)
+        # their random initialisation (they are fitted, so it is overwritten) is drawn from a forked generator:
+        # the model's other layers then draw the same random numbers with or without a head, so the FCN of a
+        # seed is the same either way (nn.utils.skip_init does the same, but its first call imports a third of
+        # a second of torch internals, which every cold avemo-predict paid)
+        with torch.random.fork_rng(devices=[]):
+            self.classifier = nn.Linear(dim, n_classes)
+            self.speaker_classifier = nn.Linear(dim, n_classes)
         self.register_buffer("centred_std", torch.ones(dim))
         self.register_buffer("speaker_fitted", torch.zeros(()))
-        self.speaker_classifier = nn.utils.skip_init(nn.Linear, dim, n_classes)
         for layer in (self.classifier, self.speaker_classifier):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
