@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avemo.model.voice import band_map, fit_logistic, voice_stats  # noqa: E402
+from avemo.model.voice import band_map, fit_logistic, voice_stats_batch  # noqa: E402
 from train.data import load_training_data  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 
@@ -162,8 +162,8 @@ def main() -> None:
     groups = np.random.default_rng(0).integers(0, args.groups, len(usable))
     bands = band_map(data.settings)
     sets = {"log-mel stats": np.stack([log_mel_stats(data.clips[i].arrays["mel"]) for i in usable]),
-            "voice stats": np.stack([voice_stats(torch.from_numpy(data.clips[i].arrays["mel"]), bands).numpy()
-                                     for i in usable])}
+            "voice stats": voice_stats_batch([torch.from_numpy(data.clips[i].arrays["mel"]) for i in usable],
+                                             bands).numpy()}
     if args.wav_dir:
         sets |= opensmile_features(args.wav_dir, [data.clips[i].clip for i in usable])
     if args.fuse:

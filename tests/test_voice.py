@@ -8,7 +8,8 @@ from avemo.audio import at_gain, log_mel
 from avemo.features import ExtractionSettings
 from avemo.model import ModelConfig, build_model, load_model
 from avemo.model.adapt import adapt
-from avemo.model.voice import LAYER_STATS, VoiceError, VoiceHead, band_map, encoder, fit_logistic, voice_stats
+from avemo.model.voice import (LAYER_STATS, VoiceError, VoiceHead, band_map, encoder, fit_logistic, voice_stats,
+                               voice_stats_batch)
 from train.cli import SplitOptions, run_training
 from train.loop import TrainConfig
 
@@ -56,6 +57,22 @@ def test_statistics_are_blind_to_the_recording_gain_and_to_chunking(monkeypatch)
     torch.testing.assert_close(voice_stats(mel, bands), x, atol=1e-5, rtol=1e-4)
     # a different voice gives different statistics
     assert float((voice_stats(torch.from_numpy(speech_like(1, f0=220.0)), bands) - x).abs().max()) > 1e-2
+
+
+def test_clips_batched_through_the_encoder_give_each_clip_its_own_statistics(monkeypatch):
+    mels = [torch.from_numpy(speech_like(i, seconds=s, f0=f))
+            for i, (s, f) in enumerate([(1.5, 140), (0.4, 220), (2.5, 110), (1.0, 180), (0.6, 130)])]
+    mels.insert(2, mels[0][:, :0])                                    # a clip of no frames
+    bands = band_map(SETTINGS)
+    each = [voice_stats(m, bands, (1, 3)) for m in mels if m.shape[1]]
+    # several batches (the budget splits the five clips) and one clip longer than the budget, run in chunks
+    monkeypatch.setattr("avemo.model.voice.BATCH_FRAMES", 200)
+    monkeypatch.setattr("avemo.model.voice.CHUNK_FRAMES", 97)
+    batched = voice_stats_batch(mels, bands, (1, 3))
+    assert batched.shape == (6, 2 * LAYER_STATS)
+    assert bool((batched[2] == 0).all())
+    torch.testing.assert_close(torch.cat([batched[:2], batched[3:]]), torch.stack(each), atol=2e-5, rtol=1e-4)
+    assert voice_stats_batch([], bands).shape == (0, 2 * LAYER_STATS)
 
 
 def test_logistic_fit_is_deterministic_and_separates_what_is_separable():

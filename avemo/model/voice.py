@@ -40,6 +40,7 @@ DEFAULT_LAYERS = (2, 3)                # the layers whose statistics the head re
 # windows (measured with librosa on EmoDB clips: 0.417 +- 0.061): the level the encoder was trained at
 FRAME_POWER = 0.42
 CHUNK_FRAMES = 6000                    # an hour of audio runs through the LSTM a minute at a time
+BATCH_FRAMES = 4096                    # clips of similar length share an LSTM batch up to this many padded frames
 
 
 class VoiceError(ValueError):
@@ -88,25 +89,67 @@ def voice_stats(mel: torch.Tensor, bands: torch.Tensor, layers: tuple[int, ...] 
     """One clip's log-mel ([n_mels, T], natural log of power + 1e-6, as ``avemo.audio.log_mel`` writes it)
     -> [512 per layer]: mean and (unbiased) standard deviation over time of the outputs of the encoder's
     ``layers`` (1-3, in order)."""
+    return voice_stats_batch([mel], bands, layers)[0]
+
+
+@torch.no_grad()
+def voice_stats_batch(mels: list[torch.Tensor], bands: torch.Tensor,
+                      layers: tuple[int, ...] = DEFAULT_LAYERS) -> torch.Tensor:
+    """``voice_stats`` of many clips ([N, 512 per layer]; zeros for a clip of no frames), the clips of similar
+    length run through the LSTM together (``BATCH_FRAMES``): the same numbers, up to float rounding."""
+    device = mels[0].device if mels else bands.device
+    out = torch.zeros(len(mels), LAYER_STATS * len(layers), device=device)
+    with torch.autocast(device.type, enabled=False):
+        frames = [_encoder_frames(m, bands) for m in mels]
+        lstms = encoder().to(device)[:max(layers)]
+        order = sorted((i for i, f in enumerate(frames) if len(f)), key=lambda i: -len(frames[i]))
+        k = 0
+        while k < len(order):
+            group = order[k:k + max(1, BATCH_FRAMES // len(frames[order[k]]))]
+            k += len(group)
+            sums, n = _layer_sums([frames[i] for i in group], lstms)          # [L, 2, B, H], [B]
+            mean = sums[:, 0] / n[:, None]
+            std = ((sums[:, 1] - n[:, None] * mean ** 2) / (n[:, None] - 1).clamp_min(1)).clamp_min(0.0).sqrt()
+            out[group] = torch.cat([torch.cat([mean[j - 1], std[j - 1]], 1) for j in layers], 1).float()
+    return out
+
+
+def _encoder_frames(mel: torch.Tensor, bands: torch.Tensor) -> torch.Tensor:
+    """[n_mels, T] cached log-mel -> [T, 40] encoder frames at the power level it was trained at."""
     from avemo.audio import LOG_EPS     # not at the top: avemo.audio loads PyAV, which a model never needs
-    with torch.autocast(mel.device.type, enabled=False):
-        power = (mel.float().exp() - LOG_EPS).clamp_min(0.0)                      # [n_mels, T]
-        frames = (bands.to(power.device).T @ power).clamp_min(0.0).T               # [T, 40]
-        frames = frames * (FRAME_POWER / frames.sum(1).mean().clamp_min(1e-12))
-        lstms = encoder().to(mel.device)[:max(layers)]
-        n = frames.shape[0]
-        sums = torch.zeros(len(lstms), 2, HIDDEN, dtype=torch.float64, device=mel.device)
+    power = (mel.float().exp() - LOG_EPS).clamp_min(0.0)                          # [n_mels, T]
+    frames = (bands.to(power.device).T @ power).clamp_min(0.0).T                  # [T, 40]
+    return frames * (FRAME_POWER / frames.sum(1).mean().clamp_min(1e-12))
+
+
+def _layer_sums(frames: list[torch.Tensor], lstms: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over time of each layer's outputs and of their squares ([layers, 2, B, 256], float64) for clips
+    of frames ([T_b, 40], longest first), and their frame counts [B]. One clip runs a chunk of time at a
+    time (its state carried over, so an hour of audio fits in memory); several run as one padded batch,
+    whose per-step matrix products are a few times faster than one clip's on a CPU and far less hurt by
+    other jobs on its cores (``benchmarks/bench_voice.py``)."""
+    from torch.nn.utils.rnn import pad_sequence
+    dev = frames[0].device
+    sums = torch.zeros(len(lstms), 2, len(frames), HIDDEN, dtype=torch.float64, device=dev)
+    n = torch.tensor([len(f) for f in frames], dtype=torch.float64, device=dev)
+    if len(frames) == 1:
         state = [None] * len(lstms)
-        for t0 in range(0, n, CHUNK_FRAMES):
-            h = frames[None, t0:t0 + CHUNK_FRAMES]
+        for t0 in range(0, len(frames[0]), CHUNK_FRAMES):
+            h = frames[0][None, t0:t0 + CHUNK_FRAMES]
             for i, lstm in enumerate(lstms):
                 h, state[i] = lstm(h, state[i])
-                sums[i, 0] += h[0].sum(0).double()
-                sums[i, 1] += (h[0].double() ** 2).sum(0)
-        mean = sums[:, 0] / n
-        var = (sums[:, 1] - n * mean ** 2) / max(n - 1, 1)
-        return torch.cat([torch.stack([mean[k - 1], var[k - 1].clamp_min(0.0).sqrt()]).reshape(-1)
-                          for k in layers]).float()
+                sums[i, 0, 0] += h[0].sum(0).double()
+                sums[i, 1, 0] += (h[0].double() ** 2).sum(0)
+        return sums, n
+    h = pad_sequence(frames, batch_first=True)                                     # [B, T, 40]
+    # the LSTM runs forwards, so what follows a clip's end (padding) never reaches its outputs; they are masked
+    inside = (torch.arange(h.shape[1], device=dev)[None] < n[:, None]).double()[..., None]
+    for i, lstm in enumerate(lstms):
+        h, _ = lstm(h)
+        out = h.double() * inside
+        sums[i, 0] = out.sum(1)
+        sums[i, 1] = (out ** 2).sum(1)
+    return sums, n
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-2,
@@ -178,12 +221,8 @@ class VoiceHead(nn.Module):
 
     def stats(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, n_mels, T] log-mel batch and its [B, T] mask -> [B, 512 per layer] (zeros for a clip without audio)."""
-        out = torch.zeros(mel.shape[0], self.stats_mean.numel(), device=mel.device)
         lengths = mask.sum(1).tolist()
-        for b, n in enumerate(lengths):
-            if n:
-                out[b] = voice_stats(mel[b, :, :int(n)], self.bands, self.layers)
-        return out
+        return voice_stats_batch([mel[b, :, :int(n)] for b, n in enumerate(lengths)], self.bands, self.layers)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """[N, n_classes]: the plain regression's logits for clips' statistics (``clip_stats``)."""
@@ -204,8 +243,8 @@ class VoiceHead(nn.Module):
 
     def clip_stats(self, mels: list[np.ndarray]) -> np.ndarray:
         """[N, 512 per layer]: the statistics of clips' log-mels (as cached)."""
-        return np.stack([voice_stats(torch.from_numpy(np.asarray(m)), self.bands.cpu(), self.layers).numpy()
-                         for m in mels])
+        return voice_stats_batch([torch.from_numpy(np.asarray(m)) for m in mels], self.bands.cpu(),
+                                 self.layers).numpy()
 
     def fit(self, mels: list[np.ndarray], labels: np.ndarray, speakers: list, settings: dict,
             n_classes: int) -> None:
