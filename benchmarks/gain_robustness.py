@@ -1,7 +1,8 @@
-"""How much does a model lose when the same speech is recorded louder or quieter? Prints a table.
+"""How much does a model lose when the same speech is recorded louder or quieter, or in noise? Prints a table.
 
     python benchmarks/gain_robustness.py CACHE [NAME=]RUN[,RUN...] [[NAME=]RUN...] [--db -20,-10,-6,0,6,10]
     python benchmarks/gain_robustness.py CACHE default --frontend --speakers 08,12
+    python benchmarks/gain_robustness.py CACHE RUN... --db "" --snr 20,10,5 --noise white,babble --wav-dir DIR
 
 Each argument after CACHE is one row: finished avemo-train runs (a directory with best.pt and
 split.json, scored on its test speakers; a directory holding such runs, e.g. a
@@ -14,7 +15,14 @@ A recording gain g multiplies every mel power by g^2. The cache's spectrograms a
 ``log(power + 1e-6)`` (``avemo.audio.log_mel``), so each test clip is replayed at every gain
 exactly, the silence floor included (``avemo.audio.at_gain``). UAR per run on the
 classes it shares with the cache, then the mean over the row's runs; "worst" is the lowest UAR
-over the gains and the drop is from 0 dB.
+over the conditions and the drop is from the clips as cached (0 dB).
+
+Noise (``--snr``, with ``--wav-dir``: the folder the cache was extracted from) is added to the
+waveform, so each test clip is decoded and trimmed again as avemo-extract does, mixed with noise
+at each signal-to-noise ratio (the trimmed speech's mean power over the noise's), and turned into a
+log-mel again. ``white``: Gaussian; ``babble``: six clips of speakers outside the test set, each
+at one level, summed (a room of other talkers). The noise of a clip is the same for every row
+(seeded by the clip). A cache extracted from other files than ``--wav-dir``'s is refused.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avemo.audio import at_gain  # noqa: E402
+from avemo.audio import at_gain, load_audio, log_mel, trim_silence  # noqa: E402
 from train.data import load_training_data  # noqa: E402
 from train.evaluate import load_scorer, model_logits, shared_class_metrics  # noqa: E402
 
@@ -45,11 +53,64 @@ def expand(spec: str) -> tuple[str, list[Path]]:
     return name or paths, out
 
 
+BABBLE_TALKERS = 6
+
+
+def decoded(path: Path, s: dict) -> np.ndarray:
+    """A clip's speech as avemo-extract keeps it (decoded at the cache's rate, silence trimmed)."""
+    wav = load_audio(path, s["sample_rate"])
+    if s.get("trim_silence"):
+        trimmed = trim_silence(wav, s["trim_top_db"])
+        wav = trimmed if len(trimmed) >= s["n_fft"] else wav
+    return wav
+
+
+class Noisy:
+    """Test clips' log-mels with noise mixed into their waveforms (see the module's docstring)."""
+
+    def __init__(self, data, wav_dir: Path, test: set[str]):
+        self.data, self.dir, self.s = data, wav_dir, data.settings
+        self.others = [i for i, c in enumerate(data.clips) if c.has_audio and str(data.speakers[i]) not in test]
+        self.wavs: dict[int, np.ndarray] = {}
+
+    def wav(self, i: int) -> np.ndarray:
+        if i not in self.wavs:
+            self.wavs[i] = decoded(self.dir / self.data.clips[i].clip, self.s)
+        return self.wavs[i]
+
+    def check(self, i: int) -> None:
+        s = self.s
+        again = log_mel(self.wav(i), s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"], s["f_min"], s["f_max"])
+        cached = self.data.clips[i].arrays["mel"]
+        if again.shape != cached.shape or float(np.abs(again - cached).max()) > 1e-2:
+            sys.exit(f"{self.dir / self.data.clips[i].clip} does not give the cache's spectrogram of that clip: "
+                     "--wav-dir must be the folder the cache was extracted from")
+
+    def mel(self, i: int, kind: str, snr_db: float) -> np.ndarray:
+        s, wav = self.s, self.wav(i)
+        rng = np.random.default_rng(i)
+        if kind == "white":
+            noise = rng.standard_normal(len(wav))
+        else:
+            noise = np.zeros(len(wav))
+            if not self.others:
+                sys.exit("babble needs clips of speakers outside the test set")
+            for j in rng.choice(self.others, min(BABBLE_TALKERS, len(self.others)), replace=False):
+                talker = np.resize(self.wav(int(j)), len(wav))
+                noise += talker / max(float(np.sqrt(np.mean(talker ** 2))), 1e-8)
+        gain = np.sqrt(np.mean(wav ** 2) / max(float(np.mean(noise ** 2)), 1e-12) / 10 ** (snr_db / 10))
+        mixed = (wav + gain * noise).astype(np.float32)
+        return log_mel(mixed, s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"], s["f_min"], s["f_max"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("cache", type=Path)
     p.add_argument("rows", nargs="+", help="[NAME=]RUN[,RUN...]: one row each")
     p.add_argument("--db", default="-20,-10,-6,0,6,10", help="comma-separated gains in decibels")
+    p.add_argument("--snr", default="", help="comma-separated signal-to-noise ratios in decibels (needs --wav-dir)")
+    p.add_argument("--noise", default="white,babble", help="noises for --snr: white, babble")
+    p.add_argument("--wav-dir", type=Path, help="the folder the cache was extracted from (for --snr)")
     p.add_argument("--frontend", action="store_true", help="the files are audio front-ends")
     p.add_argument("--speakers", help="comma-separated speakers to score (default: each run's test speakers)")
     p.add_argument("--threads", type=int, default=2)
@@ -58,6 +119,14 @@ def main() -> None:
     dbs = [float(d) for d in args.db.split(",") if d]
     if 0.0 not in dbs:
         dbs.insert(0, 0.0)
+    # a condition: its column's name and how it makes a test clip's log-mel from the cached one
+    conditions = [(f"{d:+g} dB", (lambda d: lambda i, mel: at_gain(torch.from_numpy(mel), d).numpy() if d else mel)(d))
+                  for d in dbs]
+    noises = [n for n in args.noise.split(",") if n] if args.snr else []
+    if noises and not args.wav_dir:
+        sys.exit("--snr needs --wav-dir: noise is mixed into the waveforms the cache was extracted from")
+    if set(noises) - {"white", "babble"}:
+        sys.exit(f"--noise: unknown {sorted(set(noises) - {'white', 'babble'})} (white, babble)")
     data = load_training_data(args.cache)
     original = {i: c.arrays["mel"] for i, c in enumerate(data.clips) if c.has_audio}
     speakers = args.speakers.split(",") if args.speakers else None
@@ -66,7 +135,7 @@ def main() -> None:
         name, runs = expand(spec)
         if not runs:
             sys.exit(f"{spec}: no finished run (best.pt with split.json) found")
-        uar = {d: [] for d in dbs}
+        uar: dict[str, list[float]] = {}
         for run in runs:
             if run.is_dir():
                 scorer = load_scorer(str(run / "best.pt"))
@@ -80,23 +149,30 @@ def main() -> None:
             idx = [i for i in original if str(data.speakers[i]) in test]
             if not idx:
                 sys.exit(f"{run}: none of the speakers {sorted(test)} has a clip with audio in {args.cache}")
-            for d in dbs:
+            noisy = Noisy(data, args.wav_dir, test) if noises else None
+            if noisy:
+                noisy.check(idx[0])
+            for label, make in conditions + [(f"{n} {snr:g}", (lambda n, snr: lambda i, mel: noisy.mel(i, n, snr))(n, snr))
+                                             for n in noises for snr in map(float, args.snr.split(","))]:
                 for i in idx:
-                    data.clips[i].arrays["mel"] = at_gain(torch.from_numpy(original[i]), d).numpy() if d else original[i]
+                    data.clips[i].arrays["mel"] = make(i, original[i])
                 logits = model_logits(scorer.network, data, idx, torch.device("cpu"))
-                uar[d].append(shared_class_metrics(logits, scorer.classes, data, idx)[0]["uar"])
+                uar.setdefault(label, []).append(shared_class_metrics(logits, scorer.classes, data, idx)[0]["uar"])
             for i in idx:
                 data.clips[i].arrays["mel"] = original[i]
-            print(f"{name}: {run}: " + " ".join(f"{d:+g} dB {uar[d][-1]:.3f}" for d in dbs), flush=True)
-        means = {d: float(np.mean(v)) for d, v in uar.items()}
+            print(f"{name}: {run}: " + " ".join(f"{c} {v[-1]:.3f}" for c, v in uar.items()), flush=True)
+        means = {c: float(np.mean(v)) for c, v in uar.items()}
         table.append((name, len(runs), means))
     width = max(len(r[0]) for r in table) + 2
-    print(f"\n{'':<{width}}{'runs':>5}" + "".join(f"{f'{d:+g} dB':>9}" for d in dbs) + f"{'worst (drop)':>18}")
+    columns = list(table[0][2])
+    cell = max(9, max(len(c) for c in columns) + 2)
+    print(f"\n{'':<{width}}{'runs':>5}" + "".join(f"{c:>{cell}}" for c in columns) + f"{'worst (drop)':>18}")
     for name, n, means in table:
         worst = min(means.values())
-        print(f"{name:<{width}}{n:>5}" + "".join(f"{means[d]:>9.3f}" for d in dbs)
-              + f"{worst:>9.3f} ({worst - means[0.0]:+.3f})")
-    print("(UAR on each run's test speakers, the same clips replayed louder or quieter; mean over the row's runs)")
+        print(f"{name:<{width}}{n:>5}" + "".join(f"{means[c]:>{cell}.3f}" for c in columns)
+              + f"{worst:>9.3f} ({worst - means['+0 dB']:+.3f})")
+    print("(UAR on each run's test speakers, the same clips replayed louder or quieter, or with noise at a "
+          "signal-to-noise ratio in dB; mean over the row's runs)")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ fresh run would: for each fold this fits it on the fold's training and validatio
 (``train.loop.fit_voice_head``) and scores it on
 the fold's test speakers as ``avemo-evaluate`` does (``train.evaluate.model_logits``) at each weight;
 with ``--adapt``, also adapted to each test speaker relative to the cache (``avemo-evaluate --adapt
-speaker``). Weight 0 is the FCN alone; ``--layers`` picks the encoder layers the head reads (default:
-avemo-train's). The fitted model is kept as ``fold*/voice.pt``.
+speaker``). Weight 0 is the FCN alone; ``--layers`` picks the encoder layers the head reads and
+``--voice-noise`` the noisy copies of each training clip it also learns from (defaults: avemo-train's). The fitted model is kept as ``fold*/voice.pt``.
 Prints UAR and WAR per weight: mean over folds per RUN_DIR, then mean +- std over RUN_DIRs.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avemo.model import AVEmoNet, ModelConfig, load_model, save_model  # noqa: E402
+from train.augment import AugmentConfig  # noqa: E402
 from train.data import load_training_data  # noqa: E402
 from train.evaluate import cache_population, model_logits  # noqa: E402
 from train.loop import fit_voice_head  # noqa: E402
@@ -37,7 +38,8 @@ from train.metrics import classification_metrics  # noqa: E402
 DEFAULT_WEIGHT = ModelConfig.voice_head
 
 
-def with_voice_head(run: Path, data, layers: tuple[int, ...] = ModelConfig.voice_layers) -> AVEmoNet:
+def with_voice_head(run: Path, data, layers: tuple[int, ...] = ModelConfig.voice_layers,
+                    noise_copies: int = AugmentConfig.voice_noise) -> AVEmoNet:
     """``run``/best.pt with a voice head fitted on its split's training and validation clips, as avemo-train
     fits it at the end of a run (written to ``run``/voice.pt, so avemo-evaluate can score it too)."""
     net, ckpt = load_model(run / "best.pt")
@@ -47,7 +49,7 @@ def with_voice_head(run: Path, data, layers: tuple[int, ...] = ModelConfig.voice
                                                                    "voice_layers": layers}))
     model.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("voice.")}, strict=False)
     split = json.loads((run / "split.json").read_text())
-    fit_voice_head(model, data, split["train"] + (split.get("val") or []))
+    fit_voice_head(model, data, split["train"] + (split.get("val") or []), noise_copies)
     save_model(run / "voice.pt", model, data.classes, data.settings, ckpt.get("metrics"),
                {k: ckpt.get(k) for k in ("split", "train_config", "audio_init")})
     return model.eval()
@@ -61,6 +63,8 @@ def main() -> None:
     p.add_argument("--adapt", action="store_true", help="also score each model adapted to each test speaker")
     p.add_argument("--layers", default=",".join(map(str, ModelConfig.voice_layers)),
                    help="the speaker encoder's layers the head reads")
+    p.add_argument("--voice-noise", type=int, default=AugmentConfig.voice_noise,
+                   help="noisy copies of each training clip the head also learns from (avemo-train's --voice-noise)")
     args = p.parse_args()
     torch.set_num_threads(1)
     weights = [float(w) for w in args.weights.split(",")]
@@ -71,7 +75,7 @@ def main() -> None:
     for seed_dir in args.runs:
         for run in sorted(seed_dir.glob("fold*")):
             t0 = time.perf_counter()
-            model = with_voice_head(run, data, tuple(int(k) for k in args.layers.split(",")))
+            model = with_voice_head(run, data, tuple(int(k) for k in args.layers.split(",")), args.voice_noise)
             split = json.loads((run / "split.json").read_text())
             test = [i for i in split["test"] if data.clips[i].has_audio]
             population = cache_population(model, data) if args.adapt else None

@@ -1,8 +1,13 @@
-"""Training-time augmentation: gain, random windows, mixup and SpecAugment respect the padding masks."""
+"""Training-time augmentation: gain, random windows, mixup and SpecAugment respect the padding masks; the voice
+head's noisy copies add noise at the signal-to-noise ratios they say."""
+import numpy as np
 import pytest
 import torch
 
-from train.augment import AugmentConfig, BatchAugment, mix_clips, random_crop, tempo_stretch
+from avemo.audio import LOG_EPS
+from avemo.features import ExtractionSettings
+from train.augment import (NOISE_SNR_DB, AugmentConfig, BatchAugment, mix_clips, noisy_copies, random_crop,
+                           tempo_stretch)
 
 
 def _padded_batch(lengths, n_mels=6, t=12):
@@ -115,3 +120,51 @@ def test_gain_replays_each_clip_at_its_own_volume_and_keeps_padding_out():
     # the floor stays where it is when the clip gets quieter, and rises only by what was under it when louder
     assert torch.all(out["mel"][0, :, :4] >= torch.log(torch.tensor(1e-6)) - 1e-4)
     assert (out["mel"][0, :, :4] - b["mel"][0, :, :4]).abs().max() < 1e-3
+
+
+def test_noisy_copies_only_add_power_at_the_snr_range_reproducibly_and_whatever_the_chunking(monkeypatch):
+    settings = ExtractionSettings().to_dict()
+    rng = np.random.default_rng(0)
+    # speech-like power: a sloping spectrum with a syllable rhythm, each clip its own length and level
+    mels = [np.log(rng.gamma(2.0, 1.0, (64, t)) * np.linspace(1.0, 0.01, 64)[:, None]
+                   * (1.2 + np.sin(np.arange(t) / 7.0))[None] * level + LOG_EPS).astype(np.float32)
+            for t, level in ((180, 1e-2), (90, 1.0), (260, 3e-3), (120, 0.2))]
+    speakers = ["a", "a", "b", None]
+    copies = noisy_copies(mels, speakers, settings, 3, seed=1)
+    assert len(copies) == 3 and all(len(copy) == len(mels) for copy in copies)
+    power = lambda m: np.exp(m.astype(np.float64)) - LOG_EPS                      # noqa: E731
+    for copy in copies:
+        for clean, noisy in zip(mels, copy):
+            assert noisy.shape == clean.shape and noisy.dtype == np.float32 and np.isfinite(noisy).all()
+            added = power(noisy) - power(clean)
+            assert added.min() > -1e-4 * power(clean).max()                     # noise adds power, never removes
+            snr = 10 * np.log10(power(clean).sum(0).mean() / added.sum(0).mean())
+            assert NOISE_SNR_DB[0] - 1 < snr < NOISE_SNR_DB[1] + 1
+    again = noisy_copies(mels, speakers, settings, 3, seed=1)
+    assert all(np.array_equal(a, b) for x, y in zip(copies, again) for a, b in zip(x, y))
+    other = noisy_copies(mels, speakers, settings, 1, seed=2)[0]
+    assert not all(np.array_equal(a, b) for a, b in zip(copies[0], other))
+    monkeypatch.setattr("train.augment.NOISE_CHUNK", 37)                         # an hour-long clip, a bit at a time
+    chunked = noisy_copies(mels, speakers, settings, 3, seed=1)
+    for x, y in zip(copies, chunked):
+        for a, b in zip(x, y):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert noisy_copies(mels, speakers, settings, 0) == [] and noisy_copies([], [], settings, 2) == []
+
+
+def test_batch_noise_mixes_into_the_chosen_clips_only_and_keeps_padding_out():
+    settings = ExtractionSettings().to_dict()
+    torch.manual_seed(0)
+    lengths = [50, 30, 50, 40]
+    mask = torch.arange(50)[None, :] < torch.tensor(lengths)[:, None]
+    mel = (torch.log(torch.rand(4, 64, 50) * 1e-2 + LOG_EPS)) * mask[:, None, :]
+    batch = {"mel": mel, "mel_mask": mask}
+    off = BatchAugment(AugmentConfig(freq_mask=0, time_mask=0, gain=0.0), settings=settings)(batch, None)
+    assert torch.equal(off["mel"], mel)                                          # --noise 0: untouched
+    noisy = BatchAugment(AugmentConfig(freq_mask=0, time_mask=0, gain=0.0, noise=1.0), settings=settings)(batch, None)
+    assert bool((noisy["mel"][~mask[:, None, :].expand_as(mel)] == 0).all())     # padding stays zero
+    power = lambda m: (m.double().exp() - LOG_EPS) * mask[:, None, :]             # noqa: E731
+    added = power(noisy["mel"]) - power(mel)
+    assert float(added.min()) > -1e-6
+    snr = 10 * torch.log10(power(mel).sum((1, 2)) / added.sum((1, 2)))
+    assert bool(((snr > NOISE_SNR_DB[0] - 1.5) & (snr < NOISE_SNR_DB[1] + 1.5)).all())

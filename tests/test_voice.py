@@ -75,6 +75,23 @@ def test_clips_batched_through_the_encoder_give_each_clip_its_own_statistics(mon
     assert voice_stats_batch([], bands).shape == (0, 2 * LAYER_STATS)
 
 
+def test_noisy_copies_train_the_plain_regression_and_leave_the_clean_mean_and_the_speaker_regression():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    x = (rng.normal(size=(30, 2 * LAYER_STATS)) + np.eye(3, 2 * LAYER_STATS)[y] * 2).astype(np.float32)
+    x_noisy = np.stack([x + rng.normal(0.5, 1.0, x.shape).astype(np.float32) for _ in range(2)])
+    speakers = ["a", "b", "c"] * 10
+    head, clean = VoiceHead(64, 3, 0.5, (2, 3)), VoiceHead(64, 3, 0.5, (2, 3))
+    head.fit_stats(x, y, speakers, 3, x_noisy)
+    clean.fit_stats(x, y, speakers, 3)
+    mu, sd, w, b = fit_logistic(np.concatenate([x, *x_noisy]), np.tile(y, 3), 3)
+    np.testing.assert_allclose(head.logits(x), ((x - mu) / sd) @ w.T + b, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(head.stats_mean.numpy(), x.mean(0), atol=1e-5)
+    assert not np.allclose(head.logits(x), clean.logits(x), atol=1e-2)
+    for name in ("speaker_classifier.weight", "speaker_classifier.bias", "centred_std"):
+        torch.testing.assert_close(head.state_dict()[name], clean.state_dict()[name])
+
+
 def test_logistic_fit_is_deterministic_and_separates_what_is_separable():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5)) + np.repeat(np.eye(3, 5) * 3, 20, axis=0)
@@ -124,7 +141,7 @@ def test_avemo_train_fits_the_head_after_the_fcn_and_the_checkpoint_carries_it(t
     cfg = TrainConfig(epochs=2, batch_size=8, progress=False, audio_init="none")
     run_training(cache, tmp_path / "run", {}, cfg, split)
     net, ckpt = load_model(tmp_path / "run" / "best.pt")
-    assert ckpt["config"]["voice_head"] == 0.5 and net.voice.is_fitted and bool(net.voice.speaker_fitted > 0)
+    assert ckpt["config"]["voice_head"] == ModelConfig.voice_head and net.voice.is_fitted and bool(net.voice.speaker_fitted > 0)
     assert not any(p.requires_grad for p in net.voice.parameters())       # the optimiser and DDP never see it
     last, _ = load_model(tmp_path / "run" / "last.pt")      # training itself never saw the head
     assert not last.voice.is_fitted

@@ -278,6 +278,12 @@ def add_augmentation_args(p: argparse.ArgumentParser, video: bool) -> None:
     g.add_argument("--gain", type=float, default=a["gain"], metavar="DB",
                    help="replay each training clip louder or quieter by a random gain in [-DB, +DB] decibels, "
                         "exactly, the spectrogram's silence floor included (0: off)")
+    g.add_argument("--noise", type=float, default=a["noise"], metavar="P",
+                   help="mix coloured noise or babble (three other clips of the batch) at 5-30 dB SNR into each "
+                        "training clip's spectrogram with chance P (0: off)")
+    g.add_argument("--voice-noise", type=int, default=a["voice_noise"], metavar="N",
+                   help="the voice head's regression also learns from N copies of each training clip with "
+                        "coloured noise or babble mixed in at 5-30 dB SNR (0: clean clips only)")
     g.add_argument("--mixup", type=float, default=a["mixup"], help="mixup Beta(a, a) parameter (0: off)")
     g.add_argument("--crop", type=float, default=a["crop"], metavar="S",
                    help="train on a random S-second window of each clip's audio (0: whole clips)")

@@ -47,6 +47,7 @@ from avemo.model import AVEmoNet, ModelConfig, load_model, save_model
 from avemo.model.frontend import AUDIO_ARCH_FIELDS, AudioFrontend, load_frontend
 from avemo.model.voice import VoiceHead
 from train.audio.cli import load_corpora
+from train.augment import AugmentConfig, noisy_copies
 from train.cli import _setup_logging
 from train.data import CacheError, TrainingData, load_training_data
 from train.face.data import read_image_folder, find_split
@@ -181,18 +182,23 @@ def face_logits(encoder: FaceEncoder, data_dir: Path, split: str) -> tuple[np.nd
     return logits[:, basic_rows(encoder.classes)], images.labels.numpy()
 
 
-def voice_heads(data: TrainingData, parts: list[tuple[list[int], np.ndarray]], weight: float
-                ) -> list[VoiceHead]:
+def voice_heads(data: TrainingData, parts: list[tuple[list[int], np.ndarray]], weight: float,
+                noise_copies: int = AugmentConfig.voice_noise) -> list[VoiceHead]:
     """The voice expert's voice head over the seven classes, fitted on each part's clips (labels in BASIC's
-    order) as ``train.loop.fit_voice_head`` fits an avemo-train model's; each clip's statistics taken once."""
+    order) as ``train.loop.fit_voice_head`` fits an avemo-train model's (noisy copies included); each clip's
+    statistics taken once."""
     heads = [VoiceHead(int(data.settings["n_mels"]), len(BASIC), weight, ModelConfig.voice_layers) for _ in parts]
     for head in heads:
         head.read_settings(data.settings)
     clips = sorted({i for indices, _ in parts for i in indices})
     row = {i: k for k, i in enumerate(clips)}
-    x = heads[0].clip_stats([data.clips[i].arrays["mel"] for i in clips])
+    mels, speakers = [data.clips[i].arrays["mel"] for i in clips], [data.speakers[i] for i in clips]
+    x = heads[0].clip_stats(mels)
+    noisy = [heads[0].clip_stats(copy) for copy in noisy_copies(mels, speakers, data.settings, noise_copies)]
     for head, (indices, labels) in zip(heads, parts):
-        head.fit_stats(x[[row[i] for i in indices]], labels, [data.speakers[i] for i in indices], len(BASIC))
+        rows = [row[i] for i in indices]
+        head.fit_stats(x[rows], labels, [data.speakers[i] for i in indices], len(BASIC),
+                       np.stack([n[rows] for n in noisy]) if noisy else None)
     return heads
 
 

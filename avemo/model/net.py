@@ -57,9 +57,9 @@ class ModelConfig:
     audio_lambda: float = 1.0              # Deep Fusion's lambda (eq. 2): 0 = mean pooling
     audio_norm: str = "level"              # level: each clip brought to one loudness, then the training-set mean
                                            # and std per bin; global: the same without the loudness step
-    voice_head: float = 0.5                # audio-only and late-fusion models: weight of the frozen speaker encoder's
+    voice_head: float = 0.65               # audio-only and late-fusion models: weight of the frozen speaker encoder's
                                            # classifier in the voice's probabilities (avemo.model.voice); 0: the FCN
-                                           # alone
+                                           # alone (0.5 until its regression learnt from noisy copies: README)
     voice_layers: tuple[int, ...] = VOICE_DEFAULT_LAYERS   # the speaker encoder's layers (1-3) the head reads
     video_stream: str = "attention"        # attention | fan | stt | mean
     video_hidden: int = 128

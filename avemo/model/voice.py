@@ -247,17 +247,28 @@ class VoiceHead(nn.Module):
                                  self.layers).numpy()
 
     def fit(self, mels: list[np.ndarray], labels: np.ndarray, speakers: list, settings: dict,
-            n_classes: int) -> None:
+            n_classes: int, noisy: list[list[np.ndarray]] | None = None) -> None:
         """Fit on the training clips' log-mels (as cached), their class indices and their speakers
-        (the speaker-relative regression needs two speakers or more; None: unknown)."""
+        (the speaker-relative regression needs two speakers or more; None: unknown). ``noisy``: copies of
+        the same clips with noise mixed in ([copy][clip], ``train.augment.noisy_copies``), which the plain
+        regression learns from too."""
         self.read_settings(settings)
-        self.fit_stats(self.clip_stats(mels), labels, speakers, n_classes)
+        self.fit_stats(self.clip_stats(mels), labels, speakers, n_classes,
+                       np.stack([self.clip_stats(copy) for copy in noisy]) if noisy else None)
 
-    def fit_stats(self, x: np.ndarray, labels: np.ndarray, speakers: list, n_classes: int) -> None:
-        """``fit`` on statistics already taken (``clip_stats``, after ``read_settings``)."""
+    def fit_stats(self, x: np.ndarray, labels: np.ndarray, speakers: list, n_classes: int,
+                  x_noisy: np.ndarray | None = None) -> None:
+        """``fit`` on statistics already taken (``clip_stats``, after ``read_settings``; ``x_noisy``: [copies,
+        clips, dim], the noisy copies'). The speaker-relative regression reads the clean clips alone: a
+        speaker's mean already takes a steady noise away, and its fit on clean and noisy copies was
+        better on one corpus and worse on the other (README)."""
         labels = np.asarray(labels)
-        mu, sd, w, b = fit_logistic(x, labels, n_classes)
-        self._set(self.classifier, w, b, stats_mean=mu, stats_std=sd)
+        plain = x if x_noisy is None else np.concatenate([x, *x_noisy])
+        mu, sd, w, b = fit_logistic(plain, np.tile(labels, len(plain) // len(x)), n_classes)
+        # stats_mean stays the clean clips' mean (adapt blends a group's mean with it); the bias absorbs the shift
+        clean_mu = x.mean(0)
+        b = (b + w @ ((clean_mu - mu) / sd)).astype(b.dtype)
+        self._set(self.classifier, w, b, stats_mean=clean_mu.astype(mu.dtype), stats_std=sd)
         self.fitted.fill_(1.0)
         known = np.array([s is not None and s != "" for s in speakers])
         if len({s for s, k in zip(speakers, known) if k}) >= 2:
