@@ -40,3 +40,45 @@ def test_rows_name_runs_files_and_directories_of_runs(tmp_path):
                                                                                                   "seed0/fold2"]
     name, runs = gain_robustness.expand(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}")
     assert name == f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}" and runs == [tmp_path / "a.pt", tmp_path / "b.pt"]
+
+
+def _write_wav(path, wav: np.ndarray, rate: int = 16000) -> None:
+    import wave
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_noise_is_mixed_into_the_decoded_speech_at_the_asked_snr_and_a_foreign_cache_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from avemo.features import ExtractionSettings
+    s = ExtractionSettings().to_dict()
+    t = np.arange(24000) / 16000
+    clips, speakers = [], ["a", "b", "c"]
+    for k, f0 in enumerate((150.0, 210.0, 120.0)):
+        wav = 0.3 * np.sin(2 * np.pi * f0 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+        _write_wav(tmp_path / f"{k}.wav", wav)
+        kept = gain_robustness.decoded(tmp_path / f"{k}.wav", s)
+        mel = log_mel(kept, s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"], s["f_min"], s["f_max"])
+        clips.append(SimpleNamespace(clip=f"{k}.wav", has_audio=True, arrays={"mel": mel}))
+    data = SimpleNamespace(settings=s, clips=clips, speakers=speakers)
+    noisy = gain_robustness.Noisy(data, tmp_path, {"a"})
+    assert noisy.others == [1, 2]                          # babble is made of speakers outside the test set
+    noisy.check(0)
+    power = lambda m: np.exp(m.astype(np.float64)) - 1e-6  # noqa: E731
+    clean = power(clips[0].arrays["mel"])
+    for kind in ("white", "babble"):
+        for snr in (20.0, 5.0):
+            mixed = noisy.mel(0, kind, snr)
+            assert mixed.shape == clean.shape
+            np.testing.assert_array_equal(mixed, noisy.mel(0, kind, snr))     # the same noise for every row
+            measured = 10 * np.log10(clean.sum() / (power(mixed) - clean).sum())   # cross terms average out
+            assert abs(measured - snr) < 1.5, (kind, snr, measured)
+    clips[0].arrays["mel"] = clips[0].arrays["mel"] + 1.0
+    with pytest.raises(SystemExit, match="extracted from"):
+        gain_robustness.Noisy(data, tmp_path, {"a"}).check(0)
