@@ -209,3 +209,14 @@ def test_building_a_head_draws_no_random_numbers_from_the_models_stream():
     (a, after_a), (b, after_b) = states
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(after_a, after_b)
+
+
+def test_a_cache_below_16_khz_trains_the_fcn_alone_and_says_why(tmp_path, caplog):
+    settings = ExtractionSettings(sample_rate=8000, n_mels=64, feature_dim=16)
+    cache = make_cache(tmp_path / "c", video=False, n_mels=64, per_class=3, settings=settings)
+    cfg = TrainConfig(epochs=1, batch_size=8, progress=False, audio_init="none")
+    with caplog.at_level("WARNING"):
+        run_training(cache, tmp_path / "run", {}, cfg, SplitOptions(test_speakers="s4"))
+    net, _ = load_model(tmp_path / "run" / "best.pt")
+    assert not net.voice.is_fitted
+    assert any("no voice head" in r.getMessage() and "8 kHz" in r.getMessage() for r in caplog.records)

@@ -778,11 +778,12 @@ def fit_voice_head(model: AVEmoNet, data: TrainingData, indices: list[int],
     t0 = time.perf_counter()
     mels, speakers = [data.clips[i].arrays["mel"] for i in rows], [data.speakers[i] for i in rows]
     try:
-        model.voice.fit(mels, data.labels[rows], speakers, data.settings, len(data.classes),
-                        noisy_copies(mels, speakers, data.settings, noise_copies))
+        model.voice.read_settings(data.settings)          # before the copies: a cache it cannot read needs none
     except VoiceError as e:
         log.warning("no voice head: %s", e)
         return
+    model.voice.fit(mels, data.labels[rows], speakers, data.settings, len(data.classes),
+                    noisy_copies(mels, speakers, data.settings, noise_copies))
     log.info("voice head fitted on %d clips and %d noisy copies of each (%.1fs): its probabilities weigh %g",
              len(rows), noise_copies, time.perf_counter() - t0, model.cfg.voice_head)
 
