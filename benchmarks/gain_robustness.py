@@ -3,6 +3,7 @@
     python benchmarks/gain_robustness.py CACHE [NAME=]RUN[,RUN...] [[NAME=]RUN...] [--db -20,-10,-6,0,6,10]
     python benchmarks/gain_robustness.py CACHE default --frontend --speakers 08,12
     python benchmarks/gain_robustness.py CACHE RUN... --db "" --snr 20,10,5 --noise white,babble --wav-dir DIR
+    python benchmarks/gain_robustness.py CACHE RUN... --db "" --reverb 0.3,0.6,1.0 --wav-dir DIR
 
 Each argument after CACHE is one row: finished avemo-train runs (a directory with best.pt and
 split.json, scored on its test speakers; a directory holding such runs, e.g. a
@@ -22,7 +23,11 @@ waveform, so each test clip is decoded and trimmed again as avemo-extract does, 
 at each signal-to-noise ratio (the trimmed speech's mean power over the noise's), and turned into a
 log-mel again. ``white``: Gaussian; ``babble``: six clips of speakers outside the test set, each
 at one level, summed (a room of other talkers). The noise of a clip is the same for every row
-(seeded by the clip). A cache extracted from other files than ``--wav-dir``'s is refused.
+(seeded by the clip). ``--reverb``: each clip convolved with a synthetic room impulse response of
+that reverberation time (RT60, seconds: a direct path and a Gaussian tail decaying by 60 dB over
+it, the classic statistical model of a room's late reverberation, the tail as strong as the direct
+sound: ``DRR_DB``). A cache extracted from other
+files than ``--wav-dir``'s is refused.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ def expand(spec: str) -> tuple[str, list[Path]]:
 
 
 BABBLE_TALKERS = 6
+DRR_DB = 0.0            # --reverb: direct-to-reverberant energy ratio (a talker about a metre from the microphone)
 
 
 def decoded(path: Path, s: dict) -> np.ndarray:
@@ -86,6 +92,17 @@ class Noisy:
             sys.exit(f"{self.dir / self.data.clips[i].clip} does not give the cache's spectrogram of that clip: "
                      "--wav-dir must be the folder the cache was extracted from")
 
+    def reverberant(self, i: int, rt60: float) -> np.ndarray:
+        s, wav = self.s, self.wav(i)
+        rng = np.random.default_rng(i)
+        t = np.arange(int(rt60 * s["sample_rate"])) / s["sample_rate"]
+        rir = rng.standard_normal(len(t)) * np.exp(-np.log(1000.0) * t / rt60)
+        rir *= 10 ** (-DRR_DB / 20) / np.sqrt(np.sum(rir ** 2))
+        rir[0] = 1.0                                                          # the direct path
+        n = len(wav) + len(rir) - 1
+        wet = np.fft.irfft(np.fft.rfft(wav, n) * np.fft.rfft(rir, n), n)[:len(wav)].astype(np.float32)
+        return log_mel(wet, s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"], s["f_min"], s["f_max"])
+
     def mel(self, i: int, kind: str, snr_db: float) -> np.ndarray:
         s, wav = self.s, self.wav(i)
         rng = np.random.default_rng(i)
@@ -110,7 +127,8 @@ def main() -> None:
     p.add_argument("--db", default="-20,-10,-6,0,6,10", help="comma-separated gains in decibels")
     p.add_argument("--snr", default="", help="comma-separated signal-to-noise ratios in decibels (needs --wav-dir)")
     p.add_argument("--noise", default="white,babble", help="noises for --snr: white, babble")
-    p.add_argument("--wav-dir", type=Path, help="the folder the cache was extracted from (for --snr)")
+    p.add_argument("--reverb", default="", help="comma-separated reverberation times in seconds (needs --wav-dir)")
+    p.add_argument("--wav-dir", type=Path, help="the folder the cache was extracted from (for --snr, --reverb)")
     p.add_argument("--frontend", action="store_true", help="the files are audio front-ends")
     p.add_argument("--speakers", help="comma-separated speakers to score (default: each run's test speakers)")
     p.add_argument("--threads", type=int, default=2)
@@ -123,8 +141,9 @@ def main() -> None:
     conditions = [(f"{d:+g} dB", (lambda d: lambda i, mel: at_gain(torch.from_numpy(mel), d).numpy() if d else mel)(d))
                   for d in dbs]
     noises = [n for n in args.noise.split(",") if n] if args.snr else []
-    if noises and not args.wav_dir:
-        sys.exit("--snr needs --wav-dir: noise is mixed into the waveforms the cache was extracted from")
+    rt60s = [float(r) for r in args.reverb.split(",") if r]
+    if (noises or rt60s) and not args.wav_dir:
+        sys.exit("--snr and --reverb need --wav-dir: they change the waveforms the cache was extracted from")
     if set(noises) - {"white", "babble"}:
         sys.exit(f"--noise: unknown {sorted(set(noises) - {'white', 'babble'})} (white, babble)")
     data = load_training_data(args.cache)
@@ -149,11 +168,12 @@ def main() -> None:
             idx = [i for i in original if str(data.speakers[i]) in test]
             if not idx:
                 sys.exit(f"{run}: none of the speakers {sorted(test)} has a clip with audio in {args.cache}")
-            noisy = Noisy(data, args.wav_dir, test) if noises else None
+            noisy = Noisy(data, args.wav_dir, test) if noises or rt60s else None
             if noisy:
                 noisy.check(idx[0])
             for label, make in conditions + [(f"{n} {snr:g}", (lambda n, snr: lambda i, mel: noisy.mel(i, n, snr))(n, snr))
-                                             for n in noises for snr in map(float, args.snr.split(","))]:
+                                             for n in noises for snr in map(float, args.snr.split(","))] + [
+                    (f"reverb {r:g}s", (lambda r: lambda i, mel: noisy.reverberant(i, r))(r)) for r in rt60s]:
                 for i in idx:
                     data.clips[i].arrays["mel"] = make(i, original[i])
                 logits = model_logits(scorer.network, data, idx, torch.device("cpu"))

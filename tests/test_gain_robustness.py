@@ -79,6 +79,13 @@ def test_noise_is_mixed_into_the_decoded_speech_at_the_asked_snr_and_a_foreign_c
             np.testing.assert_array_equal(mixed, noisy.mel(0, kind, snr))     # the same noise for every row
             measured = 10 * np.log10(clean.sum() / (power(mixed) - clean).sum())   # cross terms average out
             assert abs(measured - snr) < 1.5, (kind, snr, measured)
+    # a room: the same length, the same every call, and the longer its reverberation the more it smears the
+    # syllable rhythm (the loudness envelope's modulation depth shrinks)
+    short, long_ = noisy.reverberant(0, 0.2), noisy.reverberant(0, 1.0)
+    assert short.shape == long_.shape == clean.shape
+    np.testing.assert_array_equal(short, noisy.reverberant(0, 0.2))
+    depth = lambda m: power(m).sum(0).std() / power(m).sum(0).mean()     # noqa: E731
+    assert depth(long_) < depth(short) < depth(clips[0].arrays["mel"])
     clips[0].arrays["mel"] = clips[0].arrays["mel"] + 1.0
     with pytest.raises(SystemExit, match="extracted from"):
         gain_robustness.Noisy(data, tmp_path, {"a"}).check(0)
