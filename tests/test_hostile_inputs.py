@@ -96,20 +96,26 @@ def test_hostile_folder_rerun_redoes_nothing(hostile, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in (hostile["cache"] / "rows").iterdir()} == rows
 
 
-def test_a_clip_over_its_time_limit_is_stopped_and_the_run_goes_on(hostile, tmp_path):
-    from extract import extract_folder
+def test_a_clip_over_its_time_limit_is_stopped_and_the_run_goes_on(hostile, tmp_path, monkeypatch):
+    import _hanging_worker
+    from extract import extract_folder, workers
     clips = tmp_path / "clips"
     clips.mkdir()
-    for name in ("a.wav", "b.wav"):
+    for name in ("hang.wav", "next.wav"):
         write_audio(clips / name, tone(0.5, 16000), 16000)
-    # 1 ms is less than any extraction takes: each clip overruns, its worker is killed, and
-    # a new worker takes the next clip
+    # one worker: it hangs on the first clip for good, is killed at the limit, and a new one
+    # takes the next clip (a real hang: a limit shorter than the extraction raced the result)
+    with monkeypatch.context() as patch:
+        patch.setattr(workers, "_child", _hanging_worker.child)
+        m = extract_folder(clips, tmp_path / "cache", face_encoder=str(hostile["enc"]), device="cpu",
+                           workers=1, clip_timeout=2, progress=False).set_index("clip")
+    assert m.loc["hang.wav", "status"] == "failed"
+    assert m.loc["hang.wav", "reason"].startswith("timed out: extraction took longer than 2 s")
+    assert m.loc["next.wav", "status"] == "ok"
+    # a timeout is a recorded failure: the next run leaves it unless asked to retry
     m = extract_folder(clips, tmp_path / "cache", face_encoder=str(hostile["enc"]), device="cpu",
-                       clip_timeout=0.001, progress=False).set_index("clip")
-    for name in ("a.wav", "b.wav"):
-        assert m.loc[name, "status"] == "failed"
-        assert m.loc[name, "reason"].startswith("timed out: extraction took longer than 0.001 s")
-    # a timeout is a recorded failure: the next run (a generous limit) leaves it unless asked to retry
+                       progress=False).set_index("clip")
+    assert m.loc["hang.wav", "status"] == "failed"
     m = extract_folder(clips, tmp_path / "cache", face_encoder=str(hostile["enc"]), device="cpu",
                        retry_failed=True, progress=False).set_index("clip")
     assert list(m["status"]) == ["ok", "ok"]
