@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from avemo.extraction import ClipError
 from avemo.io import display_name, first_line
 from avemo.model.adapt import PRIOR_CLIPS, AdaptError
 from avemo.prediction import MIN_WINDOW_S, Prediction, load_model, media_files
+
+
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _seconds(text: str) -> float:
@@ -115,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.explain and (problem := _explain_folder_problem(args.explain)):
         print(f"avemo-predict: {problem}", file=sys.stderr)
         return 2
+    urls = [p for p in [*args.paths, *(args.corpus or [])] if URL.match(str(p))]
+    if urls:
+        print(f"avemo-predict: {urls[0]}: a URL; avemo reads local files only (download it first)", file=sys.stderr)
+        return 2
     set_torch_threads()
     try:
         model = load_model(args.model, args.device, args.face_encoder)
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     failed, pictures = 0, set()
     for path in paths:
         try:
+            if not os.path.lexists(path):      # named on the command line (a folder's files exist when listed)
+                raise ClipError("no such file or folder")
             if args.window:
                 preds = []
                 for pred in model.predict_timeline(path, args.window, args.hop):

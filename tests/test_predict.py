@@ -242,6 +242,15 @@ def test_cli_bad_clip_exits_nonzero_and_goes_on(work, media, capsys):
     assert "garbage.mp4" in captured.err
 
 
+def test_cli_names_a_missing_file_and_refuses_a_url(work, capsys, tmp_path):
+    missing = tmp_path / "nope.wav"
+    rc = main([str(missing), str(MP3), "--model", str(work["av"]), "--face-encoder", work["enc"], "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{missing}: no such file or folder" in err
+    assert main(["https://example.org/clip.mp4", "--model", str(work["av"])]) == 2
+    assert "a URL; avemo reads local files only" in capsys.readouterr().err
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo owned",))
