@@ -201,7 +201,11 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
     log = log or sys.stderr
     root = Path(video_dir)
     if not root.is_dir():
-        raise UsageError(f"{root} is not a folder" if root.exists() else f"{root}: no such folder")
+        if root.exists():
+            raise UsageError(f"{root} is a file; avemo-extract reads a folder of clips (put the file in one, "
+                             "or ask avemo-predict about a single clip)")
+        raise UsageError(f"{video_dir}: no such folder" + ("; avemo-extract reads local folders only (download "
+                                                           "the clips first)" if "://" in str(video_dir) else ""))
     if frames is not None and fps is not None:
         raise UsageError("give --frames or --fps, not both")
     workers = default_workers() if workers is None else workers

@@ -180,6 +180,12 @@ def test_cli_exit_codes(setup, tmp_path, capsys):
     _, _, kw, _ = setup
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    one = tmp_path / "one.wav"
+    one.write_bytes(b"RIFF")
+    assert main([str(one), "--out", str(tmp_path / "c")]) == 2
+    assert "is a file; avemo-extract reads a folder of clips" in capsys.readouterr().err
+    assert main(["https://example.org/clips", "--out", str(tmp_path / "c")]) == 2
+    assert "reads local folders only" in capsys.readouterr().err
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "readme.txt").write_text("hello")
