@@ -11,10 +11,48 @@ from avemo.io import display_name, first_line
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 
 
 class ClipError(Exception):
     """A file from which nothing usable can be extracted; ``str(e)`` is the reason in words."""
+
+
+def is_media(path) -> bool:
+    return Path(path).suffix.lower() in MEDIA_EXTENSIONS
+
+
+def list_folder(root: Path, exclude: list[Path] = ()) -> tuple[list[Path], int]:
+    """Every file under ``root``, sorted, and how many hidden entries were skipped.
+
+    Dot-files and dot-folders are skipped (a macOS copy's ``._clip.mp4`` resource forks, ``.git``);
+    so are the ``exclude`` paths (a cache inside its own input folder). Nothing here opens or
+    follows a file: broken links, link loops and files that vanish are listed like any other and
+    get their reason when their turn comes.
+    """
+    # realpath never raises (a link loop resolves to itself), unlike Path.resolve in 3.10/3.11
+    excluded = [os.path.realpath(p) for p in exclude]
+
+    def is_excluded(p: Path) -> bool:
+        full = os.path.realpath(p)
+        return any(full == e or full.startswith(e + os.sep) for e in excluded)
+
+    paths, hidden = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                hidden += 1
+            elif not is_excluded(here / d):
+                keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            if f.startswith("."):
+                hidden += 1
+            elif not is_excluded(here / f):
+                paths.append(here / f)
+    return sorted(paths), hidden
 
 
 def expects_video(path) -> bool:

@@ -129,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"avemo-predict: {e}", file=sys.stderr)
         return 2
-    paths = media_files(args.paths)
+    paths, hidden = media_files(args.paths)
     if not paths:
-        print("avemo-predict: no media files found in " + ", ".join(map(display_name, args.paths)), file=sys.stderr)
+        print("avemo-predict: no media files found in " + ", ".join(map(display_name, args.paths))
+              + _hidden_note(hidden), file=sys.stderr)
         return 2
     if args.adapt:
-        corpus = media_files(args.corpus) if args.corpus else None
+        corpus, hidden = media_files(args.corpus) if args.corpus else (None, 0)
         if args.corpus and not corpus:
-            print("avemo-predict: --corpus: no media files found in " + ", ".join(map(display_name, args.corpus)),
-                  file=sys.stderr)
+            print("avemo-predict: --corpus: no media files found in " + ", ".join(map(display_name, args.corpus))
+                  + _hidden_note(hidden), file=sys.stderr)
             return 2
         if corpus:
             print(f"avemo-predict: --adapt: reading the audio of {len(paths)} file{'s' * (len(paths) != 1)} and "
@@ -183,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"avemo-predict: {e}", file=sys.stderr)
             return 2
     return 1 if failed else 0
+
+
+def _hidden_note(hidden: int) -> str:
+    return f" ({hidden} hidden file{'s' * (hidden != 1)} or folder{'s' * (hidden != 1)} ignored)" if hidden else ""
 
 
 def _picture(plot, what, out: Path) -> None:

@@ -25,14 +25,13 @@ from avemo.encoders import FaceEncoder, is_shipped_name
 from avemo.extraction import ClipError, ClipExtractor, default_device
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name
-from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from avemo.media import is_media, list_folder
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
 from avemo.model.adapt import PRIOR_CLIPS, AdaptError, adapt, adaptation_scope, check_adaptable, population_statistics
 from avemo.model.frames import clip_face_pixels
 from avemo.video import MediaError, media_duration, open_media, scan_duration
 
-MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 MIN_WINDOW_S = 0.1   # shortest --window / --hop: a few spectrogram frames; shorter only multiplies windows
 
 
@@ -309,12 +308,16 @@ def predict_timeline(path: str | os.PathLike, model: EmotionRecognizer | str | o
     return list(model.predict_timeline(path, window, hop))
 
 
-def media_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, sorted) into media files; files are kept as given."""
+def media_files(paths: list[str | os.PathLike]) -> tuple[list[Path], int]:
+    """Expand folders (recursively, sorted) into their media files, and count the hidden entries
+    skipped there (as avemo-extract does); files named directly are kept as given."""
     out: list[Path] = []
+    hidden = 0
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MEDIA_EXTENSIONS))
+            found, n = list_folder(p)
+            out.extend(f for f in found if is_media(f))
+            hidden += n
         else:
             out.append(p)
-    return out
+    return out, hidden

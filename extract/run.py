@@ -22,15 +22,13 @@ from avemo.cpu import default_workers, threads_for
 from avemo.encoders import file_sha256, is_shipped_name, resolve_encoder_path
 from avemo.features import ExtractionSettings
 from avemo.io import NoSpaceError, display_name, first_line
-from avemo.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, expects_video
+from avemo.media import MEDIA_EXTENSIONS, ClipError, expects_video, is_media, list_folder
 from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
 from extract.workers import UnusableSettings, WorkerPool, discard
 
 if TYPE_CHECKING:      # for annotations only: importing it here would pull torch into this process
     from avemo.extraction import ClipExtractor
-
-MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 
 
 class UsageError(ValueError):
@@ -53,45 +51,16 @@ class Walk:
 
 
 def walk_folder(root: Path, exclude: list[Path], labeller: Labeller) -> Walk:
-    """Every file under ``root`` except hidden ones and the ``exclude`` paths (the cache itself).
-
-    Nothing here opens or follows a file: broken links, link loops and files that vanish
-    are listed like any other and get their reason when their turn comes.
-    """
-    # realpath never raises (a link loop resolves to itself), unlike Path.resolve in 3.10/3.11
-    excluded = [os.path.realpath(p) for p in exclude]
-
-    def is_excluded(p: Path) -> bool:
-        full = os.path.realpath(p)
-        return any(full == e or full.startswith(e + os.sep) for e in excluded)
-
-    paths, hidden = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        keep = []
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                hidden += 1
-            elif not is_excluded(here / d):
-                keep.append(d)
-        dirnames[:] = keep
-        for f in filenames:
-            p = here / f
-            if f.startswith("."):
-                hidden += 1
-            elif not is_excluded(p):
-                paths.append(p)
+    """Every file under ``root`` except hidden ones and the ``exclude`` paths (the cache itself);
+    files that are not media get a row too, saying so."""
+    paths, hidden = list_folder(root, exclude)
     clips = {p.relative_to(root).as_posix(): p for p in paths}
-    labeller.bind([c for c, p in clips.items() if p.suffix.lower() in MEDIA_EXTENSIONS])
+    labeller.bind([c for c, p in clips.items() if is_media(p)])
     items = []
     for clip, p in sorted(clips.items()):
-        label, speaker, note = labeller(clip) if p.suffix.lower() in MEDIA_EXTENSIONS else (None, None, None)
+        label, speaker, note = labeller(clip) if is_media(p) else (None, None, None)
         items.append(Item(clip, str(p), label, speaker, note))
     return Walk(items, hidden)
-
-
-def is_media(item: Item) -> bool:
-    return Path(item.path).suffix.lower() in MEDIA_EXTENSIONS
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -228,7 +197,7 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
         raise UsageError(str(e)) from None
     if not walk.items:
         raise UsageError(f"no files found under {root}" + (f" ({walk.hidden} hidden ones ignored)" if walk.hidden else ""))
-    media = [it for it in walk.items if in_shard(it.clip, shard) and is_media(it)]
+    media = [it for it in walk.items if in_shard(it.clip, shard) and is_media(it.path)]
     t_load = time.perf_counter()
     n_workers = min(workers, max(len(media), 1))
     cache = Cache(out)
@@ -279,7 +248,7 @@ def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settin
         print(f"avemo-extract: {len(walk.items)} files under {display_name(root)}"
               + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")
               + f"; {len(done)} already done, {len(todo)} to extract on {device}"
-              + (f" with {n} workers" if (n := min(workers, sum(map(is_media, todo)))) > 1 else ""), file=log)
+              + (f" with {n} workers" if (n := min(workers, sum(is_media(it.path) for it in todo))) > 1 else ""), file=log)
 
         rows: list[dict] = []
         t0 = time.perf_counter()
@@ -294,7 +263,7 @@ def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settin
             bar.set_postfix(counts, refresh=False)
             bar.update(1)
 
-        media = [it for it in todo if is_media(it)]
+        media = [it for it in todo if is_media(it.path)]
         completed = False
         try:
             for it in todo:

@@ -76,6 +76,10 @@ def run(tmp_path_factory):
     write_audio(clips / "aac.m4a", tone(1.0, 16000), 16000)
     (clips / "sub dir ü").mkdir()
     shutil.copy(CREMAD / "1001_DFA_HAP_XX.flv", clips / "sub dir ü" / "vidéo avec espaces.flv")
+    # a macOS copy's resource fork and a tool's hidden folder: skipped, not failed clips
+    (clips / "._one_frame.mp4").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (clips / ".thumbnails").mkdir()
+    (clips / ".thumbnails" / "x.mp4").write_bytes(b"not a video")
     enc = random_encoder(d / "enc.pt")
     out = d / "cache"
     manifest = extract_folder(clips, out, frames=4, face_encoder=str(enc), device="cpu", progress=False)
@@ -95,8 +99,10 @@ def features(run, clip) -> ClipFeatures:
 
 def test_every_file_found_has_exactly_one_row(run):
     manifest, out = run
-    files = [p for p in (out.parent / "clips").rglob("*") if p.is_file()]
+    clips = out.parent / "clips"
+    files = [p for p in clips.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(clips).parts)]
     assert len(manifest) == len(files) and manifest.index.is_unique
+    assert not any("._" in c or ".thumbnails" in c for c in manifest.index)
     assert set(manifest["status"]) <= {"ok", "partial", "failed"}
     failed = manifest[manifest.status == "failed"]
     assert failed["reason"].notna().all() and failed["feature_file"].isna().all()

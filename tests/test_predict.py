@@ -215,6 +215,10 @@ def test_cli_json_lines_for_a_folder(work, capsys, tmp_path):
     for src in (FLV, MP3):
         (folder / src.name).write_bytes(src.read_bytes())
     (folder / "notes.txt").write_text("not media: skipped when expanding a folder")
+    # what a copy from macOS or a repository brings along: hidden, so skipped as avemo-extract does
+    (folder / f"._{FLV.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "clip.wav").write_bytes(b"not a wav")
     rc = main([str(folder.parent), "--model", str(work["av"]), "--face-encoder", work["enc"], "--json", "--device", "cpu",
                "--explain", str(tmp_path / "x.png")])
     assert rc == 0
@@ -224,6 +228,21 @@ def test_cli_json_lines_for_a_folder(work, capsys, tmp_path):
         assert {"clip", "emotion", "probabilities", "modalities", "face_coverage", "warnings"} <= set(r)
     assert {tuple(r["modalities"]) for r in rows} == {("audio", "video"), ("audio",)}
     assert len(list(tmp_path.glob("x.*.png"))) == 2
+
+    # a broken link in the folder is asked about, and fails with its own reason
+    (folder / "gone.wav").symlink_to(tmp_path / "moved away.wav")
+    rc = main([str(folder), "--model", str(work["av"]), "--face-encoder", work["enc"], "--json", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    rows = {Path(r["clip"]).name: r for r in map(json.loads, captured.out.splitlines())}
+    assert set(rows) == {FLV.name, MP3.name, "gone.wav"}
+    assert rows["gone.wav"]["emotion"] is None and "broken symbolic link" in rows["gone.wav"]["error"]
+
+    only_hidden = tmp_path / "only hidden"
+    only_hidden.mkdir()
+    (only_hidden / f"._{MP3.name}").write_bytes(b"resource fork")
+    assert main([str(only_hidden), "--model", str(work["av"]), "--device", "cpu"]) == 2
+    assert "no media files found in" in (err := capsys.readouterr().err) and "(1 hidden file or folder ignored)" in err
 
 
 def test_cli_human_output_and_window(work, capsys):
