@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from avemo.io import display_name, first_line
@@ -22,13 +23,22 @@ def is_media(path) -> bool:
     return Path(path).suffix.lower() in MEDIA_EXTENSIONS
 
 
-def list_folder(root: Path, exclude: list[Path] = ()) -> tuple[list[Path], int]:
-    """Every file under ``root``, sorted, and how many hidden entries were skipped.
+@dataclass
+class Listing:
+    files: list[Path]                 # sorted
+    hidden: int                       # dot-files and dot-folders skipped
+    unlisted: dict[Path, str] = field(default_factory=dict)   # folders that could not be read -> why
+
+
+def list_folder(root: Path, exclude: list[Path] = ()) -> Listing:
+    """Every file under ``root``, and what was skipped.
 
     Dot-files and dot-folders are skipped (a macOS copy's ``._clip.mp4`` resource forks, ``.git``);
-    so are the ``exclude`` paths (a cache inside its own input folder). Nothing here opens or
-    follows a file: broken links, link loops and files that vanish are listed like any other and
-    get their reason when their turn comes.
+    so are the ``exclude`` paths (a cache inside its own input folder). A folder that cannot be
+    read (another user's, on a shared disk) is named with the reason rather than silently passed
+    over, so its clips are not lost without a word. Nothing here opens or follows a file: broken
+    links, link loops and files that vanish are listed like any other and get their reason when
+    their turn comes.
     """
     # realpath never raises (a link loop resolves to itself), unlike Path.resolve in 3.10/3.11
     excluded = [os.path.realpath(p) for p in exclude]
@@ -37,22 +47,28 @@ def list_folder(root: Path, exclude: list[Path] = ()) -> tuple[list[Path], int]:
         full = os.path.realpath(p)
         return any(full == e or full.startswith(e + os.sep) for e in excluded)
 
-    paths, hidden = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    listing = Listing([], 0)
+
+    def unreadable(e: OSError) -> None:
+        listing.unlisted[Path(e.filename)] = (f"cannot list this folder ({e.strerror or first_line(e)}); "
+                                              "the files in it were not read")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
             if d.startswith("."):
-                hidden += 1
+                listing.hidden += 1
             elif not is_excluded(here / d):
                 keep.append(d)
         dirnames[:] = keep
         for f in filenames:
             if f.startswith("."):
-                hidden += 1
+                listing.hidden += 1
             elif not is_excluded(here / f):
-                paths.append(here / f)
-    return sorted(paths), hidden
+                listing.files.append(here / f)
+    listing.files.sort()
+    return listing
 
 
 def expects_video(path) -> bool:

@@ -129,17 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"avemo-predict: {e}", file=sys.stderr)
         return 2
-    paths, hidden = media_files(args.paths)
+    listing = media_files(args.paths)
+    paths = listing.files
+    failed = 0
+    for folder, why in listing.unlisted.items():   # another user's folder on a shared disk: said, not skipped
+        failed += 1
+        if args.json:
+            print(json.dumps({"clip": display_name(folder), "emotion": None, "error": why}, ensure_ascii=False))
+        print(f"avemo-predict: {display_name(folder)}: {why}", file=sys.stderr)
     if not paths:
         print("avemo-predict: no media files found in " + ", ".join(map(display_name, args.paths))
-              + _hidden_note(hidden), file=sys.stderr)
+              + _hidden_note(listing.hidden), file=sys.stderr)
         return 2
     if args.adapt:
-        corpus, hidden = media_files(args.corpus) if args.corpus else (None, 0)
-        if args.corpus and not corpus:
-            print("avemo-predict: --corpus: no media files found in " + ", ".join(map(display_name, args.corpus))
-                  + _hidden_note(hidden), file=sys.stderr)
-            return 2
+        corpus = None
+        if args.corpus:
+            found = media_files(args.corpus)
+            corpus = found.files
+            for folder, why in found.unlisted.items():
+                print(f"avemo-predict: --corpus: {display_name(folder)}: {why}", file=sys.stderr)
+            if not corpus:
+                print("avemo-predict: --corpus: no media files found in " + ", ".join(map(display_name, args.corpus))
+                      + _hidden_note(found.hidden), file=sys.stderr)
+                return 2
         if corpus:
             print(f"avemo-predict: --adapt: reading the audio of {len(paths)} file{'s' * (len(paths) != 1)} and "
                   f"{len(corpus)} corpus file{'s' * (len(corpus) != 1)}", file=sys.stderr, flush=True)
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             relative = f", relative to a corpus of {m} clip{'s' * (m != 1)}"
         print(f"avemo-predict: adapted the voice side to {n} clip{'s' * (n != 1)}{relative} (their statistics weigh "
               f"{n}/{n + PRIOR_CLIPS} against the model's own)", file=sys.stderr)
-    failed, pictures = 0, set()
+    pictures: set = set()
     for path in paths:
         try:
             if not os.path.lexists(path):      # named on the command line (a folder's files exist when listed)

@@ -25,7 +25,7 @@ from avemo.encoders import FaceEncoder, is_shipped_name
 from avemo.extraction import ClipError, ClipExtractor, default_device
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.io import display_name
-from avemo.media import is_media, list_folder
+from avemo.media import Listing, is_media, list_folder
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
 from avemo.model.adapt import PRIOR_CLIPS, AdaptError, adapt, adaptation_scope, check_adaptable, population_statistics
@@ -308,16 +308,17 @@ def predict_timeline(path: str | os.PathLike, model: EmotionRecognizer | str | o
     return list(model.predict_timeline(path, window, hop))
 
 
-def media_files(paths: list[str | os.PathLike]) -> tuple[list[Path], int]:
-    """Expand folders (recursively, sorted) into their media files, and count the hidden entries
-    skipped there (as avemo-extract does); files named directly are kept as given."""
-    out: list[Path] = []
-    hidden = 0
+def media_files(paths: list[str | os.PathLike]) -> Listing:
+    """Expand folders (recursively, sorted) into their media files, skipping hidden entries as
+    avemo-extract does and naming folders that cannot be listed; files named directly are kept
+    as given."""
+    out = Listing([], 0)
     for p in map(Path, paths):
         if p.is_dir():
-            found, n = list_folder(p)
-            out.extend(f for f in found if is_media(f))
-            hidden += n
+            found = list_folder(p)
+            out.files.extend(f for f in found.files if is_media(f))
+            out.hidden += found.hidden
+            out.unlisted.update(found.unlisted)
         else:
-            out.append(p)
-    return out, hidden
+            out.files.append(p)
+    return out

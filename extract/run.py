@@ -42,6 +42,7 @@ class Item:
     label: str | None
     speaker: str | None
     label_note: str | None
+    error: str | None = None     # known from the walk (a folder that cannot be listed): nothing to decode
 
 
 @dataclass
@@ -52,15 +53,19 @@ class Walk:
 
 def walk_folder(root: Path, exclude: list[Path], labeller: Labeller) -> Walk:
     """Every file under ``root`` except hidden ones and the ``exclude`` paths (the cache itself);
-    files that are not media get a row too, saying so."""
-    paths, hidden = list_folder(root, exclude)
-    clips = {p.relative_to(root).as_posix(): p for p in paths}
+    files that are not media get a row too, saying so, and so does a folder that cannot be listed."""
+    listing = list_folder(root, exclude)
+    if root in listing.unlisted:
+        raise UsageError(f"{display_name(root)}: {listing.unlisted[root].split(';')[0]}")
+    clips = {p.relative_to(root).as_posix(): p for p in listing.files}
     labeller.bind([c for c, p in clips.items() if is_media(p)])
     items = []
     for clip, p in sorted(clips.items()):
         label, speaker, note = labeller(clip) if is_media(p) else (None, None, None)
         items.append(Item(clip, str(p), label, speaker, note))
-    return Walk(items, hidden)
+    items += [Item(p.relative_to(root).as_posix(), str(p), None, None, None, error=why)
+              for p, why in listing.unlisted.items()]
+    return Walk(sorted(items, key=lambda it: it.clip), listing.hidden)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -108,6 +113,8 @@ def failed_row(item: Item, cache: Cache, digest: str, reason: str) -> dict:
 def clip_row(item: Item, ex: "ClipExtractor | None", cache: Cache, digest: str) -> dict:
     """Extract one file, write its features and then its row; never raises for a bad file
     (a full disk raises ``NoSpaceError``: every later clip would fail the same way)."""
+    if item.error:
+        return failed_row(item, cache, digest, item.error)
     suffix = Path(item.path).suffix.lower()
     if suffix not in MEDIA_EXTENSIONS:
         return failed_row(item, cache, digest, f"not a media file (extension '{display_name(suffix) or '(none)'}' "
@@ -243,7 +250,9 @@ def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settin
         mine = [it for it in walk.items if in_shard(it.clip, shard)]
         todo, done = [], []
         for it in mine:
-            row = cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed, feature_maps)
+            # a folder that cannot be listed is looked at again by every run's walk: its row is rewritten
+            row = None if it.error else cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed,
+                                                      feature_maps)
             (done if row is not None else todo).append(row if row is not None else it)
         print(f"avemo-extract: {len(walk.items)} files under {display_name(root)}"
               + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")

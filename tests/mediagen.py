@@ -1,6 +1,7 @@
 """Real media files made on the fly with PyAV, for extraction tests (good and deliberately bad)."""
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -140,3 +141,15 @@ def sampled_frames(path, n: int, max_side: int = 640) -> np.ndarray:
         s = video_stream(c)
         times = sample_times(0.0, video_span(path, c, s, []), n, None, 4096)
         return np.stack([f for _, f in iter_frames_at(c, s, times, max_side, VideoFrames())])
+
+
+def unlistable(monkeypatch, folder: Path) -> None:
+    """``folder`` cannot be listed, as another user's on a shared disk (chmod would not do: a
+    test run as root reads it anyway)."""
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing)

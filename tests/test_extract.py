@@ -20,7 +20,7 @@ from extract import SettingsMismatch, UsageError, extract_folder, read_manifest
 from extract.cli import main
 from extract.labels import Labeller, LabelError
 from extract.run import in_shard, parse_shard
-from mediagen import random_encoder
+from mediagen import random_encoder, unlistable
 
 REPO = Path(__file__).resolve().parent.parent
 CREMAD = REPO / "examples" / "cremad"
@@ -222,6 +222,26 @@ def test_a_replaced_file_is_extracted_again(setup, tmp_path):
     shutil.copy(CREMAD / "1002_DFA_HAP_XX.mp3", clips / "b.mp3")
     m = extract_folder(clips, tmp_path / "cache", **kw)
     assert m.loc[0, "status"] == "ok" and m.loc[0, "audio_seconds"] > 1.5
+
+
+def test_a_folder_that_cannot_be_listed_is_a_row_with_its_reason(setup, tmp_path, monkeypatch):
+    _, _, kw, _ = setup
+    clips = tmp_path / "clips"
+    (clips / "locked").mkdir(parents=True)
+    shutil.copy(CREMAD / "1002_DFA_SAD_XX.mp3", clips / "a.mp3")
+    shutil.copy(CREMAD / "1002_DFA_HAP_XX.mp3", clips / "locked" / "b.mp3")
+    unlistable(monkeypatch, clips / "locked")
+    for _ in range(2):       # a re-run looks again, and still says so
+        m = extract_folder(clips, tmp_path / "cache", **kw).set_index("clip")
+        assert list(m.index) == ["a.mp3", "locked"] and m.loc["a.mp3", "status"] == "ok"
+        assert m.loc["locked", "status"] == "failed"
+        assert m.loc["locked", "reason"] == "cannot list this folder (Permission denied); the files in it were not read"
+    monkeypatch.undo()       # readable again: its clips are extracted and the folder's row is gone
+    m = extract_folder(clips, tmp_path / "cache", **kw).set_index("clip")
+    assert list(m.index) == ["a.mp3", "locked/b.mp3"] and set(m["status"]) == {"ok"}
+    unlistable(monkeypatch, clips)
+    with pytest.raises(UsageError, match="cannot list this folder .Permission denied.$"):
+        extract_folder(clips, tmp_path / "cache", **kw)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mediagen
+from mediagen import unlistable
 from avemo.checkpoint import CheckpointError, save_checkpoint
 from avemo.extraction import ClipError, ClipExtractor
 from avemo.features import ExtractionSettings
@@ -268,6 +269,20 @@ def test_cli_names_a_missing_file_and_refuses_a_url(work, capsys, tmp_path):
     assert rc == 1 and f"{missing}: no such file or folder" in err
     assert main(["https://example.org/clip.mp4", "--model", str(work["av"])]) == 2
     assert "a URL; avemo reads local files only" in capsys.readouterr().err
+
+
+def test_cli_names_a_folder_it_cannot_list_and_goes_on(work, capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "study"
+    (folder / "p07").mkdir(parents=True)
+    (folder / MP3.name).write_bytes(MP3.read_bytes())
+    unlistable(monkeypatch, folder / "p07")
+    rc = main([str(folder), "--model", str(work["av"]), "--face-encoder", work["enc"], "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    rows = {Path(r["clip"]).name: r for r in map(json.loads, captured.out.splitlines())}
+    assert rows["p07"]["error"] == "cannot list this folder (Permission denied); the files in it were not read"
+    assert rows[MP3.name]["emotion"] in CLASSES
+    assert "p07: cannot list this folder" in captured.err
 
 
 class _RunsCode:
