@@ -133,6 +133,17 @@ def display_name(name: str | os.PathLike) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def shown_name(name: str | os.PathLike) -> str:
+    """A file name for a terminal or a log: as ``display_name``, and control characters shown as
+    escapes (``\\n``, ``\\x1b``), so a name with a newline cannot break a line in two and one with
+    an escape sequence cannot recolour or rewrite the terminal. JSON and CSV escape those
+    themselves and keep ``display_name``."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], display_name(name))
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
 

@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avemo.io import display_name, first_line
+from avemo.io import first_line, shown_name
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
@@ -82,7 +82,7 @@ def unreadable_reason(path: Path) -> str | None:
         st = os.stat(path)
     except FileNotFoundError:
         if os.path.islink(path):
-            return f"broken symbolic link (its target {display_name(os.readlink(path))} does not exist)"
+            return f"broken symbolic link (its target {shown_name(os.readlink(path))} does not exist)"
         return "file not found (removed after the folder was listed?)"
     except OSError as e:
         if e.errno == errno.ELOOP:

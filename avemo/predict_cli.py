@@ -13,7 +13,7 @@ from pathlib import Path
 from avemo.checkpoint import CheckpointError
 from avemo.cpu import set_torch_threads
 from avemo.extraction import ClipError
-from avemo.io import display_name, first_line
+from avemo.io import display_name, first_line, shown_name
 from avemo.model.adapt import PRIOR_CLIPS, AdaptError
 from avemo.prediction import MIN_WINDOW_S, Prediction, load_model, media_files
 
@@ -81,15 +81,15 @@ def _explain_folder_problem(base: str) -> str | None:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        return f"--explain {display_name(base)}: {display_name(parent)} is a file, not a folder"
+        return f"--explain {shown_name(base)}: {shown_name(parent)} is a file, not a folder"
     if not os.access(parent, os.W_OK):
-        return f"--explain {display_name(base)}: cannot write in {display_name(parent)}"
+        return f"--explain {shown_name(base)}: cannot write in {shown_name(parent)}"
     return None
 
 
 def _human(pred: Prediction) -> str:
     where = f" [{pred.start:7.2f}-{pred.end:7.2f} s]" if pred.start is not None else ""
-    clip = display_name(pred.clip)
+    clip = shown_name(pred.clip)
     if pred.emotion is None:
         return f"{clip}{where}: no prediction ({'; '.join(pred.warnings)})"
     cover = "" if pred.face_coverage is None else f", face in {100 * pred.face_coverage:.0f}% of frames"
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         failed += 1
         if args.json:
             print(json.dumps({"clip": display_name(folder), "emotion": None, "error": why}, ensure_ascii=False))
-        print(f"avemo-predict: {display_name(folder)}: {why}", file=sys.stderr)
+        print(f"avemo-predict: {shown_name(folder)}: {why}", file=sys.stderr)
     if not paths:
-        print("avemo-predict: no media files found in " + ", ".join(map(display_name, args.paths))
+        print("avemo-predict: no media files found in " + ", ".join(map(shown_name, args.paths))
               + _hidden_note(listing.hidden), file=sys.stderr)
         return 2
     if args.adapt:
@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             found = media_files(args.corpus)
             corpus = found.files
             for folder, why in found.unlisted.items():
-                print(f"avemo-predict: --corpus: {display_name(folder)}: {why}", file=sys.stderr)
+                print(f"avemo-predict: --corpus: {shown_name(folder)}: {why}", file=sys.stderr)
             if not corpus:
-                print("avemo-predict: --corpus: no media files found in " + ", ".join(map(display_name, args.corpus))
+                print("avemo-predict: --corpus: no media files found in " + ", ".join(map(shown_name, args.corpus))
                       + _hidden_note(found.hidden), file=sys.stderr)
                 return 2
         if corpus:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             if args.json:
                 print(json.dumps({"clip": display_name(path), "emotion": None, "error": str(e)}, ensure_ascii=False))
-            print(f"avemo-predict: {display_name(path)}: {e}", file=sys.stderr)
+            print(f"avemo-predict: {shown_name(path)}: {e}", file=sys.stderr)
         except CheckpointError as e:   # the extraction the model needs cannot be set up here
             print(f"avemo-predict: {e}", file=sys.stderr)
             return 2
@@ -207,7 +207,7 @@ def _picture(plot, what, out: Path) -> None:
     try:
         plot(what, out)
     except OSError as e:
-        print(f"avemo-predict: could not write {display_name(out)}: {first_line(e)}", file=sys.stderr)
+        print(f"avemo-predict: could not write {shown_name(out)}: {first_line(e)}", file=sys.stderr)
 
 
 def cli() -> None:

@@ -24,7 +24,7 @@ from avemo.checkpoint import CheckpointError
 from avemo.encoders import FaceEncoder, is_shipped_name
 from avemo.extraction import ClipError, ClipExtractor, default_device
 from avemo.features import ClipFeatures, ExtractionSettings
-from avemo.io import display_name
+from avemo.io import display_name, shown_name
 from avemo.media import Listing, is_media, list_folder
 from avemo.model import DEFAULT_MODEL, resolve_model_path
 from avemo.model import load_model as load_network
@@ -191,7 +191,7 @@ class EmotionRecognizer:
             if mel is not None:
                 mels.append(mel)
             else:
-                problems.append(f"{display_name(path)}: {why}")
+                problems.append(f"{shown_name(path)}: {why}")
         return mels, problems
 
     def predict(self, path: str | os.PathLike, clip_id: str | None = None,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from avemo.cpu import default_workers, threads_for
 from avemo.encoders import file_sha256, is_shipped_name, resolve_encoder_path
 from avemo.features import ExtractionSettings
-from avemo.io import NoSpaceError, display_name, first_line
+from avemo.io import NoSpaceError, display_name, first_line, shown_name
 from avemo.media import MEDIA_EXTENSIONS, ClipError, expects_video, is_media, list_folder
 from extract.cache import INTERNAL_ERROR, Cache
 from extract.labels import Labeller
@@ -56,7 +56,7 @@ def walk_folder(root: Path, exclude: list[Path], labeller: Labeller) -> Walk:
     files that are not media get a row too, saying so, and so does a folder that cannot be listed."""
     listing = list_folder(root, exclude)
     if root in listing.unlisted:
-        raise UsageError(f"{display_name(root)}: {listing.unlisted[root].split(';')[0]}")
+        raise UsageError(f"{shown_name(root)}: {listing.unlisted[root].split(';')[0]}")
     clips = {p.relative_to(root).as_posix(): p for p in listing.files}
     labeller.bind([c for c, p in clips.items() if is_media(p)])
     items = []
@@ -178,10 +178,11 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
     root = Path(video_dir)
     if not root.is_dir():
         if root.exists():
-            raise UsageError(f"{root} is a file; avemo-extract reads a folder of clips (put the file in one, "
+            raise UsageError(f"{shown_name(root)} is a file; avemo-extract reads a folder of clips (put the file in one, "
                              "or ask avemo-predict about a single clip)")
-        raise UsageError(f"{video_dir}: no such folder" + ("; avemo-extract reads local folders only (download "
-                                                           "the clips first)" if "://" in str(video_dir) else ""))
+        raise UsageError(f"{shown_name(video_dir)}: no such folder"
+                         + ("; avemo-extract reads local folders only (download the clips first)"
+                            if "://" in str(video_dir) else ""))
     if frames is not None and fps is not None:
         raise UsageError("give --frames or --fps, not both")
     workers = default_workers() if workers is None else workers
@@ -203,7 +204,7 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
     except ValueError as e:     # bad frames/fps values, a labels CSV that cannot be used
         raise UsageError(str(e)) from None
     if not walk.items:
-        raise UsageError(f"no files found under {root}" + (f" ({walk.hidden} hidden ones ignored)" if walk.hidden else ""))
+        raise UsageError(f"no files found under {shown_name(root)}" + (f" ({walk.hidden} hidden ones ignored)" if walk.hidden else ""))
     media = [it for it in walk.items if in_shard(it.clip, shard) and is_media(it.path)]
     t_load = time.perf_counter()
     n_workers = min(workers, max(len(media), 1))
@@ -254,7 +255,7 @@ def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settin
             row = None if it.error else cache.is_done(it.clip, Path(it.path), digest, keep_crops, retry_failed,
                                                       feature_maps)
             (done if row is not None else todo).append(row if row is not None else it)
-        print(f"avemo-extract: {len(walk.items)} files under {display_name(root)}"
+        print(f"avemo-extract: {len(walk.items)} files under {shown_name(root)}"
               + (f", shard {shard[0]}/{shard[1]} has {len(mine)}" if shard else "")
               + f"; {len(done)} already done, {len(todo)} to extract on {device}"
               + (f" with {n} workers" if (n := min(workers, sum(is_media(it.path) for it in todo))) > 1 else ""), file=log)

@@ -285,6 +285,23 @@ def test_cli_names_a_folder_it_cannot_list_and_goes_on(work, capsys, tmp_path, m
     assert "p07: cannot list this folder" in captured.err
 
 
+def test_names_with_control_characters_cannot_break_lines_or_drive_the_terminal(work, capsys, tmp_path):
+    odd = "line1\nline2\x1b[2J\x1b[31m.mp3"       # a newline, then "clear screen" and "red"
+    (tmp_path / odd).write_bytes(MP3.read_bytes())
+    (tmp_path / ("broken\r" + odd)).write_text("not audio")
+    rc = main([str(tmp_path), "--model", str(work["av"]), "--face-encoder", work["enc"], "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    for text in (captured.out, captured.err):
+        assert "\x1b" not in text and "\r" not in text
+    shown = "line1\\nline2\\x1b[2J\\x1b[31m.mp3"
+    assert captured.out.splitlines()[0].startswith(f"{tmp_path / shown}: ")
+    assert f"{tmp_path}/broken\\r{shown}: " in captured.err
+    main([str(tmp_path), "--model", str(work["av"]), "--face-encoder", work["enc"], "--device", "cpu", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {Path(r["clip"]).name for r in rows} == {odd, "broken\r" + odd}     # JSON keeps the name itself
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo owned",))
