@@ -34,32 +34,48 @@ def list_folder(root: Path, exclude: list[Path] = ()) -> Listing:
     """Every file under ``root``, and what was skipped.
 
     Dot-files and dot-folders are skipped (a macOS copy's ``._clip.mp4`` resource forks, ``.git``);
-    so are the ``exclude`` paths (a cache inside its own input folder). A folder that cannot be
-    read (another user's, on a shared disk) is named with the reason rather than silently passed
-    over, so its clips are not lost without a word. Nothing here opens or follows a file: broken
-    links, link loops and files that vanish are listed like any other and get their reason when
-    their turn comes.
+    so are the ``exclude`` paths (a cache inside its own input folder). A folder linked in from
+    elsewhere (``clips/ravdess -> /data/ravdess``, as datasets are often assembled) is walked like
+    one of its own, once; a link to a folder already walked, or back into ``root``, is not
+    followed, so a link loop cannot walk forever. A folder that cannot be read (another user's,
+    on a shared disk) is named with the reason rather than silently passed over, so its clips
+    are not lost without a word. Nothing here opens a file: broken links, link loops and files
+    that vanish are listed like any other and get their reason when their turn comes.
     """
     # realpath never raises (a link loop resolves to itself), unlike Path.resolve in 3.10/3.11
     excluded = [os.path.realpath(p) for p in exclude]
+    inside = os.path.realpath(root)
 
     def is_excluded(p: Path) -> bool:
         full = os.path.realpath(p)
         return any(full == e or full.startswith(e + os.sep) for e in excluded)
 
+    def follow(link: Path) -> bool:
+        target = os.path.realpath(link)
+        if target in seen or target == inside or target.startswith(inside + os.sep):
+            return False
+        seen.add(target)     # now, so that a second link beside it to the same folder is not followed too
+        return True
+
     listing = Listing([], 0)
+    seen: set[str] = set()
 
     def unreadable(e: OSError) -> None:
         listing.unlisted[Path(e.filename)] = (f"cannot list this folder ({e.strerror or first_line(e)}); "
                                               "the files in it were not read")
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in seen and here != root and not os.path.islink(here):
+            dirnames[:] = []     # reached first through a link walked earlier: its files are listed there
+            continue
+        seen.add(real)
         keep = []
         for d in sorted(dirnames):
             if d.startswith("."):
                 listing.hidden += 1
-            elif not is_excluded(here / d):
+            elif not is_excluded(here / d) and (not os.path.islink(here / d) or follow(here / d)):
                 keep.append(d)
         dirnames[:] = keep
         for f in filenames:

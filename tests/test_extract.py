@@ -15,6 +15,7 @@ import torch
 from avemo.extraction import ClipError, ClipExtractor
 from avemo.faces import Detections, similarity_transform, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
+from avemo.media import list_folder
 from avemo.video import sample_times
 from extract import SettingsMismatch, UsageError, extract_folder, read_manifest
 from extract.cli import main
@@ -210,6 +211,25 @@ def test_cache_inside_the_input_folder_is_not_walked(setup, tmp_path):
     extract_folder(clips, clips / "cache", **kw)
     m = extract_folder(clips, clips / "cache", **kw)
     assert list(m["clip"]) == ["a.mp3"]
+
+
+def test_linked_folders_are_walked_once_and_link_loops_end(tmp_path):
+    clips, outside = tmp_path / "clips", tmp_path / "outside"
+    (clips / "sub").mkdir(parents=True)
+    (outside / "deep").mkdir(parents=True)
+    for f in (clips / "a.mp3", outside / "b.mp3", outside / "deep" / "c.mp3"):
+        f.write_bytes(b"x")
+    (clips / "again").symlink_to(outside)             # a dataset linked in: walked
+    (clips / "ext").symlink_to(outside)               # a second way to it: not walked again
+    (clips / "side").symlink_to(clips / "sub")        # into the folder itself: not followed
+    (clips / "sub" / "up").symlink_to(clips)          # a loop
+    (outside / "deep" / "back").symlink_to(clips)     # a loop through the linked folder
+    (clips / "zdeep").symlink_to(outside / "deep")    # part of the linked folder, by another way
+    listing = list_folder(clips)
+    names = [p.relative_to(clips).as_posix() for p in listing.files]
+    assert names[0] == "a.mp3" and names[1] == "again/b.mp3" and len(names) == 3
+    assert names[2] in ("again/deep/c.mp3", "zdeep/c.mp3")    # each file once, by one of its paths
+    assert not listing.unlisted and listing.hidden == 0
 
 
 def test_a_replaced_file_is_extracted_again(setup, tmp_path):
