@@ -28,7 +28,10 @@ def decode_audio(container, stream, sample_rate: int, start: float | None = None
     """Decode ``stream`` to mono float32 at ``sample_rate``, optionally only [start, end) seconds.
 
     Channels are averaged (not summed): a stereo file and its mono mixdown give the same
-    loudness. Undecodable packets are skipped and counted in ``warnings``.
+    loudness; a stereo pair that cancels when averaged is mixed as its difference instead
+    (``_Mixdown``). The returned samples' mean (a DC offset, which cheap converters add and
+    which would otherwise dominate the lowest mel band, the loudness and silence trimming) is
+    taken out. Undecodable packets are skipped, and both are said in ``warnings``.
     """
     # Keep the source layout and average the channels ourselves, so the mixdown is a plain mean.
     resampler = av.AudioResampler(format="fltp", rate=sample_rate)
@@ -39,7 +42,7 @@ def decode_audio(container, stream, sample_rate: int, start: float | None = None
         except av.error.FFmpegError:
             pass
     span = (end if end is not None else (media_duration(container, stream) or media_duration(container) or 0.0))
-    samples = _SampleBuffer(int((span - (start or 0.0)) * sample_rate * 1.01) + sample_rate)
+    samples = _Mixdown(int((span - (start or 0.0)) * sample_rate * 1.01) + sample_rate, sample_rate)
     first_time, bad = None, 0
     try:
         for packet in container.demux(stream):
@@ -52,22 +55,84 @@ def decode_audio(container, stream, sample_rate: int, start: float | None = None
                 if first_time is None and frame.time is not None:
                     first_time = float(frame.time) - t0
                 for out in resampler.resample(frame):
-                    samples.add(out.to_ndarray().mean(axis=0))  # [C, n] -> [n]
+                    samples.add(out.to_ndarray())
             if end is not None and first_time is not None and samples.n >= (end - first_time) * sample_rate:
                 break
         else:
             for out in resampler.resample(None):
-                samples.add(out.to_ndarray().mean(axis=0))
+                samples.add(out.to_ndarray())
     except av.error.FFmpegError as e:
         if warnings is not None:
             warnings.append(f"audio stopped early: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if bad and warnings is not None:
         warnings.append(f"{bad} undecodable audio packet(s) skipped")
     wav = samples.array()
+    if samples.inverted and warnings is not None:
+        warnings.append("the two channels cancel out when averaged (one is phase-inverted): "
+                        "mixed as their difference")
     first_time = first_time or 0.0
     lo = int(round(((start or 0.0) - first_time) * sample_rate)) if start else 0
     hi = int(round((end - first_time) * sample_rate)) if end is not None else len(wav)
-    return wav[max(lo, 0):max(hi, 0)]
+    wav = wav[max(lo, 0):max(hi, 0)]
+    if len(wav):
+        wav -= np.float32(wav.mean(dtype=np.float64))
+    return wav
+
+
+class _Mixdown:
+    """Decoded chunks ([C, n] float) mixed to one channel: the mean of the channels.
+
+    A stereo pair with one channel phase-inverted (a miswired balanced cable, a mid/side
+    recorder) cancels in the mean: the speech is gone and the track reads as silent. So for
+    stereo the difference (L - R) / 2 is kept beside the mean until ``DECIDE_S`` seconds are
+    in (or the track ends), and the difference replaces the mean if its variance is more than
+    ``RATIO`` times the mean's. Ordinary stereo never comes near: correlated channels put
+    their energy in the mean, unrelated ones split it evenly. Wiring does not change within a
+    recording, so the first half-minute decides, and the spare copy costs no more than that.
+    Other layouts are averaged as they are.
+    """
+
+    DECIDE_S = 30.0
+    RATIO = 4.0
+
+    def __init__(self, expected: int, sample_rate: int):
+        self.out = _SampleBuffer(expected)
+        self.diff: _SampleBuffer | None = _SampleBuffer(min(expected, int(self.DECIDE_S * sample_rate) + 8192))
+        self.decide_at = int(self.DECIDE_S * sample_rate)
+        self.moments = np.zeros((2, 2))          # [mean, difference] x [sum, sum of squares], float64
+        self.inverted = False
+
+    @property
+    def n(self) -> int:
+        return self.out.n
+
+    def add(self, chunk: np.ndarray) -> None:
+        stereo = chunk.shape[0] == 2
+        if self.diff is not None and not stereo:
+            self._decide()
+        if self.diff is None:
+            self.out.add(0.5 * (chunk[0] - chunk[1]) if self.inverted and stereo else chunk.mean(axis=0))
+            return
+        mean, diff = chunk.mean(axis=0), 0.5 * (chunk[0] - chunk[1])
+        for row, x in zip(self.moments, (mean, diff)):
+            x64 = x.astype(np.float64)
+            row += (x64.sum(), float(x64 @ x64))
+        self.out.add(mean)
+        self.diff.add(diff)
+        if self.out.n >= self.decide_at:
+            self._decide()
+
+    def _decide(self) -> None:
+        n = max(self.out.n, 1)
+        var_mean, var_diff = self.moments[:, 1] / n - (self.moments[:, 0] / n) ** 2
+        if var_diff > self.RATIO * var_mean:
+            self.out, self.inverted = self.diff, True
+        self.diff = None
+
+    def array(self) -> np.ndarray:
+        if self.diff is not None:
+            self._decide()
+        return self.out.array()
 
 
 class _SampleBuffer:

@@ -33,7 +33,7 @@ class VideoFrames:
     bad_packets: int = 0
     corrupt_frames: int = 0         # decoded, but flagged by the decoder as damaged
     gaps: list[tuple[float, float]] = field(default_factory=list)   # (start, length) with no frames
-    end_time: float | None = None   # last decoded frame time, seconds
+    end_time: float | None = None   # when the last decoded frame leaves the screen, seconds
     warnings: list[str] = field(default_factory=list)
 
 
@@ -164,7 +164,10 @@ def iter_frames_at(container, stream, times: np.ndarray, max_side: int,
         info.corrupt_frames += bool(frame.is_corrupt)
         if prev is not None and t - _frame_time(prev, t0) > max_gap:
             info.gaps.append((_frame_time(prev, t0), t - _frame_time(prev, t0)))
-        info.end_time = t if info.end_time is None else max(info.end_time, t)
+        # a frame is on screen until the next one: at 1 fps the last of 3 s of video starts at 2 s
+        shown_for = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else (
+            1.0 / float(rate) if rate else 0.0)
+        info.end_time = t + shown_for if info.end_time is None else max(info.end_time, t + shown_for)
         while k < len(times) and t > times[k]:
             # on screen at times[k]: the previous frame (or this one, if none came before)
             shown = prev if prev is not None else frame

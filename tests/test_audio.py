@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchaudio
 
-from avemo.audio import LOG_EPS, _SampleBuffer, log_mel, trim_silence
+from avemo.audio import LOG_EPS, _Mixdown, _SampleBuffer, log_mel, trim_silence
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -66,3 +66,28 @@ def test_sample_buffer_holds_exactly_what_was_decoded_whatever_the_header_said(e
         buf.add(p)
     np.testing.assert_array_equal(buf.array(), np.concatenate(parts))
     assert len(buf.buf) <= max(_SampleBuffer.MAX_INITIAL, 2 * sum(map(len, parts)))
+
+
+@pytest.mark.parametrize("right, inverted", [(-1.0, True), (-0.5, True), (1.0, False), (0.5, False), (None, False)])
+def test_mixdown_decides_once_on_the_first_seconds_and_keeps_to_it(right, inverted):
+    # 100 samples a second: the decision falls after 3,000 samples, inside the 10,000 fed
+    rng = np.random.default_rng(1)
+    left = rng.standard_normal(10_000).astype(np.float32)
+    other = rng.standard_normal(10_000).astype(np.float32) if right is None else right * left
+    mix = _Mixdown(expected=10_000, sample_rate=100)
+    cuts = np.cumsum(rng.integers(1, 700, 40))
+    for part in np.split(np.stack([left, other]), cuts[cuts < 10_000], axis=1):
+        mix.add(part)
+    got = mix.array()
+    expected = 0.5 * (left - other) if inverted else 0.5 * (left + other)
+    assert mix.inverted is inverted and mix.diff is None
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_mixdown_of_a_layout_that_changes_from_stereo_to_mono_keeps_every_sample():
+    left = np.linspace(-1, 1, 500, dtype=np.float32)
+    mix = _Mixdown(expected=100, sample_rate=100)
+    mix.add(np.stack([left, -left]))
+    mix.add(left[None, :200])
+    assert mix.inverted
+    np.testing.assert_allclose(mix.array(), np.concatenate([left, left[:200]]), atol=1e-6)

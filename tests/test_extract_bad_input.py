@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from avemo.audio import at_gain
 from avemo.extraction import ClipExtractor
 from avemo.features import ClipFeatures, ExtractionSettings
 from extract import extract_folder
@@ -25,6 +26,14 @@ CONTAINERS = [("vp8_opus.webm", "libvpx", "libopus", 48000), ("mpeg4_mp3.avi", "
 def _truncate(src: Path, dst: Path, keep: float) -> None:
     data = src.read_bytes()
     dst.write_bytes(data[: int(len(data) * keep)])
+
+
+def _syllables(rng, seconds: float = 1.5, rate: int = 16000) -> np.ndarray:
+    """Voiced bursts with pauses between them: a harmonic tone under a syllable-rate envelope, and hiss."""
+    t = np.arange(int(seconds * rate)) / rate
+    voiced = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 8))
+    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None) ** 2
+    return (0.15 * envelope * voiced + 0.002 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +71,13 @@ def run(tmp_path_factory):
     write_video(clips / "silent_audio.mkv", ten, audio=np.zeros((1, 16000), np.float32))
     write_audio(clips / "stereo_8k.wav", tone(1.0, 8000, channels=2), 8000)
     write_audio(clips / "stereo_48k.flac", tone(1.0, 48000, channels=2), 48000)
+    # recordings a cheap or miswired microphone makes of the same sound as speech.wav
+    speech = _syllables(rng)
+    write_audio(clips / "speech.wav", speech[None], 16000)
+    write_audio(clips / "phase_inverted.wav", np.stack([speech, -speech]), 16000)
+    write_audio(clips / "half_inverted.flac", np.stack([speech, -0.5 * speech]), 16000)
+    write_audio(clips / "dc_offset.wav", speech[None] + 0.3, 16000)
+    write_video(clips / "one_fps.mp4", [face] * 3, fps=1)     # the last frame is on screen from 2 s to 3 s
     # portrait 128 x 256 as displayed (face in the lower half), stored landscape + rotation flag
     portrait = np.full((256, 128, 3), 60, np.uint8)
     portrait[128:] = face
@@ -191,6 +207,36 @@ def test_stereo_at_any_rate_becomes_16k_mono_mel(run, clip):
     mel = features(run, clip).arrays["mel"]
     assert mel.shape[0] == 64 and abs(mel.shape[1] - 101) <= 3       # 10 ms hop at 16 kHz
     assert np.isfinite(mel).all()
+
+
+@pytest.mark.parametrize("clip", ["phase_inverted.wav", "half_inverted.flac"])
+def test_a_stereo_pair_that_cancels_when_averaged_is_mixed_as_its_difference(run, clip):
+    # averaged, [s, -s] is silence: the clip was lost as "silent" (and [s, -s/2] kept a quarter of s)
+    r = row(run, clip)
+    assert r.status == "ok" and "phase-inverted" in r.reason
+    reference, mel = features(run, "speech.wav").arrays["mel"], features(run, clip).arrays["mel"]
+    gain_db = 0.0 if clip == "phase_inverted.wav" else 20 * np.log10(0.75)    # (s + s/2) / 2
+    _same_where_loud(mel, at_gain(torch.from_numpy(reference), gain_db).numpy())
+    assert "phase-inverted" not in str(row(run, "stereo_48k.flac").reason)
+
+
+def test_a_dc_offset_is_taken_out_before_trimming_and_the_spectrogram(run):
+    # +0.3 on every sample would fill the lowest mel band, defeat silence trimming and read as loud
+    r = row(run, "dc_offset.wav")
+    assert r.status == "ok"
+    reference, mel = features(run, "speech.wav").arrays["mel"], features(run, "dc_offset.wav").arrays["mel"]
+    _same_where_loud(mel, reference)
+
+
+def _same_where_loud(mel: np.ndarray, expected: np.ndarray) -> None:
+    loud = expected > expected.max() - 8          # within 35 dB of the peak: the hiss's 16-bit rounding aside
+    assert mel.shape == expected.shape and loud.mean() > 0.1
+    np.testing.assert_allclose(mel[loud], expected[loud], atol=0.05)
+
+
+def test_a_low_frame_rate_is_not_taken_for_a_truncated_file(run):
+    r = row(run, "one_fps.mp4")
+    assert r.face_coverage == 1.0 and "truncated" not in str(r.reason)
 
 
 def test_rotation_metadata_is_applied(run):
