@@ -15,12 +15,15 @@ SILENCE_PEAK = 1e-4
 LOG_EPS = 1e-6
 
 
+def audio_streams(container) -> list:
+    """The audio streams that have a decoder, in the container's order."""
+    return [s for s in container.streams.audio if s.codec_context is not None and s.codec_context.name is not None]
+
+
 def audio_stream(container):
     """The first audio stream with a decoder, or None."""
-    for s in container.streams.audio:
-        if s.codec_context is not None and s.codec_context.name is not None:
-            return s
-    return None
+    streams = audio_streams(container)
+    return streams[0] if streams else None
 
 
 def decode_audio(container, stream, sample_rate: int, start: float | None = None,
@@ -163,13 +166,37 @@ class _SampleBuffer:
 
 
 def load_audio(path, sample_rate: int = 16000, start: float | None = None,
-               end: float | None = None) -> np.ndarray:
-    """Mono float32 samples of the first audio stream of any media file."""
-    with open_media(path) as c:
-        s = audio_stream(c)
-        if s is None:
-            raise MediaError("no audio stream")
-        return decode_audio(c, s, sample_rate, start, end)
+               end: float | None = None, warnings: list[str] | None = None) -> np.ndarray:
+    """Mono float32 samples (as ``decode_audio`` gives them) of the first audio track of any
+    media file that is not silent; the first track's if all are.
+
+    Cameras and screen recorders write several tracks, some of them empty (an unplugged second
+    microphone, a muted desktop track), and the silent one is often first. The later tracks are
+    decoded only when the ones before them are silent; ``warnings`` says which track was used.
+    """
+    first: tuple[np.ndarray, list[str]] | None = None
+    i, n = 0, 1
+    while i < n:
+        notes: list[str] = []
+        with open_media(path) as c:       # each track from the top: the pass before ended at the file's end
+            streams = audio_streams(c)
+            if not streams:
+                raise MediaError("no audio stream")
+            wav = decode_audio(c, streams[i], sample_rate, start, end, notes)
+        n = len(streams)
+        if first is None:
+            first = wav, notes
+        if not is_silent(wav) and np.isfinite(wav).all():
+            if warnings is not None:
+                warnings.extend(notes)
+                if i:
+                    silent = "track 1 is" if i == 1 else f"tracks 1-{i} are"
+                    warnings.append(f"{silent} silent: used track {i + 1} of {n}")
+            return wav
+        i += 1
+    if warnings is not None:
+        warnings.extend(first[1])
+    return first[0]
 
 
 def is_silent(wav: np.ndarray) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avemo.audio import audio_stream, decode_audio, is_silent, log_mel, trim_silence
+from avemo.audio import audio_stream, is_silent, load_audio, log_mel, trim_silence
 from avemo.encoders import FaceEncoder, load_named_encoder
 from avemo.faces import Detections, FaceDetector, FaceTrack, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
@@ -250,8 +250,7 @@ class ClipExtractor:
         s = self.settings
         with self._timed("audio"):
             notes: list[str] = []
-            with open_media(path) as c:
-                wav = decode_audio(c, audio_stream(c), s.sample_rate, start, end, notes)
+            wav = load_audio(path, s.sample_rate, start, end, notes)
             warnings.extend(f"audio: {n}" for n in notes)
             if len(wav) == 0:
                 warnings.append("audio: no audio could be decoded")

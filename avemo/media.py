@@ -10,8 +10,16 @@ from pathlib import Path
 
 from avemo.io import first_line, shown_name
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg"})
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a"})
+# Every container the FFmpeg inside PyAV reads that recordings come in: camcorders (AVCHD .mts /
+# .m2ts, DV, MXF), phones (.3gp, voice notes in .amr, .opus, .aac), broadcast captures (.ts,
+# .vob), Windows (.wmv, .wma) and Macs (.aiff, .caf). A folder of them was passed over whole
+# when only the common nine and five were listed.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg",
+                              ".mts", ".m2ts", ".ts", ".3gp", ".3g2", ".wmv", ".asf", ".ogv", ".vob",
+                              ".mxf", ".dv", ".f4v", ".qt", ".divx"})
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus", ".aac", ".aif", ".aiff",
+                              ".aifc", ".wma", ".amr", ".caf", ".mka", ".oga", ".weba", ".au", ".m4b",
+                              ".mp2", ".ac3", ".wv", ".spx"})
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 
 
@@ -28,6 +36,7 @@ class Listing:
     files: list[Path]                 # sorted
     hidden: int                       # dot-files and dot-folders skipped
     unlisted: dict[Path, str] = field(default_factory=dict)   # folders that could not be read -> why
+    others: list[Path] = field(default_factory=list)           # files not named as media, where those are left out
 
 
 def list_folder(root: Path, exclude: list[Path] = ()) -> Listing:

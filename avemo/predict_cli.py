@@ -14,6 +14,7 @@ from avemo.checkpoint import CheckpointError
 from avemo.cpu import set_torch_threads
 from avemo.extraction import ClipError
 from avemo.io import display_name, first_line, shown_name
+from avemo.media import MEDIA_EXTENSIONS
 from avemo.model.adapt import PRIOR_CLIPS, AdaptError
 from avemo.prediction import MIN_WINDOW_S, Prediction, load_model, media_files
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"avemo-predict: {shown_name(folder)}: {why}", file=sys.stderr)
     if not paths:
         print("avemo-predict: no media files found in " + ", ".join(map(shown_name, args.paths))
-              + _hidden_note(listing.hidden), file=sys.stderr)
+              + _hidden_note(listing.hidden) + _others_note(listing.others), file=sys.stderr)
         return 2
     if args.adapt:
         corpus = None
@@ -196,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"avemo-predict: {e}", file=sys.stderr)
             return 2
     return 1 if failed else 0
+
+
+def _others_note(others: list[Path]) -> str:
+    """Say what was there instead, so a folder of an unlisted container is not a mystery."""
+    if not others:
+        return ""
+    kinds = sorted({p.suffix.lower() or "(no extension)" for p in others})
+    return (f"; {len(others)} file{'s' * (len(others) != 1)} of other types ({', '.join(map(shown_name, kinds[:5]))}"
+            f"{', ...' if len(kinds) > 5 else ''}): media files end in one of {', '.join(sorted(MEDIA_EXTENSIONS))}")
 
 
 def _hidden_note(hidden: int) -> str:

@@ -316,7 +316,8 @@ def media_files(paths: list[str | os.PathLike]) -> Listing:
     for p in map(Path, paths):
         if p.is_dir():
             found = list_folder(p)
-            out.files.extend(f for f in found.files if is_media(f))
+            for f in found.files:
+                (out.files if is_media(f) else out.others).append(f)
             out.hidden += found.hidden
             out.unlisted.update(found.unlisted)
         else:

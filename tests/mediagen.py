@@ -56,14 +56,24 @@ def write_video(path, frames: list[np.ndarray], fps: int = 10, codec: str = "mpe
 
 
 def write_audio(path, audio: np.ndarray, rate: int) -> Path:
-    """``audio`` [C, n] float in [-1, 1] -> wav / flac / mp3 / m4a / mp4 / ogg by suffix."""
+    """``audio`` [C, n] float in [-1, 1] -> wav / flac / mp3 / m4a / mp4 / ogg / opus / aiff by suffix."""
     path = Path(path)
     codec = {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame", ".m4a": "aac",
-             ".mp4": "aac", ".ogg": "libopus"}[path.suffix.lower()]
+             ".mp4": "aac", ".ogg": "libopus", ".opus": "libopus", ".aiff": "pcm_s16be"}[path.suffix.lower()]
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=rate if codec != "libopus" else 48000,
                          layout="stereo" if audio.shape[0] == 2 else "mono")
         _encode_audio(c, s, audio, rate)
+    return path
+
+
+def write_tracks(path, tracks: list[np.ndarray], rate: int) -> Path:
+    """Several audio tracks (each [C, n] float) in one file, FLAC in Matroska, in this order."""
+    path = Path(path)
+    with av.open(str(path), "w") as c:
+        streams = [c.add_stream("flac", rate=rate, layout="stereo" if t.shape[0] == 2 else "mono") for t in tracks]
+        for s, t in zip(streams, tracks):
+            _encode_audio(c, s, t, rate)
     return path
 
 

@@ -15,7 +15,7 @@ from avemo.audio import at_gain
 from avemo.extraction import ClipExtractor
 from avemo.features import ClipFeatures, ExtractionSettings
 from extract import extract_folder
-from mediagen import astronaut, random_encoder, tone, two_faces, write_audio, write_video
+from mediagen import astronaut, random_encoder, tone, two_faces, write_audio, write_tracks, write_video
 
 CREMAD = Path(__file__).resolve().parent.parent / "examples" / "cremad"
 CONTAINERS = [("vp8_opus.webm", "libvpx", "libopus", 48000), ("mpeg4_mp3.avi", "mpeg4", "libmp3lame", 44100),
@@ -77,6 +77,8 @@ def run(tmp_path_factory):
     write_audio(clips / "phase_inverted.wav", np.stack([speech, -speech]), 16000)
     write_audio(clips / "half_inverted.flac", np.stack([speech, -0.5 * speech]), 16000)
     write_audio(clips / "dc_offset.wav", speech[None] + 0.3, 16000)
+    silence = np.zeros((1, len(speech)), np.float32)
+    write_tracks(clips / "third_track.mka", [silence, silence, speech[None]], 16000)   # a camera's empty inputs first
     write_video(clips / "one_fps.mp4", [face] * 3, fps=1)     # the last frame is on screen from 2 s to 3 s
     # portrait 128 x 256 as displayed (face in the lower half), stored landscape + rotation flag
     portrait = np.full((256, 128, 3), 60, np.uint8)
@@ -89,6 +91,10 @@ def run(tmp_path_factory):
         write_video(clips / name, ten, fps=25, codec=vcodec, audio=tone(1.0, rate), audio_rate=rate,
                     audio_codec=acodec)
     write_audio(clips / "opus.ogg", tone(1.0, 48000), 48000)
+    # a camcorder's AVCHD file, a phone's voice note, a Mac's recording: once passed over as "not media"
+    write_video(clips / "00001.MTS", ten, fps=25, codec="libx264", audio=tone(1.0, 48000), audio_rate=48000)
+    write_audio(clips / "voice note.opus", tone(1.0, 48000), 48000)
+    write_audio(clips / "memo.aiff", tone(1.0, 44100), 44100)
     write_audio(clips / "aac.m4a", tone(1.0, 16000), 16000)
     (clips / "sub dir ü").mkdir()
     shutil.copy(CREMAD / "1001_DFA_HAP_XX.flv", clips / "sub dir ü" / "vidéo avec espaces.flv")
@@ -232,6 +238,19 @@ def _same_where_loud(mel: np.ndarray, expected: np.ndarray) -> None:
     loud = expected > expected.max() - 8          # within 35 dB of the peak: the hiss's 16-bit rounding aside
     assert mel.shape == expected.shape and loud.mean() > 0.1
     np.testing.assert_allclose(mel[loud], expected[loud], atol=0.05)
+
+
+def test_the_first_audio_track_that_is_not_silent_is_used(run):
+    r = row(run, "third_track.mka")
+    assert r.status == "ok" and "tracks 1-2 are silent: used track 3 of 3" in r.reason
+    _same_where_loud(features(run, "third_track.mka").arrays["mel"], features(run, "speech.wav").arrays["mel"])
+
+
+@pytest.mark.parametrize("clip, video", [("00001.MTS", True), ("voice note.opus", False), ("memo.aiff", False)])
+def test_camcorder_phone_and_mac_containers_are_media(run, clip, video):
+    r = row(run, clip)
+    assert r.status == "ok" and r.has_audio and r.has_video == video
+    assert r.audio_seconds == pytest.approx(1.0, abs=0.05)
 
 
 def test_a_low_frame_rate_is_not_taken_for_a_truncated_file(run):

@@ -244,6 +244,10 @@ def test_cli_json_lines_for_a_folder(work, capsys, tmp_path):
     (only_hidden / f"._{MP3.name}").write_bytes(b"resource fork")
     assert main([str(only_hidden), "--model", str(work["av"]), "--device", "cpu"]) == 2
     assert "no media files found in" in (err := capsys.readouterr().err) and "(1 hidden file or folder ignored)" in err
+    (only_hidden / "notes.txt").write_text("not a clip")
+    (only_hidden / "clip.mp4.part").write_bytes(b"half a download")
+    assert main([str(only_hidden), "--model", str(work["av"]), "--device", "cpu"]) == 2
+    assert "2 files of other types (.part, .txt): media files end in one of " in capsys.readouterr().err
 
 
 def test_cli_human_output_and_window(work, capsys):
