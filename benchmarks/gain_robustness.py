@@ -4,6 +4,7 @@
     python benchmarks/gain_robustness.py CACHE default --frontend --speakers 08,12
     python benchmarks/gain_robustness.py CACHE RUN... --db "" --snr 20,10,5 --noise white,babble --wav-dir DIR
     python benchmarks/gain_robustness.py CACHE RUN... --db "" --reverb 0.3,0.6,1.0 --wav-dir DIR
+    python benchmarks/gain_robustness.py CACHE RUN... --db "" --band 300-3400,0-4000 --wav-dir DIR
 
 Each argument after CACHE is one row: finished avemo-train runs (a directory with best.pt and
 split.json, scored on its test speakers; a directory holding such runs, e.g. a
@@ -26,8 +27,10 @@ at one level, summed (a room of other talkers). The noise of a clip is the same 
 (seeded by the clip). ``--reverb``: each clip convolved with a synthetic room impulse response of
 that reverberation time (RT60, seconds: a direct path and a Gaussian tail decaying by 60 dB over
 it, the classic statistical model of a room's late reverberation, the tail as strong as the direct
-sound: ``DRR_DB``). A cache extracted from other
-files than ``--wav-dir``'s is refused.
+sound: ``DRR_DB``). ``--band LO-HI``: everything outside that band of the waveform taken out (a
+brick wall in the Fourier domain): 300-3400 Hz is a telephone line, 0-4000 Hz audio recorded at
+8 kHz (a phone's voice recorder, VoIP). A cache extracted from other files than ``--wav-dir``'s,
+or by an older avemo whose spectrograms differ, is refused.
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ class Noisy:
         cached = self.data.clips[i].arrays["mel"]
         if again.shape != cached.shape or float(np.abs(again - cached).max()) > 1e-2:
             sys.exit(f"{self.dir / self.data.clips[i].clip} does not give the cache's spectrogram of that clip: "
-                     "--wav-dir must be the folder the cache was extracted from")
+                     "--wav-dir must be the folder the cache was extracted from, by this version of avemo")
 
     def reverberant(self, i: int, rt60: float) -> np.ndarray:
         s, wav = self.s, self.wav(i)
@@ -102,6 +105,14 @@ class Noisy:
         n = len(wav) + len(rir) - 1
         wet = np.fft.irfft(np.fft.rfft(wav, n) * np.fft.rfft(rir, n), n)[:len(wav)].astype(np.float32)
         return log_mel(wet, s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"], s["f_min"], s["f_max"])
+
+    def band(self, i: int, lo: float, hi: float) -> np.ndarray:
+        s, wav = self.s, self.wav(i)
+        spectrum = np.fft.rfft(wav)
+        freqs = np.fft.rfftfreq(len(wav), 1.0 / s["sample_rate"])
+        spectrum[(freqs < lo) | (freqs > hi)] = 0.0
+        passed = np.fft.irfft(spectrum, len(wav)).astype(np.float32)
+        return log_mel(passed, s["sample_rate"], s["n_fft"], s["hop_length"], s["n_mels"], s["f_min"], s["f_max"])
 
     def mel(self, i: int, kind: str, snr_db: float) -> np.ndarray:
         s, wav = self.s, self.wav(i)
@@ -128,7 +139,8 @@ def main() -> None:
     p.add_argument("--snr", default="", help="comma-separated signal-to-noise ratios in decibels (needs --wav-dir)")
     p.add_argument("--noise", default="white,babble", help="noises for --snr: white, babble")
     p.add_argument("--reverb", default="", help="comma-separated reverberation times in seconds (needs --wav-dir)")
-    p.add_argument("--wav-dir", type=Path, help="the folder the cache was extracted from (for --snr, --reverb)")
+    p.add_argument("--band", default="", help="comma-separated pass bands LO-HI in Hz, e.g. 300-3400 (needs --wav-dir)")
+    p.add_argument("--wav-dir", type=Path, help="the folder the cache was extracted from (for --snr, --reverb, --band)")
     p.add_argument("--frontend", action="store_true", help="the files are audio front-ends")
     p.add_argument("--speakers", help="comma-separated speakers to score (default: each run's test speakers)")
     p.add_argument("--threads", type=int, default=2)
@@ -142,8 +154,14 @@ def main() -> None:
                   for d in dbs]
     noises = [n for n in args.noise.split(",") if n] if args.snr else []
     rt60s = [float(r) for r in args.reverb.split(",") if r]
-    if (noises or rt60s) and not args.wav_dir:
-        sys.exit("--snr and --reverb need --wav-dir: they change the waveforms the cache was extracted from")
+    try:
+        bands = [tuple(float(f) for f in b.split("-")) for b in args.band.split(",") if b]
+    except ValueError:
+        sys.exit(f"--band: {args.band!r} is not LO-HI[,LO-HI...] in Hz")
+    if any(len(b) != 2 or not 0 <= b[0] < b[1] for b in bands):
+        sys.exit(f"--band: {args.band!r} is not LO-HI[,LO-HI...] in Hz with LO < HI")
+    if (noises or rt60s or bands) and not args.wav_dir:
+        sys.exit("--snr, --reverb and --band need --wav-dir: they change the waveforms the cache was extracted from")
     if set(noises) - {"white", "babble"}:
         sys.exit(f"--noise: unknown {sorted(set(noises) - {'white', 'babble'})} (white, babble)")
     data = load_training_data(args.cache)
@@ -168,12 +186,13 @@ def main() -> None:
             idx = [i for i in original if str(data.speakers[i]) in test]
             if not idx:
                 sys.exit(f"{run}: none of the speakers {sorted(test)} has a clip with audio in {args.cache}")
-            noisy = Noisy(data, args.wav_dir, test) if noises or rt60s else None
+            noisy = Noisy(data, args.wav_dir, test) if noises or rt60s or bands else None
             if noisy:
                 noisy.check(idx[0])
             for label, make in conditions + [(f"{n} {snr:g}", (lambda n, snr: lambda i, mel: noisy.mel(i, n, snr))(n, snr))
                                              for n in noises for snr in map(float, args.snr.split(","))] + [
-                    (f"reverb {r:g}s", (lambda r: lambda i, mel: noisy.reverberant(i, r))(r)) for r in rt60s]:
+                    (f"reverb {r:g}s", (lambda r: lambda i, mel: noisy.reverberant(i, r))(r)) for r in rt60s] + [
+                    (f"{lo:g}-{hi:g} Hz", (lambda lo, hi: lambda i, mel: noisy.band(i, lo, hi))(lo, hi)) for lo, hi in bands]:
                 for i in idx:
                     data.clips[i].arrays["mel"] = make(i, original[i])
                 logits = model_logits(scorer.network, data, idx, torch.device("cpu"))

@@ -86,6 +86,10 @@ def test_noise_is_mixed_into_the_decoded_speech_at_the_asked_snr_and_a_foreign_c
     np.testing.assert_array_equal(short, noisy.reverberant(0, 0.2))
     depth = lambda m: power(m).sum(0).std() / power(m).sum(0).mean()     # noqa: E731
     assert depth(long_) < depth(short) < depth(clips[0].arrays["mel"])
+    # a telephone line takes away this 150 Hz voice (the fundamental it does not carry); 8 kHz audio keeps it
+    phone, narrow = noisy.band(0, 300.0, 3400.0), noisy.band(0, 0.0, 4000.0)
+    assert phone.shape == narrow.shape == clean.shape
+    assert power(phone).sum() < 1e-3 * clean.sum() and abs(power(narrow).sum() / clean.sum() - 1) < 0.01
     clips[0].arrays["mel"] = clips[0].arrays["mel"] + 1.0
     with pytest.raises(SystemExit, match="extracted from"):
         gain_robustness.Noisy(data, tmp_path, {"a"}).check(0)
