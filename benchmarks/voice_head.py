@@ -12,7 +12,7 @@ fresh run would: for each fold this fits it on the fold's training and validatio
 the fold's test speakers as ``avemo-evaluate`` does (``train.evaluate.model_logits``) at each weight;
 with ``--adapt``, also adapted to each test speaker relative to the cache (``avemo-evaluate --adapt
 speaker``). Weight 0 is the FCN alone; ``--layers`` picks the encoder layers the head reads and
-``--voice-noise`` the noisy copies of each training clip it also learns from (defaults: avemo-train's). The fitted model is kept as ``fold*/voice.pt``.
+``--voice-noise`` and ``--voice-band`` the noisy and band-limited copies of each training clip it also learns from (defaults: avemo-train's). The fitted model is kept as ``fold*/voice.pt``.
 Prints UAR and WAR per weight: mean over folds per RUN_DIR, then mean +- std over RUN_DIRs.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ DEFAULT_WEIGHT = ModelConfig.voice_head
 
 
 def with_voice_head(run: Path, data, layers: tuple[int, ...] = ModelConfig.voice_layers,
-                    noise_copies: int = AugmentConfig.voice_noise) -> AVEmoNet:
+                    noise_copies: int = AugmentConfig.voice_noise, band_copies: int = AugmentConfig.voice_band) -> AVEmoNet:
     """``run``/best.pt with a voice head fitted on its split's training and validation clips, as avemo-train
     fits it at the end of a run (written to ``run``/voice.pt, so avemo-evaluate can score it too)."""
     net, ckpt = load_model(run / "best.pt")
@@ -49,7 +49,7 @@ def with_voice_head(run: Path, data, layers: tuple[int, ...] = ModelConfig.voice
                                                                    "voice_layers": layers}))
     model.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("voice.")}, strict=False)
     split = json.loads((run / "split.json").read_text())
-    fit_voice_head(model, data, split["train"] + (split.get("val") or []), noise_copies)
+    fit_voice_head(model, data, split["train"] + (split.get("val") or []), noise_copies, band_copies)
     save_model(run / "voice.pt", model, data.classes, data.settings, ckpt.get("metrics"),
                {k: ckpt.get(k) for k in ("split", "train_config", "audio_init")})
     return model.eval()
@@ -65,6 +65,8 @@ def main() -> None:
                    help="the speaker encoder's layers the head reads")
     p.add_argument("--voice-noise", type=int, default=AugmentConfig.voice_noise,
                    help="noisy copies of each training clip the head also learns from (avemo-train's --voice-noise)")
+    p.add_argument("--voice-band", type=int, default=AugmentConfig.voice_band,
+                   help="band-limited copies of each training clip the head also learns from (avemo-train's --voice-band)")
     args = p.parse_args()
     torch.set_num_threads(1)
     weights = [float(w) for w in args.weights.split(",")]
@@ -75,7 +77,8 @@ def main() -> None:
     for seed_dir in args.runs:
         for run in sorted(seed_dir.glob("fold*")):
             t0 = time.perf_counter()
-            model = with_voice_head(run, data, tuple(int(k) for k in args.layers.split(",")), args.voice_noise)
+            model = with_voice_head(run, data, tuple(int(k) for k in args.layers.split(",")), args.voice_noise,
+                                    args.voice_band)
             split = json.loads((run / "split.json").read_text())
             test = [i for i in split["test"] if data.clips[i].has_audio]
             population = cache_population(model, data) if args.adapt else None

@@ -1,13 +1,14 @@
 """Training-time augmentation: gain, random windows, mixup and SpecAugment respect the padding masks; the voice
-head's noisy copies add noise at the signal-to-noise ratios they say."""
+head's noisy copies add noise at the signal-to-noise ratios they say, and its band copies keep the bands they say."""
 import numpy as np
 import pytest
 import torch
+import torchaudio
 
 from avemo.audio import LOG_EPS
 from avemo.features import ExtractionSettings
-from train.augment import (NOISE_SNR_DB, AugmentConfig, BatchAugment, mix_clips, noisy_copies, random_crop,
-                           tempo_stretch)
+from train.augment import (NOISE_SNR_DB, AugmentConfig, BatchAugment, band_copies, mix_clips, noisy_copies, random_crop,
+                           tempo_stretch, voice_copies)
 
 
 def _padded_batch(lengths, n_mels=6, t=12):
@@ -150,6 +151,31 @@ def test_noisy_copies_only_add_power_at_the_snr_range_reproducibly_and_whatever_
         for a, b in zip(x, y):
             np.testing.assert_allclose(a, b, atol=1e-5)
     assert noisy_copies(mels, speakers, settings, 0) == [] and noisy_copies([], [], settings, 2) == []
+
+
+def test_band_copies_keep_a_telephone_or_8k_band_and_take_the_rest_away_reproducibly():
+    settings = ExtractionSettings().to_dict()
+    rng = np.random.default_rng(0)
+    mels = [np.log(rng.gamma(2.0, 1.0, (64, t)) * 1e-2 + LOG_EPS).astype(np.float32) for t in (50, 140, 90)]
+    copies = band_copies(mels, settings, 40, seed=3)
+    assert len(copies) == 40 and all(len(copy) == len(mels) for copy in copies)
+    centres = torchaudio.functional.melscale_fbanks(201, settings["f_min"], 8000.0, 64, 16000).argmax(0) * 40.0
+    power = lambda m: np.exp(m.astype(np.float64)) - LOG_EPS                      # noqa: E731
+    kept_lows = 0
+    for copy in copies:
+        for clean, narrow in zip(mels, copy):
+            assert narrow.shape == clean.shape and narrow.dtype == np.float32 and np.isfinite(narrow).all()
+            share = power(narrow).sum(1) / power(clean).sum(1)                     # [n_mels]: what each band kept
+            assert (share <= 1 + 1e-4).all()                                       # a channel only takes away
+            assert (share[(centres > 800) & (centres < 2800)] > 0.999).all()      # speech's core always passes
+            assert (share[centres > 4500] < 1e-6).all()                            # nothing above 4.2 kHz
+            kept_lows += bool(share[centres < 150].min() > 0.999)
+    assert 0.3 < kept_lows / (40 * len(mels)) < 0.7                               # half keep the lows (8 kHz audio)
+    again = band_copies(mels, settings, 40, seed=3)
+    assert all(np.array_equal(a, b) for x, y in zip(copies, again) for a, b in zip(x, y))
+    assert band_copies(mels, settings, 0) == [] and band_copies([], settings, 2) == []
+    both = voice_copies(mels, ["a", "b", "a"], settings, noise=1, band=2, seed=3)
+    assert len(both) == 3 and all(np.array_equal(a, b) for a, b in zip(both[1], band_copies(mels, settings, 2, 3)[0]))
 
 
 def test_batch_noise_mixes_into_the_chosen_clips_only_and_keeps_padding_out():

@@ -47,7 +47,7 @@ from avemo.model import AVEmoNet, ModelConfig, load_model, save_model
 from avemo.model.frontend import AUDIO_ARCH_FIELDS, AudioFrontend, load_frontend
 from avemo.model.voice import VoiceHead
 from train.audio.cli import load_corpora
-from train.augment import AugmentConfig, noisy_copies
+from train.augment import AugmentConfig, voice_copies
 from train.cli import _setup_logging
 from train.data import CacheError, TrainingData, load_training_data
 from train.face.data import read_image_folder, find_split
@@ -183,10 +183,11 @@ def face_logits(encoder: FaceEncoder, data_dir: Path, split: str) -> tuple[np.nd
 
 
 def voice_heads(data: TrainingData, parts: list[tuple[list[int], np.ndarray]], weight: float,
-                noise_copies: int = AugmentConfig.voice_noise) -> list[VoiceHead]:
+                noise_copies: int = AugmentConfig.voice_noise,
+                band_copies: int = AugmentConfig.voice_band) -> list[VoiceHead]:
     """The voice expert's voice head over the seven classes, fitted on each part's clips (labels in BASIC's
-    order) as ``train.loop.fit_voice_head`` fits an avemo-train model's (noisy copies included); each clip's
-    statistics taken once."""
+    order) as ``train.loop.fit_voice_head`` fits an avemo-train model's (noisy and band-limited copies
+    included); each clip's statistics taken once."""
     heads = [VoiceHead(int(data.settings["n_mels"]), len(BASIC), weight, ModelConfig.voice_layers) for _ in parts]
     for head in heads:
         head.read_settings(data.settings)
@@ -194,7 +195,8 @@ def voice_heads(data: TrainingData, parts: list[tuple[list[int], np.ndarray]], w
     row = {i: k for k, i in enumerate(clips)}
     mels, speakers = [data.clips[i].arrays["mel"] for i in clips], [data.speakers[i] for i in clips]
     x = heads[0].clip_stats(mels)
-    noisy = [heads[0].clip_stats(copy) for copy in noisy_copies(mels, speakers, data.settings, noise_copies)]
+    noisy = [heads[0].clip_stats(copy)
+             for copy in voice_copies(mels, speakers, data.settings, noise_copies, band_copies)]
     for head, (indices, labels) in zip(heads, parts):
         rows = [row[i] for i in indices]
         head.fit_stats(x[rows], labels, [data.speakers[i] for i in indices], len(BASIC),

@@ -34,7 +34,7 @@ from avemo.model.adapt import mel_statistics
 from avemo.model.audio import EVAL_FRAMES
 from avemo.model.frontend import AudioFrontend, load_frontend
 from avemo.model.voice import VoiceError
-from train.augment import AugmentConfig, BatchAugment, noisy_copies
+from train.augment import AugmentConfig, BatchAugment, voice_copies
 from train.data import TrainingData
 from train.finetune import (ENCODER_PREFIX, CropBank, FinetuneError, crop_augment_config, finetune_spec,
                             require_crops, starting_encoder)
@@ -738,7 +738,8 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
     indices = getattr(split, part)
     if getattr(model, "voice", None) is not None and not model.voice.is_fitted:
         # validation chose the epoch; with a test part, its clips are training data for the head too
-        fit_voice_head(model, data, split.train + (split.val if part == "test" else []), cfg.augment.voice_noise)
+        fit_voice_head(model, data, split.train + (split.val if part == "test" else []), cfg.augment.voice_noise,
+                       cfg.augment.voice_band)
     video_dim = model.cfg.video_dim if model.cfg.uses_video else 0
     crops = None
     if model.cfg.frame_encoder is not None:
@@ -770,10 +771,10 @@ def _final_report(data: TrainingData, split: Split, out: Path, cfg: TrainConfig,
 
 
 def fit_voice_head(model: AVEmoNet, data: TrainingData, indices: list[int],
-                   noise_copies: int = AugmentConfig.voice_noise) -> None:
-    """Fit a model's voice head (``avemo.model.voice``) on the clips of ``indices`` that have audio, and on
-    ``noise_copies`` noisy copies of each (``train.augment.noisy_copies``); where the cache's spectrograms
-    cannot feed it, say why and keep the FCN alone."""
+                   noise_copies: int = AugmentConfig.voice_noise, band_copies: int = AugmentConfig.voice_band) -> None:
+    """Fit a model's voice head (``avemo.model.voice``) on the clips of ``indices`` that have audio, on
+    ``noise_copies`` noisy copies of each and ``band_copies`` band-limited ones (``train.augment.voice_copies``);
+    where the cache's spectrograms cannot feed it, say why and keep the FCN alone."""
     rows = [i for i in indices if data.clips[i].has_audio]
     t0 = time.perf_counter()
     mels, speakers = [data.clips[i].arrays["mel"] for i in rows], [data.speakers[i] for i in rows]
@@ -783,9 +784,10 @@ def fit_voice_head(model: AVEmoNet, data: TrainingData, indices: list[int],
         log.warning("no voice head: %s", e)
         return
     model.voice.fit(mels, data.labels[rows], speakers, data.settings, len(data.classes),
-                    noisy_copies(mels, speakers, data.settings, noise_copies))
-    log.info("voice head fitted on %d clips and %d noisy copies of each (%.1fs): its probabilities weigh %g",
-             len(rows), noise_copies, time.perf_counter() - t0, model.cfg.voice_head)
+                    voice_copies(mels, speakers, data.settings, noise_copies, band_copies))
+    log.info("voice head fitted on %d clips, %d noisy and %d band-limited copies of each (%.1fs): its "
+             "probabilities weigh %g", len(rows), noise_copies, band_copies, time.perf_counter() - t0,
+             model.cfg.voice_head)
 
 
 def _load_resume(path: Path, data: TrainingData) -> dict:
