@@ -1,6 +1,7 @@
 """Audio: demux from any container, mono, resample, trim silence, log-mel. Plain functions."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import av
@@ -184,35 +185,58 @@ class _SampleBuffer:
 def load_audio(path, sample_rate: int = 16000, start: float | None = None,
                end: float | None = None, warnings: list[str] | None = None) -> np.ndarray:
     """Mono float32 samples (as ``decode_audio`` gives them) of the first audio track of any
-    media file that is not silent; the first track's if all are.
+    media file that has sound; the first track's if none has.
 
     Cameras and screen recorders write several tracks, some of them empty (an unplugged second
-    microphone, a muted desktop track), and the silent one is often first. The later tracks are
-    decoded only when the ones before them are silent; ``warnings`` says which track was used.
+    microphone, a muted desktop track), and the silent one is often first. The other tracks are
+    read only when the first is silent; ``warnings`` says which track was used. The track is the
+    whole file's choice, also for a part of it (``start``, ``end``: avemo-predict's windows of a
+    long recording): a first track silent in one window only (a noise gate in a pause) is kept
+    there, so every window of a file hears the same microphone.
     """
-    first: tuple[np.ndarray, list[str]] | None = None
-    i, n = 0, 1
-    while i < n:
-        notes: list[str] = []
-        with open_media(path) as c:       # each track from the top: the pass before ended at the file's end
-            streams = audio_streams(c)
-            if not streams:
-                raise MediaError("no audio stream")
-            wav = decode_audio(c, streams[i], sample_rate, start, end, notes)
-        n = len(streams)
-        if first is None:
-            first = wav, notes
-        if not is_silent(wav) and np.isfinite(wav).all():
-            if warnings is not None:
-                warnings.extend(notes)
-                if i:
-                    silent = "track 1 is" if i == 1 else f"tracks 1-{i} are"
-                    warnings.append(f"{silent} silent: used track {i + 1} of {n}")
-            return wav
-        i += 1
+    notes: list[str] = []
+    with open_media(path) as c:
+        streams = audio_streams(c)
+        if not streams:
+            raise MediaError("no audio stream")
+        wav = decode_audio(c, streams[0], sample_rate, start, end, notes)
+    if len(streams) > 1 and (is_silent(wav) or not np.isfinite(wav).all()):
+        whole = start is None and end is None
+        st = os.stat(path)
+        # a whole first track is already known to be silent; a part of it says nothing of the rest
+        k = _sounding_track(os.path.realpath(path), (st.st_size, st.st_mtime_ns), 1 if whole else 0)
+        if k:
+            notes = []
+            with open_media(path) as c:
+                wav = decode_audio(c, audio_streams(c)[k], sample_rate, start, end, notes)
+            silent = "track 1 is" if k == 1 else f"tracks 1-{k} are"
+            notes.append(f"{silent} silent: used track {k + 1} of {len(streams)}")
     if warnings is not None:
-        warnings.extend(first[1])
-    return first[0]
+        warnings.extend(notes)
+    return wav
+
+
+@lru_cache(maxsize=64)
+def _sounding_track(path: str, stamp: tuple[int, int], first: int) -> int:
+    """The index of the first audio track from ``first`` on with any sound in the whole file (0 if none).
+    Each track is read only until its first sound; ``stamp`` (size, modification time) makes a changed file
+    a new question, and windows of one file ask it once."""
+    with open_media(path) as c:
+        n = len(audio_streams(c))
+    for k in range(first, n):
+        with open_media(path) as c:
+            stream = audio_streams(c)[k]
+            resampler = av.AudioResampler(format="flt", rate=stream.codec_context.sample_rate or 16000)
+            try:
+                for packet in c.demux(stream):
+                    for frame in packet.decode():
+                        for out in resampler.resample(frame):
+                            x = out.to_ndarray()
+                            if x.size and float(np.abs(x - x.mean()).max()) >= SILENCE_PEAK:
+                                return k
+            except av.error.FFmpegError:
+                continue
+    return 0
 
 
 def is_silent(wav: np.ndarray) -> bool:

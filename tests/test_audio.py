@@ -91,3 +91,26 @@ def test_mixdown_of_a_layout_that_changes_from_stereo_to_mono_keeps_every_sample
     mix.add(left[None, :200])
     assert mix.inverted
     np.testing.assert_allclose(mix.array(), np.concatenate([left, left[:200]]), atol=1e-6)
+
+
+def test_every_window_of_a_file_hears_the_track_the_whole_file_would(tmp_path):
+    from avemo.audio import is_silent, load_audio
+    from mediagen import tone, write_tracks
+    rate = 16000
+    gated = tone(3.0, rate, freq=220.0)
+    gated[:, rate:] = 0.0                               # a noise gate: sound in the first second only
+    desktop = tone(3.0, rate, freq=880.0)
+    unplugged = np.zeros_like(desktop)
+    write_tracks(tmp_path / "gated.mka", [gated, desktop], rate)
+    write_tracks(tmp_path / "unplugged.mka", [unplugged, desktop], rate)
+
+    def pitch(wav):
+        return np.argmax(np.abs(np.fft.rfft(wav))) * rate / len(wav)
+
+    notes: list[str] = []
+    assert pitch(load_audio(tmp_path / "gated.mka", rate, 0.0, 1.0, notes)) == pytest.approx(220, abs=5)
+    assert is_silent(load_audio(tmp_path / "gated.mka", rate, 2.0, 3.0, notes)) and not notes   # the gate's pause
+    for span in ((None, None), (0.0, 1.0), (2.0, 3.0)):
+        notes = []
+        assert pitch(load_audio(tmp_path / "unplugged.mka", rate, *span, notes)) == pytest.approx(880, abs=5)
+        assert notes == ["track 1 is silent: used track 2 of 2"]
