@@ -26,8 +26,9 @@ class MediaError(Exception):
 class VideoFrames:
     """What a decode pass found besides the frames themselves (filled while iterating)."""
 
-    width: int = 0                  # displayed (rotated) source size, pixels
+    width: int = 0                  # displayed source size (square pixels, rotated), pixels
     height: int = 0
+    pixel_aspect: float = 1.0       # a stored pixel's width over its height as shown (``pixel_aspect``)
     rotation: int = 0               # degrees counter-clockwise applied to display
     scale: float = 1.0              # returned frame size / source size
     bad_packets: int = 0
@@ -136,8 +137,8 @@ def iter_frames_at(container, stream, times: np.ndarray, max_side: int,
                    info: VideoFrames) -> Iterator[tuple[float, np.ndarray]]:
     """Yield ``(time, rgb uint8 [H, W, 3])`` for the frame on screen at each target time.
 
-    Frames are shrunk (never enlarged) so the longer side is at most ``max_side``, then
-    rotated upright. A frame on screen at several target times is yielded once: a video
+    Frames are given square pixels (anamorphic video, ``pixel_aspect``), shrunk (never enlarged)
+    so the longer side is at most ``max_side``, then rotated upright. A frame on screen at several target times is yielded once: a video
     with fewer frames than targets gives fewer frames, never duplicates. ``info`` is
     filled in as decoding goes (bad packets are counted and skipped, not fatal).
     """
@@ -145,6 +146,7 @@ def iter_frames_at(container, stream, times: np.ndarray, max_side: int,
     if len(times) == 0:
         return
     stream.thread_type = "AUTO"
+    info.pixel_aspect = pixel_aspect(stream)
     t0 = stream_start(stream)
     k, prev = 0, None               # next target; last decoded frame
     shown_t = -math.inf             # time of the last yielded frame
@@ -236,9 +238,26 @@ def _frame_time(frame, t0: float) -> float:
     return (float(frame.time) if frame.time is not None else 0.0) - t0
 
 
+def pixel_aspect(stream) -> float:
+    """How much wider a stored pixel is shown than tall: 1 for square pixels, or when unknown or absurd.
+
+    Camcorders and discs store anamorphic frames (HDV and AVCHD 1440x1080 shown as 1920x1080, DV and
+    DVD 720x480 shown as 4:3 or 16:9); decoded as stored, every face in them is squeezed or stretched.
+    """
+    for ratio in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        try:
+            value = float(ratio) if ratio else 0.0
+        except (TypeError, ValueError, ZeroDivisionError):
+            value = 0.0
+        if 0.2 < value < 5.0:
+            return value
+    return 1.0
+
+
 def _to_rgb(frame, max_side: int, info: VideoFrames) -> np.ndarray:
     rot = int(round((frame.rotation or 0) / 90.0)) % 4
-    w, h = frame.width, frame.height
+    # the frame as shown: its pixels made square (anamorphic video), then rotated
+    w, h = max(1, round(frame.width * info.pixel_aspect)), frame.height
     disp_w, disp_h = (h, w) if rot % 2 else (w, h)
     scale = min(1.0, max_side / max(w, h))
     info.width, info.height, info.rotation, info.scale = disp_w, disp_h, rot * 90, scale

@@ -24,12 +24,13 @@ def tone(seconds: float, rate: int, channels: int = 1, freq: float = 220.0, amp:
 
 def write_video(path, frames: list[np.ndarray], fps: int = 10, codec: str = "mpeg4",
                 audio: np.ndarray | None = None, audio_rate: int = 16000, rotation: int | None = None,
-                audio_codec: str = "aac", gop: int | None = None) -> Path:
+                audio_codec: str = "aac", gop: int | None = None, pixel_aspect: Fraction | None = None) -> Path:
     """Encode RGB ``frames`` (and ``audio`` [C, n] float) into ``path``; container from the suffix.
 
     AAC pads a few ms of priming; use ``audio_codec="pcm_s16le"`` (mkv) for exact lengths.
     ``rotation``: display rotation (degrees counter-clockwise) written as container metadata.
     ``gop``: frames between keyframes (x264's default is 250: ten seconds and more at low rates).
+    ``pixel_aspect``: the stored pixels' width over height as shown (anamorphic video), in the stream.
     """
     path = Path(path)
     h, w = frames[0].shape[:2]
@@ -42,6 +43,8 @@ def write_video(path, frames: list[np.ndarray], fps: int = 10, codec: str = "mpe
                 vs.codec_context.options = {"sc_threshold": "0"}
         if rotation:
             vs.set_display_rotation(rotation)
+        if pixel_aspect:
+            vs.codec_context.sample_aspect_ratio = pixel_aspect
         aus = None
         if audio is not None:
             aus = c.add_stream(audio_codec, rate=audio_rate, layout="stereo" if audio.shape[0] == 2 else "mono")

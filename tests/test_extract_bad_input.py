@@ -5,8 +5,10 @@ One folder holds all of them; one extraction run over it (module fixture) is che
 import dataclasses
 import json
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,9 @@ def run(tmp_path_factory):
     portrait = np.full((256, 128, 3), 60, np.uint8)
     portrait[128:] = face
     write_video(clips / "rotated.mp4", [np.ascontiguousarray(np.rot90(portrait, -1))] * 4, rotation=90)
+    # a camcorder's anamorphic frames: stored 96 wide, shown 128 wide (pixels 4:3), the face squeezed in the file
+    squeezed = cv2.resize(face, (96, 128), interpolation=cv2.INTER_AREA)
+    write_video(clips / "anamorphic.mp4", [squeezed] * 4, codec="libx264", pixel_aspect=Fraction(4, 3))
     big = np.full((2160, 3840, 3), 120, np.uint8)
     big[600:1624, 1400:2424] = astronaut(1024)
     write_video(clips / "large_4k.mp4", [big] * 2, fps=2)
@@ -264,6 +269,15 @@ def test_rotation_metadata_is_applied(run):
     boxes = features(run, "rotated.mp4").arrays["boxes"]
     # upright portrait: 128 wide, 256 tall, face in the lower half
     assert (boxes[:, 2] <= 130).all() and (boxes[:, 1] > 128).all()
+
+
+def test_anamorphic_frames_are_seen_as_shown(run):
+    # decoded as stored, the face was 25 % narrower than it is, and so was the crop the encoder saw
+    reference, clip = features(run, "no_audio.mp4").arrays, features(run, "anamorphic.mp4").arrays
+    assert row(run, "anamorphic.mp4").face_coverage == 1.0
+    np.testing.assert_allclose(clip["boxes"][0], reference["boxes"][0], atol=6)    # shown pixels (128 wide), not stored (96)
+    eyes = lambda a: a["landmarks"][0, 1, 0] - a["landmarks"][0, 0, 0]             # noqa: E731
+    assert eyes(clip) == pytest.approx(eyes(reference), rel=0.1)
 
 
 def test_very_large_frames_are_found_in_source_pixels(run):
