@@ -227,7 +227,7 @@ class ClipExtractor:
             if j < 0:
                 continue
             out["video_features"][i] = feats[i][j]
-            out["boxes"][i] = dets[i].boxes[j] / scale      # detection pixels -> source pixels
+            out["boxes"][i] = dets[i].boxes[j] / scale      # detection pixels -> source pixels as shown (rotated, square)
             out["scores"][i] = dets[i].probs[j]
             out["landmarks"][i] = dets[i].landmarks[j] / scale
             if s.keep_crops:

@@ -12,9 +12,9 @@ key                shape / dtype    meaning
 video_features     [T_v, D] f32     face-encoder feature of each sampled frame (0 if no face)
 face_mask          [T_v] bool       True where a face was found in that frame
 frame_times        [T_v] f64        presentation time of each sampled frame, seconds
-boxes              [T_v, 4] f32     face box x1, y1, x2, y2 in source-frame pixels (NaN: none)
+boxes              [T_v, 4] f32     face box x1, y1, x2, y2 in source-frame pixels as shown (NaN: none)
 scores             [T_v] f32        detector probability of the kept face (0: none)
-landmarks          [T_v, 5, 2] f32  eyes, nose, mouth corners in source pixels (NaN: none)
+landmarks          [T_v, 5, 2] f32  eyes, nose, mouth corners in the same pixels (NaN: none)
 crops              [T_v, S, S, 3]   aligned RGB face crops, uint8 (only with keep_crops)
 feature_maps       [T_v, h, w, D]   the face encoder's last spatial feature map of each frame, f16
                                     (only with feature_maps; h x w cells, e.g. 3 x 3 for the shipped
