@@ -285,8 +285,9 @@ def add_augmentation_args(p: argparse.ArgumentParser, video: bool) -> None:
                    help="the voice head's regression also learns from N copies of each training clip with "
                         "coloured noise or babble mixed in at 5-30 dB SNR (0: clean clips only)")
     g.add_argument("--voice-band", type=int, default=a["voice_band"], metavar="N",
-                   help="... and from N copies band-limited as a telephone line or 8 kHz audio hears it: "
-                        "0-400 Hz to 3-4.2 kHz (0: none)")
+                   help="the voice head's regression also learns from N copies of each training clip "
+                        "band-limited as a telephone line or 8 kHz audio hears it (from 0 or 200-400 Hz up to "
+                        "3-4.2 kHz; 0: none)")
     g.add_argument("--mixup", type=float, default=a["mixup"], help="mixup Beta(a, a) parameter (0: off)")
     g.add_argument("--crop", type=float, default=a["crop"], metavar="S",
                    help="train on a random S-second window of each clip's audio (0: whole clips)")
