@@ -22,13 +22,31 @@ import torch
 
 from avemo.audio import audio_stream, is_silent, load_audio, log_mel, trim_silence
 from avemo.encoders import FaceEncoder, load_named_encoder
-from avemo.faces import Detections, FaceDetector, FaceTrack, align_face, track_primary_face
+from avemo.faces import SMALL_FACE_KEEP, Detections, FaceDetector, FaceTrack, align_face, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.media import ClipError, expects_video, unreadable_reason
 from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration, open_media,
                          sample_times, scan_ends, video_span, video_stream)
 
 STAGES = ("decode", "detect", "align", "embed", "audio")
+# a second look for small faces (ClipExtractor._second_look) over many sampled frames first tries this many
+SECOND_LOOK_PROBE = 16
+
+
+@dataclasses.dataclass
+class _Look:
+    """One pass over a video's sampled frames: per frame shown, its time, the faces found (best
+    first), their embeddings (and crops, feature maps); ``info``: what decoding saw."""
+
+    info: VideoFrames
+    frame_times: list[float] = dataclasses.field(default_factory=list)
+    dets: list[Detections] = dataclasses.field(default_factory=list)
+    feats: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    crops: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    maps: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+
+    def any_face(self) -> bool:
+        return any(len(d.probs) for d in self.dets)
 
 
 def default_device() -> str:
@@ -131,7 +149,6 @@ class ClipExtractor:
 
     def _video_arrays(self, path: Path, start, end, warnings: list[str]) -> dict[str, np.ndarray]:
         s = self.settings
-        info = VideoFrames()
         with open_media(path) as c:
             stream = video_stream(c)
             v_dur = video_span(path, c, stream, warnings)
@@ -143,22 +160,8 @@ class ClipExtractor:
             if s.fps is not None and len(times) == s.max_frames and (t1 - t0) * s.fps > s.max_frames:
                 warnings.append(f"video: {s.fps} fps over {t1 - t0:.0f} s exceeds max_frames; "
                                 f"sampled {s.max_frames} frames evenly instead")
-            frame_times, dets, feats, crops, maps = [], [], [], [], []
-            track = FaceTrack() if s.track_faces else None
-            batch: list[tuple[float, np.ndarray]] = []
-            frames_iter = iter_frames_at(c, stream, times, s.detect_max_side, info)
-            while True:
-                with self._timed("decode"):
-                    item = next(frames_iter, None)
-                if item is not None:
-                    batch.append(item)
-                if batch and (item is None or len(batch) == self.batch_frames
-                              or batch[-1][1].shape != batch[0][1].shape):
-                    tail = [batch.pop()] if batch[-1][1].shape != batch[0][1].shape else []
-                    self._faces_of_batch(batch, track, frame_times, dets, feats, crops, maps)
-                    batch = tail
-                if item is None:
-                    break
+            seen = self._faces_at(c, stream, times, s.detect_max_side, self.detector)
+        info = seen.info
         if info.bad_packets:
             warnings.append(f"video: {info.bad_packets} undecodable packet(s) skipped")
         if info.corrupt_frames:
@@ -168,21 +171,83 @@ class ClipExtractor:
             warnings.append(f"video: {len(info.gaps)} gap(s) with no frames, longest {length:.2f} s "
                             f"after {at:.2f} s (damaged file?)")
         warnings.extend(f"video: {w}" for w in info.warnings)
-        if not frame_times:
+        if not seen.frame_times:
             warnings.append("video: no frame could be decoded")
             return {}
-        if info.end_time is not None and times[-1] > info.end_time + 0.5 and len(frame_times) < len(times):
+        if info.end_time is not None and times[-1] > info.end_time + 0.5 and len(seen.frame_times) < len(times):
             warnings.append(f"video: frames end at {info.end_time:.2f} s of {t1:.2f} s (truncated file?)")
-        elif s.frames is not None and len(frame_times) < len(times):
-            warnings.append(f"video: only {len(frame_times)} distinct frame(s) in the clip ({len(times)} asked)")
-        return self._primary_face_arrays(frame_times, dets, feats, crops, maps, info.scale, warnings)
+        elif s.frames is not None and len(seen.frame_times) < len(times):
+            warnings.append(f"video: only {len(seen.frame_times)} distinct frame(s) in the clip ({len(times)} asked)")
+        if not seen.any_face():
+            seen = self._second_look(path, times, seen, warnings)
+        return self._primary_face_arrays(seen, warnings)
 
-    def _faces_of_batch(self, batch, track: FaceTrack | None, frame_times, dets, feats, crops, maps) -> None:
+    def _faces_at(self, container, stream, times: np.ndarray, max_side: int, detector: FaceDetector) -> "_Look":
+        """Every face ``detector`` finds in the frames on screen at ``times``, with frames shrunk to
+        ``max_side``: decoded, detected, aligned and embedded batch by batch as they stream past."""
+        look = _Look(VideoFrames())
+        track = FaceTrack() if self.settings.track_faces else None
+        batch: list[tuple[float, np.ndarray]] = []
+        frames_iter = iter_frames_at(container, stream, times, max_side, look.info)
+        while True:
+            with self._timed("decode"):
+                item = next(frames_iter, None)
+            if item is not None:
+                batch.append(item)
+            if batch and (item is None or len(batch) == self.batch_frames
+                          or batch[-1][1].shape != batch[0][1].shape):
+                tail = [batch.pop()] if batch[-1][1].shape != batch[0][1].shape else []
+                self._faces_of_batch(batch, track, detector, look)
+                batch = tail
+            if item is None:
+                break
+        return look
+
+    def _second_look(self, path: Path, times: np.ndarray, first: "_Look", warnings: list[str]) -> "_Look":
+        """``first`` (no face in any frame), or what a look at up to ``small_face_side`` pixels for faces
+        down to ``SMALL_FACE_PX`` finds in the same frames: a wide shot in HD, where the face that
+        carries the clip is smaller than the usual search (``min_face_frac`` of a 640 px frame) sees.
+
+        Only where that look can see faces the first could not (a source larger than the first look's
+        frames, or a first look that skipped small faces). On many frames it first tries
+        ``SECOND_LOOK_PROBE`` of them, spread evenly, and looks at all only if those hold a face."""
+        s, info = self.settings, first.info
+        n = len(times)
+        note = f"video: no face found in any of {len(first.frame_times)} sampled frame(s)"
+        side = max(info.width, info.height)
+        if not s.small_face_side or not side:
+            warnings.append(note)
+            return first
+        small = self.detector.for_small_faces()
+        scale = min(1.0, s.small_face_side / side)
+        shape = (round(info.height * info.scale), round(info.width * info.scale))
+        # MTCNN boxes faces down to about 0.6 of its smallest window: what the first look could find
+        first_box = 0.6 * self.detector.smallest_face(shape) / info.scale      # in source pixels
+        floor = SMALL_FACE_KEEP / scale
+        if floor >= first_box:
+            warnings.append(note)
+            return first
+        probe = times if n <= SECOND_LOOK_PROBE else times[np.linspace(0, n - 1, SECOND_LOOK_PROBE).round().astype(int)]
+        for targets in (probe, times):
+            with open_media(path) as c:     # afresh: decoding only ever seeks forwards
+                look = self._faces_at(c, video_stream(c), targets, s.small_face_side, small)
+            if not look.any_face() or len(targets) == n:
+                break
+        if not look.any_face():
+            warnings.append(f"{note}, nor in {len(probe)} of them looked at again at "
+                            f"{round(info.width * scale)}x{round(info.height * scale)} for faces down to {floor:.0f} px")
+            return first
+        warnings.append(f"video: no face of the size looked for first (about {first_box:.0f} px and up); small faces "
+                        f"found on a second look at {round(info.width * scale)}x{round(info.height * scale)} "
+                        f"(down to {floor:.0f} px)")
+        return look
+
+    def _faces_of_batch(self, batch, track: FaceTrack | None, detector: FaceDetector, look: "_Look") -> None:
         """Detect, align and embed every face in a batch of frames (the primary is chosen later)."""
         s = self.settings
         frames = np.stack([f for _, f in batch])                       # [B, H, W, 3]
         with self._timed("detect"):
-            found = self.detector.detect(frames, track)
+            found = detector.detect(frames, track)
         with self._timed("align"):
             aligned = [np.stack([align_face(frames[i], lm, s.face_size) for lm in d.landmarks])
                        if len(d.probs) else None for i, d in enumerate(found)]
@@ -197,23 +262,22 @@ class ClipExtractor:
                 emb = self.encoder.embed(np.concatenate(flat)).numpy()                # [faces, D]
         k = 0
         for (t, _), d, a in zip(batch, found, aligned):
-            frame_times.append(t)
-            dets.append(d)
+            look.frame_times.append(t)
+            look.dets.append(d)
             n = 0 if a is None else len(a)
-            feats.append(emb[k:k + n] if n else None)
-            crops.append(a if s.keep_crops else None)
-            maps.append(fmap[k:k + n] if n and fmap is not None else None)
+            look.feats.append(emb[k:k + n] if n else None)
+            look.crops.append(a if s.keep_crops else None)
+            look.maps.append(fmap[k:k + n] if n and fmap is not None else None)
             k += n
 
-    def _primary_face_arrays(self, frame_times, dets: list[Detections], feats, crops, maps, scale: float,
-                             warnings: list[str]) -> dict[str, np.ndarray]:
-        s = self.settings
-        t = len(frame_times)
+    def _primary_face_arrays(self, look: "_Look", warnings: list[str]) -> dict[str, np.ndarray]:
+        s, dets, scale = self.settings, look.dets, look.info.scale
+        t = len(look.frame_times)
         chosen = track_primary_face(dets)
         out = {
             "video_features": np.zeros((t, s.feature_dim), np.float32),
             "face_mask": chosen >= 0,
-            "frame_times": np.asarray(frame_times, np.float64),
+            "frame_times": np.asarray(look.frame_times, np.float64),
             "boxes": np.full((t, 4), np.nan, np.float32),
             "scores": np.zeros(t, np.float32),
             "landmarks": np.full((t, 5, 2), np.nan, np.float32),
@@ -226,21 +290,19 @@ class ClipExtractor:
         for i, j in enumerate(chosen):
             if j < 0:
                 continue
-            out["video_features"][i] = feats[i][j]
+            out["video_features"][i] = look.feats[i][j]
             out["boxes"][i] = dets[i].boxes[j] / scale      # detection pixels -> source pixels as shown (rotated, square)
             out["scores"][i] = dets[i].probs[j]
             out["landmarks"][i] = dets[i].landmarks[j] / scale
             if s.keep_crops:
-                out["crops"][i] = crops[i][j]
+                out["crops"][i] = look.crops[i][j]
             if s.feature_maps:
-                out["feature_maps"][i] = maps[i][j]
+                out["feature_maps"][i] = look.maps[i][j]
         if not all(np.isfinite(out[k]).all() for k in ("video_features", "feature_maps") if k in out):
             # refused here, where it arises: stored, it would train to NaN weights
             warnings.append("video: the face encoder gave NaN or infinite features (a broken encoder file?)")
             return {}
-        if not out["face_mask"].any():
-            warnings.append(f"video: no face found in any of {t} sampled frame(s)")
-        elif max(len(d.probs) for d in dets) > 1:
+        if out["face_mask"].any() and max(len(d.probs) for d in dets) > 1:
             warnings.append("video: several faces seen; kept the one tracked through the most frames")
         return out
 

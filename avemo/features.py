@@ -56,10 +56,13 @@ ARRAY_KEYS = ("video_features", "face_mask", "frame_times", "boxes", "scores", "
 AUDIO_SETTING_KEYS = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "trim_silence", "trim_top_db")
 # Stored settings that lack a field were written before it existed: the field takes the value
 # that reproduces what that avemo did, not today's default.
-LEGACY_SETTINGS = {"track_faces": False, "feature_maps": False}
+LEGACY_SETTINGS = {"track_faces": False, "feature_maps": False, "small_face_side": 0}
 # settings that only add arrays to a cache and change none of its numbers: not part of its identity,
 # so asking for them later (re-running avemo-extract with the flag) fills them in on the same cache
 ADDITIVE_SETTINGS = ("keep_crops", "feature_maps")
+# settings whose default a release changed: a cache begun before goes on as it was begun, unless asked
+# otherwise (extract.run), so that upgrading avemo never makes a half-finished cache unresumable
+UPGRADE_SETTINGS = tuple(k for k in LEGACY_SETTINGS if k not in ADDITIVE_SETTINGS)
 
 
 def settings_differences(model_settings: dict[str, Any], cache_settings: dict[str, Any],
@@ -98,6 +101,9 @@ class ExtractionSettings:
                                     # (its cost) shrinks with the square of the smallest face
     track_faces: bool = True        # between keyframes, look for faces only where they just were
                                     # (FaceDetector.detect): a fraction of the detection time
+    small_face_side: int = 1920     # a video in which no face is found is looked at again with its
+                                    # longer side at up to this, for faces down to SMALL_FACE_PX
+                                    # (a wide shot in HD; 0: never). Only faceless clips pay for it
     face_size: int = 112            # side of the aligned crop (five-point template scaled)
     keep_crops: bool = False
     feature_maps: bool = False      # also store each frame's last feature map (STT's spatial tokens)
@@ -113,6 +119,8 @@ class ExtractionSettings:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.small_face_side < 0:
+            raise ValueError(f"small_face_side must be >= 0 (0: no second look), got {self.small_face_side}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

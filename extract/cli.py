@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-face-tracking", dest="track_faces", action="store_false", default=None,
                    help="run the full face detector on every sampled frame, not only on keyframes and "
                         "where a face is lost (slower; how caches made before face tracking were made)")
+    p.add_argument("--small-face-side", type=int, metavar="PX",
+                   help="a video in which no face is found is looked at again with its longer side at up to PX, "
+                        "for faces down to 28 px tall (wide shots in HD video; default 1920; 0: no second look). "
+                        "Only faceless videos pay for it")
     p.add_argument("--retry-failed", action="store_true", help="extract clips that failed last time again")
     p.add_argument("--clip-timeout", type=float, metavar="S",
                    help="stop a clip (recorded as failed) after S seconds; default 300 s + 4 s per second of media")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             args.video_dir, args.out, frames=args.frames, fps=args.fps, label_from=args.label_from,
             labels=args.labels, face_encoder=args.face_encoder, device=args.device, workers=args.workers,
             shard=args.shard, keep_crops=args.keep_crops, feature_maps=args.feature_maps, track_faces=args.track_faces,
-            retry_failed=args.retry_failed, clip_timeout=args.clip_timeout, progress=not args.quiet, spare=spare)
+            small_face_side=args.small_face_side, retry_failed=args.retry_failed, clip_timeout=args.clip_timeout, progress=not args.quiet, spare=spare)
     except (UsageError, SettingsMismatch, ValueError) as e:
         print(f"avemo-extract: error: {e}", file=sys.stderr)
         return 2

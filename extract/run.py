@@ -20,7 +20,7 @@ from tqdm import tqdm
 # no torch here: this process only supervises, and the workers' start-up must not wait for its imports
 from avemo.cpu import default_workers, threads_for
 from avemo.encoders import file_sha256, is_shipped_name, resolve_encoder_path
-from avemo.features import ExtractionSettings
+from avemo.features import UPGRADE_SETTINGS, ExtractionSettings
 from avemo.io import NoSpaceError, display_name, first_line, shown_name
 from avemo.media import MEDIA_EXTENSIONS, ClipError, expects_video, is_media, list_folder
 from extract.cache import INTERNAL_ERROR, Cache
@@ -145,13 +145,14 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
                    keep_crops: bool = False, track_faces: bool | None = None, retry_failed: bool = False,
                    clip_timeout: float | None = None, feature_maps: bool = False,
                    settings: ExtractionSettings | None = None, progress: bool = True,
-                   log=None, spare=None) -> pd.DataFrame:
+                   log=None, spare=None, small_face_side: int | None = None) -> pd.DataFrame:
     """Extract every clip under ``video_dir`` into the cache ``out``; returns the manifest.
 
     Finished clips with the same settings are skipped, so an interrupted run is resumed by
-    running it again. ``frames``/``fps``/``face_encoder``/``keep_crops``/``feature_maps``/``track_faces``
-    override the corresponding fields of ``settings`` (default ``ExtractionSettings()``, 16
-    frames a clip; None leaves a field as it is there).
+    running it again. ``frames``/``fps``/``face_encoder``/``keep_crops``/``feature_maps``/``track_faces``/
+    ``small_face_side`` override the corresponding fields of ``settings`` (default ``ExtractionSettings()``,
+    16 frames a clip; None leaves a field as it is there, or for ``UPGRADE_SETTINGS`` as the cache
+    being resumed has it).
     Clips are extracted in ``workers`` supervised processes (default:
     ``avemo.cpu.default_workers``, one per usable CPU within memory and a cap); one that takes
     longer than ``clip_timeout`` seconds (default: scaled by its duration, ``extract.workers``)
@@ -165,7 +166,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
     try:
         return _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encoder, device, workers,
                                shard, keep_crops, track_faces, retry_failed, clip_timeout, settings, progress,
-                               log, spares, feature_maps)
+                               log, spares, feature_maps, small_face_side)
     finally:
         for s in spares:
             discard(s)
@@ -173,7 +174,7 @@ def extract_folder(video_dir: str | os.PathLike, out: str | os.PathLike, *, fram
 
 def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encoder, device, workers, shard,
                     keep_crops, track_faces, retry_failed, clip_timeout, settings, progress, log,
-                    spares: list, feature_maps: bool = False) -> pd.DataFrame:
+                    spares: list, feature_maps: bool = False, small_face_side: int | None = None) -> pd.DataFrame:
     log = log or sys.stderr
     root = Path(video_dir)
     if not root.is_dir():
@@ -197,8 +198,9 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
             settings = dataclasses.replace(settings, frames=frames, fps=fps)
         settings = dataclasses.replace(settings, encoder=str(face_encoder), keep_crops=keep_crops,
                                        feature_maps=feature_maps)
-        if track_faces is not None:
-            settings = dataclasses.replace(settings, track_faces=track_faces)
+        given = {k: v for k, v in (("track_faces", track_faces), ("small_face_side", small_face_side))
+                 if v is not None}
+        settings = dataclasses.replace(settings, **given)
         labeller = Labeller(label_from, labels)
         walk = walk_folder(root, [Path(out)] + ([Path(labels)] if labels else []), labeller)
     except ValueError as e:     # bad frames/fps values, a labels CSV that cannot be used
@@ -209,7 +211,7 @@ def _extract_folder(video_dir, out, frames, fps, label_from, labels, face_encode
     t_load = time.perf_counter()
     n_workers = min(workers, max(len(media), 1))
     cache = Cache(out)
-    settings = _with_cache_encoder(cache, settings, log)
+    settings = _with_cache_upgrades(cache, _with_cache_encoder(cache, settings, log), set(given), log)
     # the workers load the models while this process reads the cache; the first one ready says
     # which encoder file (its hash: part of the cache identity) and device they use
     pool = WorkerPool(n_workers, settings, device, threads_for(n_workers), cache, clip_timeout,
@@ -239,6 +241,24 @@ def _with_cache_encoder(cache: Cache, settings: ExtractionSettings, log) -> Extr
               f"(sha256 {sha[:12]}...); going on with that one so the cache stays consistent (use a new "
               "--out for the current one)", file=log)
     return dataclasses.replace(settings, encoder_sha256=sha)
+
+
+def _with_cache_upgrades(cache: Cache, settings: ExtractionSettings, given: set[str], log) -> ExtractionSettings:
+    """A cache begun before a release changed how faces are looked for (``UPGRADE_SETTINGS``) goes on
+    as it was begun, unless the command sets that field: one cache, one way of finding faces."""
+    recorded = cache.recorded_settings()
+    try:
+        was = ExtractionSettings.from_dict(recorded) if recorded is not None else None
+    except ValueError:          # written by another avemo: Cache.claim says how it differs
+        was = None
+    if was is None:
+        return settings
+    kept = {k: getattr(was, k) for k in UPGRADE_SETTINGS if k not in given and getattr(was, k) != getattr(settings, k)}
+    if kept:
+        print(f"avemo-extract: {cache.root} was begun by an earlier avemo; going on as it was begun "
+              f"({', '.join(f'{k}={v}' for k, v in kept.items())}) so the cache stays consistent (use a new --out "
+              "for today's defaults)", file=log)
+    return dataclasses.replace(settings, **kept)
 
 
 def _extract_with(pool: WorkerPool, root: Path, walk: Walk, cache: Cache, settings: ExtractionSettings,

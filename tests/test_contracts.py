@@ -51,12 +51,14 @@ def test_settings_digest_changes_with_numbers_not_with_keep_crops():
 
 def test_settings_stored_before_face_tracking_keep_their_meaning_and_identity():
     stored = ExtractionSettings().to_dict()
-    del stored["track_faces"], stored["feature_maps"]      # a cache or checkpoint from before the fields
+    # a cache or checkpoint from before the fields
+    del stored["track_faces"], stored["feature_maps"], stored["small_face_side"]
     hashed = {k: v for k, v in stored.items() if k != "keep_crops"}
     digest_then = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
     s = ExtractionSettings.from_dict(stored)
-    assert s.track_faces is False and s.digest() == digest_then
+    assert s.track_faces is False and s.small_face_side == 0 and s.digest() == digest_then
     assert ExtractionSettings().track_faces and ExtractionSettings().digest() != digest_then
+    assert ExtractionSettings(track_faces=False, small_face_side=0).digest() == digest_then
 
 
 def test_feature_maps_add_an_array_and_keep_the_cache_identity(tmp_path):

@@ -1,4 +1,5 @@
 """avemo-extract on the bundled CREMA-D clips: cache contents, resume, refusal, shards, kill + resume."""
+import json
 import os
 import shutil
 import signal
@@ -12,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from avemo.extraction import ClipError, ClipExtractor
+from avemo.extraction import ClipError, ClipExtractor, _Look
 from avemo.faces import Detections, similarity_transform, track_primary_face
 from avemo.features import ClipFeatures, ExtractionSettings
 from avemo.media import list_folder
-from avemo.video import sample_times
+from avemo.video import VideoFrames, sample_times
 from extract import SettingsMismatch, UsageError, extract_folder, read_manifest
 from extract.cli import main
 from extract.labels import Labeller, LabelError
@@ -100,6 +101,24 @@ def test_other_settings_are_refused_not_mixed(setup):
                  "--quiet"]) == 2
 
 
+def test_a_cache_begun_by_an_earlier_release_goes_on_as_begun(setup, tmp_path, capsys):
+    """A cache from before the second look for small faces (its settings lack the field) resumes as it
+    was made; asking for the second look on it is refused, not mixed."""
+    d, clips, kw, _ = setup
+    before = extract_folder(clips, tmp_path / "cache", **kw, small_face_side=0)
+    record = tmp_path / "cache" / "settings.json"
+    saved = json.loads(record.read_text())
+    del saved["settings"]["small_face_side"]        # as written before the field (same digest: legacy value)
+    record.write_text(json.dumps(saved))
+    capsys.readouterr()
+    pd.testing.assert_frame_equal(extract_folder(clips, tmp_path / "cache", **kw), before)
+    err = capsys.readouterr().err
+    assert "begun by an earlier avemo; going on as it was begun (small_face_side=0)" in err
+    assert "4 already done, 0 to extract" in err
+    with pytest.raises(SettingsMismatch, match=r"small_face_side: 0 in the cache, 1920 now"):
+        extract_folder(clips, tmp_path / "cache", **kw, small_face_side=1920)
+
+
 def test_keep_crops_later_adds_crops_to_video_clips(setup, tmp_path):
     d, clips, kw, manifest = setup
     shutil.copytree(d / "cache", tmp_path / "cache")
@@ -131,8 +150,9 @@ def test_feature_maps_are_written_only_when_asked_and_added_to_a_cache_later(set
 
 def test_frames_without_a_face_have_zero_maps():
     ex = ClipExtractor(ExtractionSettings(frames=4, feature_maps=True), "cpu")
-    out = ex._primary_face_arrays([0.0, 0.1], [Detections.empty(), Detections.empty()], [None, None], [None, None],
-                                  [None, None], 1.0, [])
+    look = _Look(VideoFrames(), [0.0, 0.1], [Detections.empty(), Detections.empty()], [None, None], [None, None],
+                 [None, None])
+    out = ex._primary_face_arrays(look, [])
     assert out["feature_maps"].shape == (2, *ex.encoder.map_grid, ex.settings.feature_dim)
     assert not out["feature_maps"].any() and not out["face_mask"].any()
 
@@ -416,7 +436,6 @@ def test_sparse_sampling_of_a_long_gop_file_never_seeks_in_a_loop(tmp_path):
 
 def test_a_cache_begun_with_a_replaced_default_encoder_goes_on_with_it(tmp_path, capsys):
     # a cache made before `default` was replaced: its settings name `default` with the old file's hash
-    import json
     from avemo.encoders import WEIGHTS_DIR, file_sha256
     old = file_sha256(WEIGHTS_DIR / "default-v1.pt")
     clips = tmp_path / "clips"

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from avemo.extraction import ClipExtractor
+from avemo import extraction
+from avemo.extraction import ClipError, ClipExtractor
 from avemo.faces import Detections, FaceDetector, FaceTrack
 from avemo.features import ExtractionSettings
 from extract.cli import build_parser
-from mediagen import moving_face, random_encoder, sampled_frames, two_faces
+from mediagen import moving_face, random_encoder, sampled_frames, tone, two_faces, write_video
 
 torch.set_num_threads(1)
 CLIPS = sorted((Path(__file__).resolve().parent.parent / "examples" / "cremad").glob("1001_DFA_*_XX.flv"))
@@ -108,3 +109,53 @@ def test_extraction_with_and_without_tracking(tmp_path):
 def test_extract_command_can_turn_tracking_off():
     assert build_parser().parse_args(["in", "--out", "c"]).track_faces is None
     assert build_parser().parse_args(["in", "--out", "c", "--no-face-tracking"]).track_faces is False
+
+
+def _wide_shot(tmp_path, side: int, name: str, n: int = 5, height: int = 1080, width: int = 1920,
+               sound: bool = False) -> Path:
+    """An HD video of a grey room with the astronaut photo ``side`` px wide (its face about a fifth of
+    that) in it, or no one (side 0); silent, or with a tone."""
+    frames = moving_face(n, (width // 2, height // 3, side), (width // 2 + 30, height // 3, side), height, width,
+                         shown=range(n) if side else range(0))
+    return write_video(tmp_path / name, frames, fps=5, audio=tone(n / 5, 16000) if sound else None)
+
+
+def test_a_small_face_in_a_wide_shot_is_found_on_a_second_look(tmp_path, monkeypatch):
+    monkeypatch.setattr(extraction, "SECOND_LOOK_PROBE", 2)     # 2 frames tried first, then all 5
+    clip = _wide_shot(tmp_path, 170, "wide.mp4", sound=True)
+    enc = random_encoder(tmp_path / "enc.pt")
+    usual = ClipExtractor(ExtractionSettings(frames=5, encoder=str(enc), small_face_side=0), "cpu").extract(clip)
+    assert not usual.arrays["face_mask"].any()
+    assert usual.warnings == ["video: no face found in any of 5 sampled frame(s)"]
+    f = ClipExtractor(ExtractionSettings(frames=5, encoder=str(enc)), "cpu").extract(clip)
+    assert f.arrays["face_mask"].all()
+    assert any("small faces found on a second look at 1920x1080 (down to 28 px)" in w for w in f.warnings)
+    heights = f.arrays["boxes"][:, 3] - f.arrays["boxes"][:, 1]
+    assert ((heights > 28) & (heights < 50)).all()             # in the video's pixels, not the look's
+    centre_x = (f.arrays["boxes"][:, 0] + f.arrays["boxes"][:, 2]) / 2
+    assert (np.abs(centre_x - (960 + 85 + np.linspace(0, 30, 5))) < 20).all()
+    assert np.abs(f.arrays["video_features"]).sum(1).min() > 0
+
+
+def test_a_faceless_video_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setattr(extraction, "SECOND_LOOK_PROBE", 2)     # no face in the 2 tried: the rest are not
+    ex = ClipExtractor(ExtractionSettings(frames=5, encoder=str(random_encoder(tmp_path / "enc.pt"))), "cpu")
+    looked = []
+    real = ex._faces_at
+    monkeypatch.setattr(ex, "_faces_at", lambda c, s, times, *a: looked.append(len(times)) or real(c, s, times, *a))
+    with pytest.raises(ClipError, match=r"no face found in any of 5 sampled frame\(s\), nor in 2 of them looked at "
+                                        r"again at 1920x1080 for faces down to 28 px; audio: no audio stream"):
+        ex.extract(_wide_shot(tmp_path, 0, "empty.mp4"))
+    assert looked == [5, 2]
+    # a small video was already searched down to faces this small: no second look
+    looked.clear()
+    with pytest.raises(ClipError, match=r"^video: no face found in any of 5 sampled frame\(s\); audio"):
+        ex.extract(_wide_shot(tmp_path, 0, "small.mp4", height=360, width=480))
+    assert looked == [5]
+
+
+def test_extract_command_sets_the_second_look():
+    assert build_parser().parse_args(["in", "--out", "c"]).small_face_side is None
+    assert build_parser().parse_args(["in", "--out", "c", "--small-face-side", "0"]).small_face_side == 0
+    with pytest.raises(ValueError, match="small_face_side must be >= 0"):
+        ExtractionSettings(small_face_side=-1)
