@@ -31,6 +31,10 @@ from avemo.video import (MediaError, VideoFrames, iter_frames_at, media_duration
 STAGES = ("decode", "detect", "align", "embed", "audio")
 # a second look for small faces (ClipExtractor._second_look) over many sampled frames first tries this many
 SECOND_LOOK_PROBE = 16
+# Windows of one file (avemo-predict --window) get a second look at most once in this many seconds of it
+# while those looks find no face: a faceless hour of HD video in 2 s windows would otherwise take some
+# six times as long, for a face that none of the looks so far has seen.
+SECOND_LOOK_EVERY_S = 30.0
 
 
 @dataclasses.dataclass
@@ -92,6 +96,8 @@ class ClipExtractor:
         self.settings = settings
         self.batch_frames = batch_frames
         self.seconds: dict[str, float] = defaultdict(float)   # time spent per stage, all clips
+        # (file, size, modification time) -> start of the last window whose second look found no face
+        self._fruitless: dict[tuple[str, int, int], float] = {}
 
     @contextmanager
     def _timed(self, stage: str):
@@ -179,7 +185,7 @@ class ClipExtractor:
         elif s.frames is not None and len(seen.frame_times) < len(times):
             warnings.append(f"video: only {len(seen.frame_times)} distinct frame(s) in the clip ({len(times)} asked)")
         if not seen.any_face():
-            seen = self._second_look(path, times, seen, warnings)
+            seen = self._second_look(path, times, seen, warnings, start)
         return self._primary_face_arrays(seen, warnings)
 
     def _faces_at(self, container, stream, times: np.ndarray, max_side: int, detector: FaceDetector) -> "_Look":
@@ -203,14 +209,17 @@ class ClipExtractor:
                 break
         return look
 
-    def _second_look(self, path: Path, times: np.ndarray, first: "_Look", warnings: list[str]) -> "_Look":
+    def _second_look(self, path: Path, times: np.ndarray, first: "_Look", warnings: list[str],
+                     window: float | None = None) -> "_Look":
         """``first`` (no face in any frame), or what a look at up to ``small_face_side`` pixels for faces
         down to ``SMALL_FACE_PX`` finds in the same frames: a wide shot in HD, where the face that
         carries the clip is smaller than the usual search (``min_face_frac`` of a 640 px frame) sees.
 
         Only where that look can see faces the first could not (a source larger than the first look's
         frames, or a first look that skipped small faces). On many frames it first tries
-        ``SECOND_LOOK_PROBE`` of them, spread evenly, and looks at all only if those hold a face."""
+        ``SECOND_LOOK_PROBE`` of them, spread evenly, and looks at all only if those hold a face. In
+        windows of a file (``window``: the start of this one) it looks at most once in
+        ``SECOND_LOOK_EVERY_S`` while it finds nothing."""
         s, info = self.settings, first.info
         n = len(times)
         note = f"video: no face found in any of {len(first.frame_times)} sampled frame(s)"
@@ -227,12 +236,28 @@ class ClipExtractor:
         if floor >= first_box:
             warnings.append(note)
             return first
+        key = None
+        if window is not None:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            last = self._fruitless.get(key)
+            if last is not None and 0 <= window - last < SECOND_LOOK_EVERY_S:
+                warnings.append(f"{note} (not looked at again for small faces: that look found none at {last:.1f} s "
+                                f"of this file; the next is {SECOND_LOOK_EVERY_S:.0f} s after that)")
+                return first
         probe = times if n <= SECOND_LOOK_PROBE else times[np.linspace(0, n - 1, SECOND_LOOK_PROBE).round().astype(int)]
         for targets in (probe, times):
             with open_media(path) as c:     # afresh: decoding only ever seeks forwards
                 look = self._faces_at(c, video_stream(c), targets, s.small_face_side, small)
             if not look.any_face() or len(targets) == n:
                 break
+        if key is not None:
+            if len(self._fruitless) > 1024:     # a long-lived extractor over many files
+                self._fruitless.clear()
+            if look.any_face():
+                self._fruitless.pop(key, None)
+            else:
+                self._fruitless[key] = window
         if not look.any_face():
             warnings.append(f"{note}, nor in {len(probe)} of them looked at again at "
                             f"{round(info.width * scale)}x{round(info.height * scale)} for faces down to {floor:.0f} px")

@@ -154,6 +154,23 @@ def test_a_faceless_video_says_where_it_looked(tmp_path, monkeypatch):
     assert looked == [5]
 
 
+def test_windows_of_a_faceless_video_look_again_once_in_a_while(tmp_path, monkeypatch):
+    ex = ClipExtractor(ExtractionSettings(frames=2, encoder=str(random_encoder(tmp_path / "enc.pt"))), "cpu")
+    clip = _wide_shot(tmp_path, 0, "empty.mp4", n=10, sound=True)          # 2 s
+    looked = []
+    real = ex._faces_at
+    monkeypatch.setattr(ex, "_faces_at", lambda c, s, times, *a: looked.append(len(times)) or real(c, s, times, *a))
+    first = ex.extract(clip, start=0.0, end=0.5)
+    assert looked == [2, 2] and "nor in 2 of them looked at again" in first.warnings[-1]
+    later = ex.extract(clip, start=0.5, end=1.0)
+    assert looked == [2, 2, 2]
+    assert "not looked at again for small faces: that look found none at 0.0 s of this file" in later.warnings[-1]
+    monkeypatch.setattr(extraction, "SECOND_LOOK_EVERY_S", 1.0)
+    ex.extract(clip, start=1.0, end=1.5)                                   # 1 s on: time to look again
+    ex.extract(clip, start=0.0, end=0.5)                                   # going back: a window of its own
+    assert looked == [2, 2, 2, 2, 2, 2, 2]
+
+
 def test_extract_command_sets_the_second_look():
     assert build_parser().parse_args(["in", "--out", "c"]).small_face_side is None
     assert build_parser().parse_args(["in", "--out", "c", "--small-face-side", "0"]).small_face_side == 0
